@@ -1,0 +1,109 @@
+"""The `infermatrix` command: thin, it parses and calls bench/ and reports/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from infermatrix.errors import UserError
+
+EPILOG = "Bad input exits with status 2 and one line saying what was wrong."
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from infermatrix.bench.matrix import load_matrix
+    from infermatrix.bench.runner import run_matrix
+    from infermatrix.reports.table import render_table
+
+    matrix = load_matrix(args.matrix)
+    out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    print(f"infermatrix: {len(matrix.cases)} cases from {matrix.source} -> {out}", flush=True)
+    records = run_matrix(matrix, out, log=lambda line: print(line, flush=True))
+    print()
+    print(render_table(records))
+    print(f"\nwrote {out / 'records.jsonl'} and {out / 'results.csv'}")
+    failed = sum(r.status == "failed" for r in records)
+    return 1 if failed else 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import torch
+
+    from infermatrix.model import SHAPE_PRESETS
+    from infermatrix.variants import AXES, registered_variants, unmet_requirements
+    from infermatrix.weights import REAL_PRESETS, smollm2_path
+
+    if args.axis and args.axis not in AXES:
+        raise UserError(f"unknown axis {args.axis!r}; valid: {', '.join(AXES)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"variants (availability on this machine's {device}):")
+    for name, cls in registered_variants().items():
+        if args.axis and cls.axis != args.axis:
+            continue
+        reason = unmet_requirements((cls(),), device)
+        status = "available" if reason is None else f"unavailable: {reason}"
+        print(f"  {name:<20} axis={cls.axis:<10} {status:<28} {cls.description}")
+    if args.axis:
+        return 0
+    print("\nmodels:")
+    for name, about in REAL_PRESETS.items():
+        try:
+            smollm2_path()
+            status = "available"
+        except UserError as exc:
+            status = f"unavailable: {exc}"
+        print(f"  {name:<20} real weights       {status}; {about}")
+    for name, cfg in SHAPE_PRESETS.items():
+        params = cfg.num_params()
+        print(f"  {name:<20} random weights     available; {params:,} params, "
+              f"{params * 2 / 2**30:.2f} GiB in bfloat16")
+    print("  PATH.gguf / DIR      a Llama GGUF file or a Hugging Face Llama checkpoint folder")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infermatrix",
+        description="Benchmark Transformer inference optimizations: latency, throughput, memory and "
+                    "accuracy drift against a reference, in one record per case.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run", help="run a benchmark matrix and write a run folder",
+        description="Expand a matrix TOML file into cases, run each (a failing case becomes a failed "
+                    "record; the run goes on) and write records.jsonl and results.csv.",
+        epilog="Example: infermatrix run benchmarks/ci.toml --out results/smoke",
+    )
+    run.add_argument("matrix", nargs="?", help="matrix TOML file (default: the built-in default.toml)")
+    run.add_argument("--out", metavar="DIR", help="run folder to create (default: results/<timestamp>)")
+    run.set_defaults(func=_cmd_run)
+
+    lst = sub.add_parser(
+        "list", help="list variants and models, with availability on this machine",
+        description="List registered variants (built-in and plugins) and model presets, and say why "
+                    "any is unavailable here.",
+    )
+    lst.add_argument("--axis", help="only variants on this axis (linear, attention, cache, graph)")
+    lst.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"infermatrix: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("infermatrix: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

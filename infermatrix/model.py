@@ -1,0 +1,261 @@
+"""The reference decoder-only Transformer (Llama-shaped), written for reading.
+
+Attention is the textbook `softmax(Q Kᵀ / √d_k) V`, multi-head with grouped-query
+KV heads. The model has exactly two seams for optimized variants:
+
+* ``Transformer.attention``: a callable ``(q, k, v, *, causal) -> out`` with
+  q (B, H, Tq, D) and k, v (B, Hkv, Tk, D); the last Tq keys are the queries' own
+  positions (a query shorter than the keys sits at the end, as in decoding).
+* the ``nn.Linear`` layers, which a quantizing variant swaps for its own module.
+
+Decoding uses ``input_pos`` and an optional cache object with
+``update(layer, input_pos, k, v) -> (k, v)``; without a cache the model
+recomputes the whole prefix every step (the honest naive baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head)
+    hidden_dim: int = 11008  # SwiGLU inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        """Exact parameter count, computed without building the model."""
+        d, h, kv = self.dim, self.head_dim, self.n_kv_heads
+        attn = d * (self.n_heads * h) + 2 * d * (kv * h) + (self.n_heads * h) * d
+        mlp = 3 * d * self.hidden_dim
+        per_layer = attn + mlp + 2 * d
+        embed = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.n_layers * per_layer + embed + head + d
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Shape-only presets: real architectures' sizes, seeded random weights.
+SHAPE_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=512
+    ),
+    "llama-1b": ModelConfig(  # Llama 3.2 1B shape
+        vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+        rope_theta=500000.0, max_seq_len=8192, tie_embeddings=True,
+    ),
+    "llama-7b": ModelConfig(  # Llama 2 7B shape
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
+        max_seq_len=4096,
+    ),
+}
+
+
+class KVCacheProtocol(Protocol):
+    def update(
+        self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean (Tq, Tk) mask, True where attention is allowed.
+
+    Queries are the last q_len positions of the k_len keys (bottom-right aligned),
+    so query i may see keys 0 .. i + (k_len - q_len).
+    """
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    return k_pos <= q_pos  # (Tq, Tk)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d_k) V, the reference. q (B, H, Tq, D); k, v (B, Hkv, Tk, D)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, D): kv head j serves q heads j*group ..
+    v = v.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
+    scores = (q / math.sqrt(D)) @ k.transpose(-2, -1)  # (B, H, Tq, Tk); scale q, the smaller tensor
+    if causal:
+        scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, H, Tq, Tk), fp32 softmax
+    return probs @ v  # (B, H, Tq, D)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # normalize in fp32 whatever the model dtype
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) for the half-split RoPE layout (Hugging Face's)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + D/2]); x (B, H, T, D), cos/sin (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFn,
+        input_pos: torch.Tensor,
+        cache: KVCacheProtocol | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, input_pos, k, v)  # (B, Hkv, Tk, D), Tk >= T
+        out = attention(q, k, v, causal=True)  # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.wo(out)  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, attention, input_pos, cache):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attention, input_pos, cache)  # (B, T, C)
+        return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.attention: AttentionFn = math_attention  # seam 1: swapped by attention variants
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCacheProtocol | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). input_pos (T,) are the tokens' positions."""
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)  # (T,)
+        if T > self.config.max_seq_len or int(input_pos[-1]) >= self.config.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {int(input_pos[-1])}, beyond the model's context "
+                f"max_seq_len={self.config.max_seq_len}; use a shorter prompt or fewer new tokens"
+            )
+        cos, sin = rope_tables(self.config.head_dim, input_pos, self.config.rope_theta)  # (T, D) each
+        x = self.tok_embeddings(tokens)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, self.attention, input_pos, cache)  # (B, T, C)
+        return self.output(self.norm(x))  # (B, T, vocab)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of distinct parameter and buffer storage (tied weights counted once)."""
+        seen, total = set(), 0
+        for t in list(self.parameters()) + list(self.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+@torch.no_grad()
+def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by full recomputation of the prefix each step. prompt (B, T) -> (B, N)."""
+    tokens = prompt
+    new = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens)  # (B, T, vocab)
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        new.append(next_token)
+        tokens = torch.cat([tokens, next_token], dim=1)  # (B, T+1)
+    return torch.cat(new, dim=1) if new else prompt[:, :0]

