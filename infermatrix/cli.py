@@ -32,7 +32,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     import torch
 
     from infermatrix.model import SHAPE_PRESETS
-    from infermatrix.variants import AXES, registered_variants, unmet_requirements
+    from infermatrix.variants import AXES, missing_requirements, registered_variants
     from infermatrix.weights import REAL_PRESETS, smollm2_path
 
     if args.axis and args.axis not in AXES:
@@ -42,8 +42,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name, cls in registered_variants().items():
         if args.axis and cls.axis != args.axis:
             continue
-        reason = unmet_requirements((cls(),), device)
-        status = "available" if reason is None else f"unavailable: {reason}"
+        reasons = missing_requirements(cls.requires, device)
+        status = f"unavailable: {'; '.join(reasons)}" if reasons else "available"
         print(f"  {name:<20} axis={cls.axis:<10} {status:<28} {cls.description}")
     if args.axis:
         return 0
@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a benchmark matrix and write a run folder",
         description="Expand a matrix TOML file into cases, run each (a failing case becomes a failed "
                     "record; the run goes on) and write records.jsonl and results.csv.",
-        epilog="Example: infermatrix run benchmarks/ci.toml --out results/smoke",
+        epilog="Examples: infermatrix run; infermatrix run ci --out results/smoke; "
+               "infermatrix run my_matrix.toml",
     )
-    run.add_argument("matrix", nargs="?", help="matrix TOML file (default: the built-in default.toml)")
+    run.add_argument("matrix", nargs="?",
+                     help="matrix TOML file, or a built-in matrix name: default (the default), ci")
     run.add_argument("--out", metavar="DIR", help="run folder to create (default: results/<timestamp>)")
     run.set_defaults(func=_cmd_run)
 

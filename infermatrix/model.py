@@ -225,12 +225,14 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab). input_pos (T,) are the tokens' positions."""
         B, T = tokens.shape
         if input_pos is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(
+                    f"{T} tokens exceed the model's context max_seq_len={self.config.max_seq_len}; "
+                    "use a shorter prompt or fewer new tokens"
+                )
             input_pos = torch.arange(T, device=tokens.device)  # (T,)
-        if T > self.config.max_seq_len or int(input_pos[-1]) >= self.config.max_seq_len:
-            raise ValueError(
-                f"sequence reaches position {int(input_pos[-1])}, beyond the model's context "
-                f"max_seq_len={self.config.max_seq_len}; use a shorter prompt or fewer new tokens"
-            )
+        elif input_pos.shape != (T,):  # shape check only: reading values would sync a GPU
+            raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}; expected ({T},), one position per token")
         cos, sin = rope_tables(self.config.head_dim, input_pos, self.config.rope_theta)  # (T, D) each
         x = self.tok_embeddings(tokens)  # (B, T, C)
         for block in self.layers:
@@ -248,14 +250,17 @@ class Transformer(nn.Module):
         return total
 
 
+def greedy_step(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """One naive decode step: recompute the whole prefix, append the argmax. (B, T) -> (B, T+1)."""
+    logits = model(tokens)  # (B, T, vocab)
+    next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+    return torch.cat([tokens, next_token], dim=1)  # (B, T+1)
+
+
 @torch.no_grad()
 def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """Greedy decoding by full recomputation of the prefix each step. prompt (B, T) -> (B, N)."""
     tokens = prompt
-    new = []
     for _ in range(max_new_tokens):
-        logits = model(tokens)  # (B, T, vocab)
-        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        new.append(next_token)
-        tokens = torch.cat([tokens, next_token], dim=1)  # (B, T+1)
-    return torch.cat(new, dim=1) if new else prompt[:, :0]
+        tokens = greedy_step(model, tokens)
+    return tokens[:, prompt.shape[1]:]  # (B, N)

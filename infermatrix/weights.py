@@ -131,16 +131,11 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) ->
     """Seeded random weights (normal, std 0.02; norms at 1), allocated once in `dtype`."""
     model = _empty_model(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, param in list(model.named_parameters()):
+    tensors = {}
+    for name, param in model.named_parameters():
         tensor = torch.empty(param.shape, dtype=dtype, device=device)
-        if name.endswith("norm.weight"):
-            tensor.fill_(1.0)
-        else:
-            tensor.normal_(0.0, 0.02, generator=gen)
-        _set_param(model, name, tensor)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+        tensors[name] = tensor.fill_(1.0) if name.endswith("norm.weight") else tensor.normal_(0.0, 0.02, generator=gen)
+    return _assign(model, tensors, dtype, device, "random weights")
 
 
 # ---------------------------------------------------------------- GGUF
@@ -208,6 +203,10 @@ def _gguf_config(reader, source: str) -> ModelConfig:
         )
     except ValueError as exc:
         raise UserError(f"{source}: {exc}") from None
+    scaling = _gguf_field(reader, "llama.rope.scaling.type", source, default="none")
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        kind = scaling if scaling != "none" else "rope_freqs (Llama 3.1 style)"
+        raise UserError(f"{source}: scaled RoPE ({kind}) is not supported; valid: plain RoPE")
     rope_dims = int(_gguf_field(reader, "llama.rope.dimension_count", source, default=cfg.head_dim))
     if rope_dims != cfg.head_dim:
         raise UserError(f"{source}: partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
@@ -234,7 +233,7 @@ def _read_gguf(path: Path):
         elif t.name in _GGUF_NAMES:
             ours = _GGUF_NAMES[t.name]
         else:
-            continue  # e.g. rope_freqs of scaled-RoPE models
+            raise UserError(f"{source}: unexpected tensor {t.name}; only plain Llama models are supported")
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # writable
         if kind == "attn_q":
             w = unpermute_gguf_qk(w, cfg.n_heads)
@@ -356,8 +355,8 @@ def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
                 ours = _hf_name(key)
-                if ours is not None:
-                    tensors[ours] = f.get_tensor(key)
+                if ours is not None:  # cast as read: peak memory is the model plus one tensor
+                    tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
     model = _assign(_empty_model(cfg), tensors, dtype, device, str(folder))

@@ -70,7 +70,7 @@ def _permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out // n_heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def write_llama_gguf(path, hf, arch="llama"):
+def write_llama_gguf(path, hf, arch="llama", extra=None):
     import gguf
 
     cfg = hf.config
@@ -84,6 +84,8 @@ def write_llama_gguf(path, hf, arch="llama"):
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(50000.0)
     writer.add_vocab_size(cfg.vocab_size)
+    if extra:
+        extra(writer)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -140,6 +142,14 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     write_llama_gguf(path, hf, arch="gpt2")
     with pytest.raises(UserError, match="architecture 'gpt2' is not supported; valid: 'llama'"):
         load_model(str(path))
+
+
+def test_gguf_with_scaled_rope_is_refused(tmp_path):
+    path = tmp_path / "llama31.gguf"
+    hf = hf_llama(HF_CONFIGS["mha-untied"])
+    write_llama_gguf(path, hf, extra=lambda w: w.add_tensor("rope_freqs.weight", np.ones(8, dtype=np.float32)))
+    with pytest.raises(UserError, match="scaled RoPE .*not supported"):
+        model_config(str(path))
 
 
 def test_checkpoint_folder_problems_are_named(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import sys
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
@@ -43,12 +44,12 @@ WORKLOADS = tuple(WORKLOAD_FNS)
 class Case:
     model: str
     variant: str  # canonical spec string
-    workload: str
+    workload: str = "prefill"
     dtype: str = "float32"
     device: str = "cpu"
     batch: int = 1
     prompt_len: int = 128
-    new_tokens: int = 0  # decode only
+    new_tokens: int = 32  # decode only; 0 for other workloads
 
     @property
     def case_id(self) -> str:
@@ -73,22 +74,27 @@ class Matrix:
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
-_DEFAULTS = {"workload": "prefill", "dtype": "float32", "device": "cpu", "batch": 1, "prompt_len": 128,
-             "new_tokens": 32}
 
 
-def default_matrix_path():
-    return resources.files("infermatrix") / "benchmarks" / "default.toml"
+def builtin_matrices() -> dict[str, object]:
+    """The matrix files shipped in the package, by name without `.toml`."""
+    folder = resources.files("infermatrix") / "benchmarks"
+    return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
 
 
 def load_matrix(path: str | Path | None = None) -> Matrix:
-    if path is None:
-        source, text = "default.toml (built in)", default_matrix_path().read_text(encoding="utf-8")
+    """A TOML file, or the name of a built-in matrix (`default`, `ci`); None is `default`."""
+    builtins = builtin_matrices()
+    name = "default" if path is None else str(path)
+    if name in builtins and not Path(name).is_file():
+        source, text = f"{name}.toml (built in)", builtins[name].read_text(encoding="utf-8")
     else:
-        file = Path(path)
+        file = Path(name)
         if not file.is_file():
-            raise UserError(f"matrix file {str(path)!r} does not exist; pass a TOML file such as benchmarks/default.toml")
-        source, text = str(path), file.read_text(encoding="utf-8")
+            raise UserError(
+                f"matrix file {name!r} does not exist; pass a TOML file or a built-in name: {', '.join(sorted(builtins))}"
+            )
+        source, text = name, file.read_text(encoding="utf-8")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -100,10 +106,14 @@ def parse_matrix(data: dict, source: str = "<matrix>") -> Matrix:
     unknown = set(data) - {"run", "cases"}
     if unknown:
         raise UserError(f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: [run], [[cases]]")
+    if not isinstance(data.get("run", {}), dict):
+        raise UserError(f"{source}: 'run' must be a table: write [run]")
     settings = _parse_settings(data.get("run", {}), source)
     tables = data.get("cases")
     if not tables:
         raise UserError(f"{source}: no [[cases]] tables; add at least one with model and variant")
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UserError(f"{source}: 'cases' must be an array of tables: write [[cases]], with double brackets")
     cases: dict[Case, None] = {}  # ordered set: a case listed twice runs once
     for i, table in enumerate(tables):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[cases]] #{i + 1}")))
@@ -132,7 +142,7 @@ def _expand(table: dict, where: str) -> list[Case]:
             raise UserError(f"{where}: missing {required!r}")
     axes = {}
     for name in _CASE_FIELDS:
-        value = table.get(name, _DEFAULTS.get(name))
+        value = table.get(name, _CASE_FIELDS[name].default)
         values = value if isinstance(value, list) else [value]
         if not values:
             raise UserError(f"{where}: {name} is an empty list")
@@ -166,7 +176,7 @@ def _check_value(name: str, value, where: str):
             model_config(value)  # checks presets, files and folders without loading weights
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
-    if name == "device" and value.split(":")[0] not in ("cpu", "cuda"):
+    if name == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise UserError(f"{where}: unknown device {value!r}; valid: cpu, cuda, cuda:N")
     if name == "variant":
         return canonical_spec(parse_spec(value))  # raises a UserError naming the bad part

@@ -23,26 +23,28 @@ from infermatrix.weights import DTYPES, LoadedModel, load_model
 
 
 class ModelCache:
-    """Keeps the last loaded base model: cases are grouped by model, so each model
-    is read once, and only one is held in memory at a time."""
+    """Keeps the last loaded base model (the runner groups cases by model, so each
+    is read once and only one is held in memory), and remembers load failures so
+    a broken model fails its cases without being reloaded for each."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._loaded: LoadedModel | None = None
+        self._failures: dict[tuple, Exception] = {}
 
     def get(self, name: str, dtype: str, device: str) -> LoadedModel:
         key = (name, dtype, device)
+        if key in self._failures:
+            raise self._failures[key]
         if key != self._key:
             self._key, self._loaded = None, None  # drop the old model before loading the next
-            self._loaded = load_model(name, DTYPES[dtype], device)
+            try:
+                self._loaded = load_model(name, DTYPES[dtype], device)
+            except Exception as exc:
+                self._failures[key] = exc
+                raise
             self._key = key
         return self._loaded
-
-
-def _device_missing(device: str) -> str | None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        return "needs CUDA (no CUDA device on this machine)"
-    return None
 
 
 def run_case(case: Case, settings: RunSettings, models: ModelCache, env: dict) -> Record:
@@ -54,7 +56,7 @@ def run_case(case: Case, settings: RunSettings, models: ModelCache, env: dict) -
                       started_at=started, duration_s=round(time.perf_counter() - t0, 3), **fields)
 
     variants = parse_spec(case.variant)
-    skip = _device_missing(case.device) or unmet_requirements(variants, case.device)
+    skip = unmet_requirements(variants, case.device)
     if skip:
         return record("skipped", skip)
     try:
@@ -79,12 +81,21 @@ def run_matrix(matrix: Matrix, out_dir: Path, log: Callable[[str], None] = print
     out_dir.mkdir(parents=True, exist_ok=True)
     env = capture_env()
     models = ModelCache()
+    # Run grouped by (model, device, dtype), groups in the file's order, so each
+    # model is loaded once; records keep the order they ran in.
+    group_of = lambda c: (c.model, c.device, c.dtype)  # noqa: E731
+    first_seen: dict[tuple, int] = {}
+    for c in matrix.cases:
+        first_seen.setdefault(group_of(c), len(first_seen))
+    cases = sorted(matrix.cases, key=lambda c: first_seen[group_of(c)])
     records = []
-    for i, case in enumerate(matrix.cases, 1):
-        rec = run_case(case, matrix.settings, models, env)
-        append_record(records_path, rec)
-        records.append(rec)
-        figure = f"{rec.metrics['latency_ms_p50']:.2f} ms" if rec.status == "ok" else rec.reason
-        log(f"[{i}/{len(matrix.cases)}] {case.case_id}: {rec.status} ({figure})")
-    write_csv(records, out_dir)
+    try:
+        for i, case in enumerate(cases, 1):
+            rec = run_case(case, matrix.settings, models, env)
+            append_record(records_path, rec)
+            records.append(rec)
+            figure = f"{rec.metrics['latency_ms_p50']:.2f} ms" if rec.status == "ok" else rec.reason
+            log(f"[{i}/{len(cases)}] {case.case_id}: {rec.status} ({figure})")
+    finally:  # an interrupted run still gets the CSV of what it measured
+        write_csv(records, out_dir)
     return records

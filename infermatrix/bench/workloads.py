@@ -18,7 +18,8 @@ import torch
 
 from infermatrix.bench.text import default_text
 from infermatrix.bench.timing import summarize, time_calls, time_once
-from infermatrix.model import Transformer
+from infermatrix.errors import UserError
+from infermatrix.model import Transformer, greedy_step
 from infermatrix.weights import LoadedModel
 
 if TYPE_CHECKING:
@@ -33,16 +34,18 @@ def _text_ids(tokenizer) -> tuple[int, ...]:
 
 
 def prompt_tokens(loaded: LoadedModel, batch: int, length: int, device) -> torch.Tensor:
-    """(batch, length) prompt: consecutive windows of real text when the model has a
-    tokenizer, seeded random ids otherwise."""
+    """(batch, length) prompt: consecutive windows of real text (wrapping around the
+    text if it is too short) when the model has a tokenizer, seeded random ids otherwise."""
     vocab = loaded.model.config.vocab_size
-    if loaded.tokenizer is not None:
-        ids = _text_ids(loaded.tokenizer)
-        if len(ids) >= batch * length:
-            rows = torch.tensor(ids[: batch * length]).view(batch, length)  # (B, T)
-            return rows.clamp_(max=vocab - 1).to(device)
-    gen = torch.Generator().manual_seed(1234)
-    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+    if loaded.tokenizer is None:
+        gen = torch.Generator().manual_seed(1234)
+        return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+    ids = torch.tensor(_text_ids(loaded.tokenizer))
+    if int(ids.max()) >= vocab:
+        raise UserError(f"the tokenizer emits id {int(ids.max())} but the model's vocab_size is {vocab}; "
+                        "the tokenizer does not belong to these weights")
+    rows = ids[torch.arange(batch * length) % len(ids)].view(batch, length)  # (B, T)
+    return rows.to(device)
 
 
 def run_prefill(model: Transformer, loaded: LoadedModel, case: Case, settings: RunSettings) -> Measurement:
@@ -58,8 +61,8 @@ def run_prefill(model: Transformer, loaded: LoadedModel, case: Case, settings: R
 def run_decode(model: Transformer, loaded: LoadedModel, case: Case, settings: RunSettings) -> Measurement:
     device = torch.device(case.device)
     prompt = prompt_tokens(loaded, case.batch, case.prompt_len, device)  # (B, T)
-    for _ in range(settings.warmup):
-        model(prompt)
+    for _ in range(settings.warmup):  # a prefill step and a decode step
+        greedy_step(model, greedy_step(model, prompt))
     ttft, steps, totals = [], [], []
     for _ in range(settings.repeat):
         tokens = prompt
@@ -67,9 +70,7 @@ def run_decode(model: Transformer, loaded: LoadedModel, case: Case, settings: Ru
         for _ in range(case.new_tokens):
             def step():
                 nonlocal tokens
-                logits = model(tokens)  # (B, T, vocab)
-                next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-                tokens = torch.cat([tokens, next_token], dim=1)  # (B, T+1)
+                tokens = greedy_step(model, tokens)  # (B, T+1)
             times.append(time_once(step, device))
         ttft.append(times[0])
         steps.extend(times[1:])

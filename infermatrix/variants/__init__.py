@@ -11,14 +11,16 @@ from infermatrix.variants.base import (
     Variant,
     apply_variants,
     canonical_spec,
+    missing_requirements,
     parse_spec,
     register_variant,
     registered_variants,
     unmet_requirements,
     variant_class,
+    with_attention,
 )
 
 __all__ = [
-    "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "parse_spec",
-    "register_variant", "registered_variants", "unmet_requirements", "variant_class",
+    "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements", "parse_spec",
+    "register_variant", "registered_variants", "unmet_requirements", "variant_class", "with_attention",
 ]

@@ -9,6 +9,7 @@ builds new ones.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.metadata
 import importlib.util
@@ -48,6 +49,18 @@ class Variant:
         return f"{self.name}({','.join(params)})" if params else self.name
 
 
+def with_attention(model: Transformer, attention) -> Transformer:
+    """A copy of `model` sharing its weights, with the attention seam replaced.
+
+    The top-level module, parameter and buffer tables are copied too, so a later
+    variant that replaces a top-level module cannot reach the base model."""
+    swapped = copy.copy(model)
+    for table in ("_modules", "_parameters", "_buffers"):
+        setattr(swapped, table, dict(getattr(model, table)))
+    swapped.attention = attention
+    return swapped
+
+
 _REGISTRY: dict[str, type[Variant]] = {}
 _entry_points_loaded = False
 
@@ -60,8 +73,12 @@ def register_variant(name: str):
             raise ValueError(f"variant {name!r} has axis {cls.axis!r}; valid axes: {', '.join(AXES)}")
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"variant name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if not (isinstance(cls, type) and issubclass(cls, Variant)):
+            raise ValueError(f"variant {name!r} must subclass infermatrix.variants.Variant")
         if not dataclasses.is_dataclass(cls):
             cls = dataclasses.dataclass(frozen=True)(cls)
+        if not cls.__dataclass_params__.frozen:
+            raise ValueError(f"variant {name!r} must be a frozen dataclass: @dataclass(frozen=True)")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -83,7 +100,7 @@ def load_entry_points() -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-            if isinstance(obj, type) and issubclass(obj, Variant) and obj not in _REGISTRY.values():
+            if isinstance(obj, type) and obj not in _REGISTRY.values():
                 register_variant(ep.name)(obj)
         except Exception as exc:  # a third-party import can fail in any way
             warnings.warn(f"variant plugin {ep.name!r} ({ep.value}) failed to load: {exc}", stacklevel=2)
@@ -177,24 +194,43 @@ def canonical_spec(variants: tuple[Variant, ...]) -> str:
     return "+".join(v.spec() for v in variants)
 
 
-# requirement name -> (is it met on `device`?, the reason a case is skipped when not)
-_REQUIREMENTS: dict[str, tuple[typing.Callable[[torch.device], bool], str]] = {
-    "cuda": (lambda d: d.type == "cuda" and torch.cuda.is_available(), "needs CUDA"),
-    "triton": (lambda d: importlib.util.find_spec("triton") is not None, "needs the triton package"),
-    "bitsandbytes": (lambda d: importlib.util.find_spec("bitsandbytes") is not None, "needs bitsandbytes"),
+def _cuda_missing(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"needs CUDA (device is {device.type})"
+    if not torch.cuda.is_available():
+        return "needs CUDA (no CUDA device on this machine)"
+    return None
+
+
+def _package_missing(package: str) -> typing.Callable[[torch.device], str | None]:
+    return lambda device: None if importlib.util.find_spec(package) else f"needs the {package} package"
+
+
+# requirement name -> check on the case's device: None when met, else why not
+_REQUIREMENTS: dict[str, typing.Callable[[torch.device], str | None]] = {
+    "cuda": _cuda_missing,
+    "triton": _package_missing("triton"),
+    "bitsandbytes": _package_missing("bitsandbytes"),
 }
 
 
-def unmet_requirements(variants: tuple[Variant, ...], device: str | torch.device) -> str | None:
-    """A human-readable skip reason, or None when every requirement is met on `device`."""
+def missing_requirements(requires: typing.Iterable[str], device: str | torch.device) -> list[str]:
+    """Why each of `requires` is unmet on `device` (empty when all are met)."""
     device = torch.device(device)
     reasons = []
-    for variant in variants:
-        for req in sorted(variant.requires):
-            check, reason = _REQUIREMENTS.get(req, (lambda d: False, f"needs {req}"))
-            if not check(device):
-                where = f" (device is {device.type})" if req == "cuda" else ""
-                reasons.append(f"{variant.name} {reason}{where}")
+    for req in sorted(requires):
+        check = _REQUIREMENTS.get(req)
+        reason = check(device) if check else f"needs {req}"
+        if reason:
+            reasons.append(reason)
+    return reasons
+
+
+def unmet_requirements(variants: tuple[Variant, ...], device: str | torch.device) -> str | None:
+    """A human-readable skip reason for a case, or None when it can run on `device`."""
+    device = torch.device(device)
+    reasons = missing_requirements({"cuda"} if device.type == "cuda" else (), device)
+    reasons += [f"{v.name} {r}" for v in variants for r in missing_requirements(v.requires, device)]
     return "; ".join(reasons) or None
 
 

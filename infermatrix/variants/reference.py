@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 from infermatrix.model import Transformer, math_attention
-from infermatrix.variants.base import Variant, register_variant
-
-
-def with_attention(model: Transformer, attention) -> Transformer:
-    """A shallow copy of `model` sharing its weights, with the attention seam replaced."""
-    swapped = copy.copy(model)
-    swapped.attention = attention
-    return swapped
+from infermatrix.variants.base import Variant, register_variant, with_attention
 
 
 @register_variant("reference")

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from infermatrix.model import Transformer, causal_mask
-from infermatrix.variants.base import Variant, register_variant
-from infermatrix.variants.reference import with_attention
+from infermatrix.variants.base import Variant, register_variant, with_attention
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from infermatrix.bench.matrix import Case, load_matrix, parse_matrix
 from infermatrix.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_tables_expand_to_their_cartesian_product():
@@ -27,9 +31,10 @@ def test_variant_specs_are_canonicalized():
     assert m.cases[0].variant == "sdpa"
 
 
-def test_shipped_matrices_parse():
-    assert load_matrix().cases  # the built-in default.toml
-    assert load_matrix("benchmarks/ci.toml").settings.repeat == 3
+def test_shipped_matrices_parse_by_name_and_by_path():
+    assert load_matrix().source == "default.toml (built in)"
+    assert load_matrix().cases
+    assert load_matrix("ci").cases == load_matrix(REPO / "benchmarks" / "ci.toml").cases
 
 
 @pytest.mark.parametrize(
@@ -47,6 +52,9 @@ def test_shipped_matrices_parse():
         ({"run": {"repeat": 0}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "repeat must be at least 1"),
         ({"run": {"speed": 1}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "unknown \\[run\\] key 'speed'"),
         ({"matrix": []}, "unknown top-level key"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "device": "cuda:x"}]}, "unknown device 'cuda:x'"),
+        ({"run": 3, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "'run' must be a table"),
+        ({"cases": {"model": "tiny", "variant": "sdpa"}}, "write \\[\\[cases\\]\\], with double brackets"),
     ],
 )
 def test_bad_matrices_name_the_field(data, message):
@@ -55,7 +63,7 @@ def test_bad_matrices_name_the_field(data, message):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist; pass a TOML file or a built-in name: ci, default"):
         load_matrix(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[[cases]\nmodel = 1\n")

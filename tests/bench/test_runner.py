@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from infermatrix.bench.matrix import parse_matrix
+from infermatrix.bench import runner
 from infermatrix.bench.runner import run_matrix
 from infermatrix.errors import UserError
 from infermatrix.reports.record import read_records
@@ -49,9 +50,23 @@ def test_run_writes_one_record_and_one_csv_row_per_case(tmp_path):
     assert decode.env["versions"]["torch"]
 
 
-def test_prefill_throughput_is_tokens_over_median_latency(tmp_path):
-    rec = run_matrix(small_matrix(variant="sdpa", workload="prefill", batch=2), tmp_path, log=lambda l: None)[0]
-    assert rec.metrics["tokens_per_s"] == pytest.approx(2 * 16 / (rec.metrics["latency_ms_p50"] / 1e3))
+def test_an_interrupted_run_keeps_its_records_and_csv(tmp_path):
+    def interrupt_after_first_case(line):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_matrix(small_matrix(), tmp_path, log=interrupt_after_first_case)
+    assert len(read_records(tmp_path)) == 1
+    assert len(pd.read_csv(tmp_path / "results.csv")) == 1
+
+
+def test_cases_run_grouped_by_model_and_dtype(tmp_path, monkeypatch):
+    loads = []
+    real_load = runner.load_model
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: loads.append(a[:2]) or real_load(*a, **k))
+    matrix = small_matrix(dtype=["float32", "bfloat16"], workload="prefill", batch=1)  # 4 cases, 2 dtypes
+    run_matrix(matrix, tmp_path, log=lambda line: None)
+    assert len(loads) == 2
 
 
 def test_a_crashing_case_is_a_failed_record_and_the_run_goes_on(tmp_path, exploding_variant):
@@ -69,7 +84,7 @@ def test_cuda_case_without_a_gpu_is_skipped_with_its_reason(tmp_path, monkeypatc
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     matrix = parse_matrix({"run": {"repeat": 1}, "cases": [{"model": "tiny", "variant": "sdpa", "device": "cuda"}]})
     rec = run_matrix(matrix, tmp_path, log=lambda line: None)[0]
-    assert rec.status == "skipped" and rec.reason.startswith("needs CUDA")
+    assert (rec.status, rec.reason) == ("skipped", "needs CUDA (no CUDA device on this machine)")
 
 
 def test_an_existing_run_folder_is_not_overwritten(tmp_path):

@@ -100,6 +100,19 @@ def test_attention_variants_do_not_mutate_the_base_model():
     assert swapped.attention is not base_model.attention
     assert base_model.attention.__name__ == "math_attention"
     assert swapped.tok_embeddings.weight is base_model.tok_embeddings.weight  # weights shared, not copied
+    swapped.output = torch.nn.Linear(4, 4)  # a later variant swapping a top-level module
+    assert base_model.output.weight.shape == (base_model.config.vocab_size, base_model.config.dim)
+
+
+def test_variants_must_be_frozen_dataclass_subclasses(scratch_registry):
+    with pytest.raises(ValueError, match="must be a frozen dataclass"):
+        @register_variant("mutable")
+        @dataclass
+        class Mutable(Variant):
+            axis = "graph"
+
+    with pytest.raises(ValueError, match="must subclass infermatrix.variants.Variant"):
+        register_variant("stranger")(type("Stranger", (), {"axis": "graph"}))
 
 
 def test_third_party_variant_arrives_through_entry_points(tmp_path, monkeypatch, scratch_registry):
