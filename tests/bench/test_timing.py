@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from infermatrix.bench.timing import Measurement, TimerConfig, measure, time_calls, time_once
+
+CPU = "cpu"
+
+
+def busy_wait(ms: float) -> None:
+    """Spin (not sleep) so the duration does not depend on the scheduler's wake-up."""
+    end = time.perf_counter_ns() + int(ms * 1e6)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+class Counter:
+    def __init__(self, fn=lambda: None):
+        self.calls, self.fn = 0, fn
+
+    def __call__(self):
+        self.calls += 1
+        return self.fn()
+
+
+def test_a_steady_1ms_op_stops_on_the_ci_quickly():
+    m = measure(lambda: busy_wait(1.0), device=CPU, config=TimerConfig(max_time_s=5.0))
+    assert isinstance(m, Measurement)
+    assert m.stopped_by == "ci"
+    assert 6 <= len(m.samples_ms) <= 64
+    assert m.summary.median == pytest.approx(1.0, rel=0.2)
+    assert m.summary.ci_rel <= 0.02
+    assert m.summary.n == len(m.samples_ms)
+
+
+def test_a_constant_self_timed_fn_stops_at_the_first_n_with_a_95_percent_ci():
+    m = measure(lambda: 1.0, device=CPU, config=TimerConfig(min_runs=2), self_timed=True)
+    assert (m.stopped_by, len(m.samples_ms)) == ("ci", 6)  # n <= 5 has no 95% interval
+    m = measure(lambda: 1.0, device=CPU, config=TimerConfig(min_runs=9), self_timed=True)
+    assert (m.stopped_by, len(m.samples_ms)) == ("ci", 9)
+
+
+def test_a_noisy_fn_hits_max_runs():
+    rng = random.Random(0)
+    m = measure(lambda: busy_wait(rng.uniform(0.05, 1.0)), device=CPU,
+                config=TimerConfig(max_runs=30, max_time_s=5.0))
+    assert (m.stopped_by, len(m.samples_ms)) == ("max_runs", 30)
+    assert m.summary.noisy
+
+
+def test_a_noisy_fn_hits_max_time():
+    rng = random.Random(1)
+    t0 = time.perf_counter()
+    m = measure(lambda: busy_wait(rng.uniform(0.05, 2.0)), device=CPU,
+                config=TimerConfig(max_runs=100_000, max_time_s=0.1))
+    assert m.stopped_by == "max_time"
+    assert time.perf_counter() - t0 < 1.0
+    assert sum(m.samples_ms) / 1e3 < 0.1 + 0.05  # the cap overshoots by at most one call
+
+
+def test_the_time_cap_beats_min_runs_but_one_sample_is_always_taken():
+    m = measure(lambda: busy_wait(20.0), device=CPU, config=TimerConfig(warmup_runs=0, max_time_s=0.01))
+    assert (m.stopped_by, len(m.samples_ms)) == ("max_time", 1)
+
+
+def test_warmup_runs_are_called_but_not_timed():
+    fn = Counter()
+    m = measure(fn, device=CPU, config=TimerConfig(warmup_runs=3, min_runs=4, max_runs=4))
+    assert m.warmup_runs == 3
+    assert fn.calls == 3 + len(m.samples_ms) == 7
+
+
+def test_warmup_s_keeps_warming_up_past_the_count():
+    fn = Counter(lambda: busy_wait(1.0))
+    m = measure(fn, device=CPU, config=TimerConfig(warmup_runs=1, warmup_s=0.03, max_runs=6))
+    assert m.warmup_runs >= 10  # ~30 calls of 1 ms; loose for a loaded machine
+    assert fn.calls == m.warmup_runs + len(m.samples_ms)
+
+
+def test_self_timed_collects_the_returned_values_exactly():
+    values = iter([100.0, 1.0, 2.0, 3.0, 4.0, 99.0])  # first one is the warm-up's, last is never asked for
+    m = measure(lambda: next(values), device=CPU, config=TimerConfig(warmup_runs=1, min_runs=4, max_runs=4),
+                self_timed=True)
+    assert m.samples_ms == [1.0, 2.0, 3.0, 4.0]
+    assert m.stopped_by == "max_runs" and m.warmup_runs == 1
+    assert m.summary.median == 2.5
+
+
+def test_self_timed_fn_must_return_milliseconds():
+    with pytest.raises(ValueError, match="self_timed"):
+        measure(lambda: None, device=CPU, self_timed=True)
+
+
+def test_the_stopping_check_is_cheap_for_many_samples():
+    rng = random.Random(2)  # continuous values: the CI never reaches width 0, so it runs to max_runs
+    t0 = time.perf_counter()
+    m = measure(rng.random, device=CPU, config=TimerConfig(max_runs=20_000, target_ci_rel=0.0,
+                                                          max_time_s=math.inf), self_timed=True)
+    assert (m.stopped_by, len(m.samples_ms)) == ("max_runs", 20_000)
+    assert time.perf_counter() - t0 < 3.0  # ~0.1 s when lean; minutes if the summary ran per sample
+
+
+def test_time_calls_and_time_once_keep_their_behaviour():
+    fn = Counter(lambda: busy_wait(0.2))
+    samples = time_calls(fn, warmup=2, repeat=7, device=CPU)
+    assert len(samples) == 7 and fn.calls == 9
+    assert all(s >= 0.2 for s in samples)
+    assert time_once(lambda: busy_wait(0.5), torch.device(CPU)) >= 0.5
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"warmup_runs": -1}, "warmup_runs"),
+    ({"warmup_runs": 1.5}, "warmup_runs"),
+    ({"warmup_s": -0.1}, "warmup_s"),
+    ({"warmup_s": math.inf}, "warmup_s"),
+    ({"min_runs": 0}, "min_runs"),
+    ({"min_runs": True}, "min_runs"),
+    ({"min_runs": 10, "max_runs": 5}, "max_runs"),
+    ({"target_ci_rel": -0.01}, "target_ci_rel"),
+    ({"target_ci_rel": float("nan")}, "target_ci_rel"),
+    ({"max_time_s": 0}, "max_time_s"),
+    ({"l2_flush": 1}, "l2_flush"),
+    ({"cuda_graph": "yes"}, "cuda_graph"),
+])
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"TimerConfig.{field}"):
+        TimerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("option", ["l2_flush", "cuda_graph"])
+def test_cuda_only_options_on_cpu_raise(option):
+    fn = Counter()
+    with pytest.raises(ValueError, match=f"{option} needs a CUDA device"):
+        measure(fn, device=CPU, config=TimerConfig(**{option: True}))
+    assert fn.calls == 0
+
+
+def test_cuda_graph_with_self_timed_is_refused():
+    config = TimerConfig(cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph cannot time a self_timed fn"):
+        measure(lambda: 1.0, device=CPU, config=config, self_timed=True)
+
+
+def test_samples_are_kept_in_order_taken():
+    values = itertools.count(1.0)
+    m = measure(lambda: next(values), device=CPU, config=TimerConfig(warmup_runs=0, min_runs=8, max_runs=8),
+                self_timed=True)
+    assert m.samples_ms == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
