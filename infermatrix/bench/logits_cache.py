@@ -1,0 +1,112 @@
+"""On-disk cache of reference logits.
+
+The fp32 reference forward over the eval windows is the slowest part of a drift
+measurement and its result depends only on (model, text, windows, reference
+spec), so it is computed once and stored under
+``<cache>/ref_logits/<sha256 of the key>.safetensors``. safetensors, never
+pickle: loading a cache file must not be able to run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from infermatrix.cache import cache_dir
+
+# Bump when the file layout changes, so old files are never read as new ones.
+_FORMAT_VERSION = 1
+def _canonical_json(key_parts: dict[str, Any]) -> str:
+    # Sorted keys and fixed separators: the same parts always give the same bytes.
+    # No default=str: repr-like strings of arbitrary objects can embed addresses and
+    # make the key unstable, so non-JSON values are rejected instead.
+    try:
+        return json.dumps(
+            {"format": _FORMAT_VERSION, "parts": key_parts},
+            sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"reference-logits key parts must be plain JSON values (str, int, float, bool, None, "
+                        f"lists, dicts): {exc}") from None
+
+
+def _file_for(key_json: str) -> Path:
+    return cache_dir("ref_logits") / f"{hashlib.sha256(key_json.encode('ascii')).hexdigest()}.safetensors"
+
+
+def cache_path(key_parts: dict[str, Any]) -> Path:
+    """Where the reference logits for key_parts live (or would live)."""
+    return _file_for(_canonical_json(key_parts))
+
+
+def _load(path: Path) -> dict[str, torch.Tensor] | None:
+    """The cached tensors, or None when the file is missing or unreadable (then they are recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        warnings.warn(f"ignoring unreadable reference-logits cache file {path}: {exc}; recomputing", stacklevel=3)
+        return None
+
+
+def _store(path: Path, tensors: dict[str, torch.Tensor], key_json: str) -> None:
+    """Write to a temp file in the same directory, then os.replace: readers (and other
+    processes computing the same key) see either no file or a complete one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        # The key JSON rides along as metadata so a file can be traced back to its inputs.
+        save_file(tensors, tmp, metadata={"key": key_json})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_tensors(key_parts: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Named CPU tensors from the cache when key_parts was seen before, else from
+    compute() and then stored. key_parts holds JSON values that pin the result."""
+    key_json = _canonical_json(key_parts)
+    path = _file_for(key_json)
+    hit = _load(path)
+    if hit is not None:
+        return hit
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in compute().items()}
+    _store(path, tensors, key_json)
+    return tensors
+
+
+def reference_logits(
+    key_parts: dict[str, Any],
+    compute: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V) float32, targets (N,) long) on the CPU, from the cache when
+    key_parts was seen before, else from compute() and then stored.
+
+    key_parts holds JSON values that pin the result, e.g. model source hash, text
+    sha256, window, n_windows and the reference spec; its sha256 names the file.
+    """
+
+    def canonical() -> dict[str, torch.Tensor]:
+        # Store and return the same canonical form, so a hit and a miss look alike to the caller.
+        logits, targets = compute()
+        logits = logits.to(dtype=torch.float32)  # (N, V)
+        targets = targets.to(dtype=torch.long)  # (N,)
+        if logits.dim() != 2 or targets.shape != (logits.shape[0],):
+            raise ValueError(f"compute() returned logits {tuple(logits.shape)} and targets "
+                             f"{tuple(targets.shape)}; expected (N, V) and (N,)")
+        return {"logits": logits, "targets": targets}
+
+    tensors = cached_tensors(key_parts, canonical)
+    return tensors["logits"], tensors["targets"]
