@@ -17,15 +17,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from infermatrix.bench.runner import run_matrix
     from infermatrix.reports.table import render_table
 
-    matrix = load_matrix(args.matrix)
+    overrides = {key: value for key, value in (("isolate", args.isolate), ("timeout_s", args.timeout),
+                                                ("max_time_s", args.max_time)) if value is not None}
+    matrix = load_matrix(args.matrix, overrides)
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out DIR: the run folder to continue")
     out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("%Y%m%d-%H%M%S")
     print(f"infermatrix: {len(matrix.cases)} cases from {matrix.source} -> {out}", flush=True)
-    records = run_matrix(matrix, out, log=lambda line: print(line, flush=True))
+    records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
+                         log=lambda line: print(line, flush=True), progress=sys.stderr.isatty() and not args.quiet)
     print()
     print(render_table(records))
     print(f"\nwrote {out / 'records.jsonl'} and {out / 'results.csv'}")
     failed = sum(r.status == "failed" for r in records)
     return 1 if failed else 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from infermatrix.bench.env import capture_env
+    from infermatrix.bench.roofline import load_or_measure_peaks
+
+    env = capture_env()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    peaks = load_or_measure_peaks(device, tuple(args.dtypes.split(",")))
+    print(json.dumps({"env": env, "peaks": peaks.to_dict()}, indent=2, default=str))
+    return 0
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -83,7 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("matrix", nargs="?",
                      help="matrix TOML file, or a built-in matrix name: default (the default), ci")
     run.add_argument("--out", metavar="DIR", help="run folder to create (default: results/<timestamp>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out DIR: cases that already have a record are not run again")
+    run.add_argument("--eval-text", metavar="FILE",
+                     help="UTF-8 text for the drift workload (default: the standard library's pydoc topics)")
+    run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                     help="run each case in its own process (default: the matrix's [run] isolate, true)")
+    run.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take when isolated")
+    run.add_argument("--max-time", type=float, metavar="S", help="time cap per measurement (adaptive repetition)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    env = sub.add_parser(
+        "env", help="print this machine's environment and measured peaks",
+        description="Print versions, CPU/GPU, threads and pinning, and the memory bandwidth and GEMM "
+                    "FLOP/s peaks the roofline figures use (measured once per machine, then cached).",
+    )
+    env.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    env.add_argument("--dtypes", default="float32,bfloat16", help="GEMM dtypes to measure (comma-separated)")
+    env.set_defaults(func=_cmd_env)
 
     lst = sub.add_parser(
         "list", help="list variants and models, with availability on this machine",

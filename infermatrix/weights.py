@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from infermatrix.cache import cache_dir, file_sha256
 from infermatrix.errors import UserError
 from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer
 
@@ -66,8 +69,33 @@ def model_config(name: str) -> ModelConfig:
     if kind == "shape":
         return SHAPE_PRESETS[name]
     if kind == "gguf":
+        converted = _converted_dir(path) / "config.json"
+        if converted.is_file():  # skips parsing the GGUF's metadata (seconds)
+            return ModelConfig(**json.loads(converted.read_text(encoding="utf-8")))
         return _gguf_config(_gguf_reader(path), str(path))
     return _hf_folder_config(path)
+
+
+def model_fingerprint(name: str, seed: int = 0) -> str:
+    """A content hash of a model source, for cache keys: the same weights, the same key."""
+    kind, path = _resolve(name)
+    if kind == "shape":
+        return f"preset:{name}:seed{seed}"
+    if kind == "gguf":
+        return f"gguf:{file_sha256(path)}"
+    shards = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+    return "hf:" + ",".join(file_sha256(f) for f in shards)
+
+
+def model_tokenizer(name: str):
+    """The tokenizer of a model source without loading its weights, or None."""
+    from tokenizers import Tokenizer
+
+    kind, path = _resolve(name)
+    if kind == "shape":
+        return None
+    file = (_gguf_converted(path) if kind == "gguf" else path) / "tokenizer.json"
+    return Tokenizer.from_file(str(file)) if file.is_file() else None
 
 
 def _resolve(name: str) -> tuple[str, Path | None]:
@@ -213,10 +241,8 @@ def _gguf_config(reader, source: str) -> ModelConfig:
     return cfg
 
 
-@lru_cache(maxsize=1)
-def _read_gguf(path: Path):
-    """Config, dequantized fp32 tensors and tokenizer of a GGUF file. Cached: a run
-    loads one model in several dtypes, and dequantizing takes seconds."""
+def _convert_gguf(path: Path):
+    """Config, dequantized fp32 tensors and tokenizer of a GGUF file (seconds of work)."""
     import gguf
 
     source = str(path)
@@ -243,11 +269,47 @@ def _read_gguf(path: Path):
     return cfg, tensors, gguf_tokenizer(reader)
 
 
+# Bump when the conversion changes, so old converted files are no longer read.
+_CONVERSION_VERSION = 1
+
+
+def _converted_dir(path: Path) -> Path:
+    return cache_dir("weights") / f"{file_sha256(path)[:32]}-v{_CONVERSION_VERSION}"
+
+
+def _gguf_converted(path: Path) -> Path:
+    """A folder holding the GGUF dequantized to safetensors, its config and tokenizer,
+    keyed by the GGUF's hash: the slow read and dequantization happen once per file."""
+    from safetensors.torch import save_file
+
+    folder = _converted_dir(path)
+    if (folder / "model.safetensors").is_file():
+        return folder
+    cfg, tensors, tokenizer = _convert_gguf(path)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save(str(tmp / "tokenizer.json"))
+    try:
+        os.replace(tmp, folder)  # atomic: readers see all of it or nothing
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedModel:
-    cfg, tensors, tokenizer = _read_gguf(Path(path))
-    # copy: the cached fp32 tensors must never be shared with (or mutated through) a model
-    model = _assign(_empty_model(cfg), tensors, dtype, device, str(path), copy=True)
-    return LoadedModel(model, tokenizer, f"gguf {path.name}")
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    folder = _gguf_converted(Path(path))
+    cfg = ModelConfig(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    tensors = load_file(str(folder / "model.safetensors"))
+    model = _assign(_empty_model(cfg), tensors, dtype, device, str(path))
+    tokenizer_file = folder / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
+    return LoadedModel(model, tokenizer, f"gguf {Path(path).name}")
 
 
 # GGUF pre-tokenizer names -> the splitting llama.cpp applies before byte-level BPE.

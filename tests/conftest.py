@@ -1,7 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from infermatrix.weights import load_model
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def pytest_configure(config):
+    """Install tests/plugins as a package with `infermatrix.variants` entry points,
+    for this process and (through PYTHONPATH) for every case process it starts."""
+    dist = PLUGINS / "infermatrix_test_plugins-0.dist-info"
+    dist.mkdir(exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: infermatrix-test-plugins\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[infermatrix.variants]\nfault = fault_variants:Fault\n")
+    sys.path.insert(0, str(PLUGINS))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ def test_run_writes_a_run_folder_and_prints_a_table(tmp_path):
     assert out.returncode == 0, out.stderr
     frame = pd.read_csv(tmp_path / "run" / "results.csv")
     assert len(frame) == 16 and set(frame["status"]) == {"ok"}
-    assert "tokens_per_s" in out.stdout and "reference" in out.stdout
+    assert "tok/s" in out.stdout and "ms_p50" in out.stdout and "reference" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -70,3 +70,33 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, matrix, message):
 def test_unknown_axis_is_refused():
     out = cli("list", "--axis", "sideways")
     assert out.returncode == 2 and "unknown axis 'sideways'; valid: linear, attention, cache, graph" in out.stderr
+
+
+def test_env_prints_environment_and_peaks():
+    import json
+
+    out = cli("env", "--dtypes", "float32")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["env"]["versions"]["torch"] and data["env"]["torch_threads"] >= 1
+    assert data["peaks"]["bandwidth_gbs"] > 0 and data["peaks"]["gemm_tflops"]["float32"] > 0
+
+
+def test_resume_continues_a_run_folder(tmp_path):
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('[run]\nmin_runs = 2\nmax_time_s = 0.2\nisolate = false\n\n'
+                      '[[cases]]\nmodel = "tiny"\nvariant = "sdpa"\nprompt_len = [8, 16]\n')
+    first = cli("run", str(matrix), "--out", str(tmp_path / "run"))
+    assert first.returncode == 0, first.stderr
+    matrix.write_text(matrix.read_text().replace("[8, 16]", "[8, 16, 24]"))
+    again = cli("run", str(matrix), "--out", str(tmp_path / "run"), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 2 cases already recorded, 1 to run" in again.stdout
+    assert len(pd.read_csv(tmp_path / "run" / "results.csv")) == 3
+    refused = cli("run", str(matrix), "--out", str(tmp_path / "run"))
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+
+def test_bad_eval_text_is_one_line_and_exit_code_2(tmp_path):
+    out = cli("run", "ci", "--out", str(tmp_path / "run"), "--eval-text", str(tmp_path / "missing.txt"))
+    assert out.returncode == 2 and "eval text" in out.stderr and "Traceback" not in out.stderr

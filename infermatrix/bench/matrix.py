@@ -2,8 +2,10 @@
 cartesian product of their list values.
 
     [run]
-    warmup = 1          # untimed runs per case
-    repeat = 5          # timed runs per case
+    warmup = 1            # untimed runs per measurement (plus warmup_s seconds)
+    min_runs = 5          # timed runs at least; more until the median's 95% CI
+    target_ci = 0.02      #   is within 2%, or max_runs / max_time_s is reached
+    timeout_s = 600       # per case, when cases run in their own process
 
     [[cases]]
     model = "smollm2-135m"
@@ -13,13 +15,24 @@ cartesian product of their list values.
     batch = 1
     prompt_len = [128, 512]
 
-A scalar is a one-element list. Unknown keys, workloads, dtypes and variants are
-errors that name the field and what is valid.
+    [[exclude]]           # drop every expanded case matching all these keys
+    variant = "reference"
+    dtype = "bfloat16"
+
+    [[include]]           # add cases after exclusion (lists expand here too)
+    model = "tiny"
+    variant = "sdpa"
+
+A scalar is a one-element list. Fields a workload does not use are reset to their
+defaults, so they neither multiply cases nor show in the case id. Unknown keys
+(with the nearest valid one suggested), workloads, dtypes, variants and
+impossible shapes are errors raised before any case runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import re
 import sys
@@ -27,7 +40,6 @@ from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
-from infermatrix.bench.workloads import WORKLOAD_FNS
 from infermatrix.errors import UserError
 from infermatrix.variants import canonical_spec, parse_spec
 from infermatrix.weights import DTYPES, model_config
@@ -37,24 +49,48 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-WORKLOADS = tuple(WORKLOAD_FNS)
+# workload -> the shape fields it uses (beyond model, variant, dtype, device)
+WORKLOADS: dict[str, tuple[str, ...]] = {
+    "prefill": ("batch", "prompt_len"),
+    "decode": ("batch", "prompt_len", "new_tokens"),
+    "generate": ("batch", "prompt_len", "new_tokens"),
+    "drift": ("windows", "prompt_len", "new_tokens"),
+    "attention": ("batch", "prompt_len", "heads", "kv_heads", "head_dim", "causal"),
+    "linear": ("batch", "prompt_len", "in_features", "out_features"),
+}
+# how each shape field shows in a case id
+_ID_TAGS = {"batch": "b", "prompt_len": "p", "new_tokens": "n", "windows": "w", "heads": "h", "kv_heads": "kv",
+            "head_dim": "d", "in_features": "k", "out_features": "n"}
 
 
 @dataclass(frozen=True)
 class Case:
-    model: str
+    model: str  # a preset, a .gguf file or a checkpoint folder (op workloads take their default shapes from it)
     variant: str  # canonical spec string
     workload: str = "prefill"
     dtype: str = "float32"
     device: str = "cpu"
     batch: int = 1
-    prompt_len: int = 128
-    new_tokens: int = 32  # decode only; 0 for other workloads
+    prompt_len: int = 128  # prompt tokens; attention: sequence length; linear: M = batch * prompt_len; drift: window
+    new_tokens: int = 32  # decode/generate: tokens generated; drift: greedy tokens compared
+    windows: int = 4  # drift: eval-text windows of prompt_len tokens
+    heads: int = 0  # attention: query heads; 0 = the model's
+    kv_heads: int = 0  # attention: KV heads; 0 = the model's
+    head_dim: int = 0  # attention: head dim; 0 = the model's
+    causal: bool = True  # attention
+    in_features: int = 0  # linear: K; 0 = the model's dim
+    out_features: int = 0  # linear: N; 0 = the model's MLP hidden size
 
     @property
     def case_id(self) -> str:
-        shape = f"b{self.batch}-p{self.prompt_len}" + (f"-n{self.new_tokens}" if self.workload == "decode" else "")
-        return "/".join([self.model, self.variant, self.workload, self.dtype, self.device, shape])
+        shape = []
+        for name in WORKLOADS[self.workload]:
+            value = getattr(self, name)
+            if name == "causal":
+                shape.append("causal" if value else "full")
+            elif value:
+                shape.append(f"{_ID_TAGS[name]}{value}")
+        return "/".join([self.model, self.variant, self.workload, self.dtype, self.device, "-".join(shape)])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,8 +98,17 @@ class Case:
 
 @dataclass(frozen=True)
 class RunSettings:
-    warmup: int = 1
-    repeat: int = 5
+    warmup: int = 1  # untimed runs before each measurement
+    warmup_s: float = 0.0  # ... and at least this many seconds of them
+    min_runs: int = 5
+    max_runs: int = 200
+    target_ci: float = 0.02  # stop when the median's 95% CI half-width is within this fraction
+    max_time_s: float = 10.0  # time cap per measurement
+    l2_flush: bool = False  # CUDA: flush L2 between runs, outside the timed region
+    cuda_graph: bool = False  # CUDA: time CUDA-graph replays
+    isolate: bool = True  # each case in its own process (crash, OOM and hang isolation; per-case peak RSS)
+    timeout_s: float = 600.0  # per case, when isolated
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +119,13 @@ class Matrix:
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
+_SETTING_FIELDS = {f.name: f for f in fields(RunSettings)}
+
+
+def _unknown(kind: str, key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown {kind} {key!r}; {hint}valid: {', '.join(valid)}"
 
 
 def builtin_matrices() -> dict[str, object]:
@@ -82,8 +134,9 @@ def builtin_matrices() -> dict[str, object]:
     return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
 
 
-def load_matrix(path: str | Path | None = None) -> Matrix:
-    """A TOML file, or the name of a built-in matrix (`default`, `ci`); None is `default`."""
+def load_matrix(path: str | Path | None = None, overrides: dict | None = None) -> Matrix:
+    """A TOML file, or the name of a built-in matrix (`default`, `ci`); None is `default`.
+    `overrides` replace [run] settings (from the command line)."""
     builtins = builtin_matrices()
     name = "default" if path is None else str(path)
     if name in builtins and not Path(name).is_file():
@@ -99,44 +152,74 @@ def load_matrix(path: str | Path | None = None) -> Matrix:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{source}: invalid TOML: {exc}") from None
-    return parse_matrix(data, source)
+    return parse_matrix(data, source, overrides)
 
 
-def parse_matrix(data: dict, source: str = "<matrix>") -> Matrix:
-    unknown = set(data) - {"run", "cases"}
-    if unknown:
-        raise UserError(f"{source}: unknown top-level key(s) {sorted(unknown)}; valid: [run], [[cases]]")
+def _tables(data: dict, key: str, source: str) -> list[dict]:
+    tables = data.get(key, [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise UserError(f"{source}: '{key}' must be an array of tables: write [[{key}]], with double brackets")
+    return tables
+
+
+def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = None) -> Matrix:
+    """`overrides` replace [run] settings (from the command line)."""
+    for key in data:
+        if key not in ("run", "cases", "exclude", "include"):
+            raise UserError(f"{source}: {_unknown('top-level key', key, ['run', 'cases', 'exclude', 'include'])}")
     if not isinstance(data.get("run", {}), dict):
         raise UserError(f"{source}: 'run' must be a table: write [run]")
-    settings = _parse_settings(data.get("run", {}), source)
-    tables = data.get("cases")
+    settings = _parse_settings({**data.get("run", {}), **(overrides or {})}, source)
+    tables = _tables(data, "cases", source)
     if not tables:
         raise UserError(f"{source}: no [[cases]] tables; add at least one with model and variant")
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise UserError(f"{source}: 'cases' must be an array of tables: write [[cases]], with double brackets")
     cases: dict[Case, None] = {}  # ordered set: a case listed twice runs once
     for i, table in enumerate(tables):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[cases]] #{i + 1}")))
+    for i, rule in enumerate(_tables(data, "exclude", source)):
+        match = _rule(rule, f"{source}: [[exclude]] #{i + 1}")
+        cases = {c: None for c in cases if not match(c)}
+    for i, table in enumerate(_tables(data, "include", source)):
+        cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
     return Matrix(tuple(cases), settings, source)
 
 
 def _parse_settings(table: dict, source: str) -> RunSettings:
-    valid = {f.name for f in fields(RunSettings)}
+    values = {}
     for key, value in table.items():
-        if key not in valid:
-            raise UserError(f"{source}: unknown [run] key {key!r}; valid: {', '.join(sorted(valid))}")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"{source}: [run] {key} must be a non-negative integer, got {value!r}")
-    settings = RunSettings(**table)
-    if settings.repeat < 1:
-        raise UserError(f"{source}: [run] repeat must be at least 1")
+        if key not in _SETTING_FIELDS:
+            raise UserError(f"{source}: {_unknown('[run] key', key, list(_SETTING_FIELDS))}")
+        kind = _SETTING_FIELDS[key].type
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise UserError(f"{source}: [run] {key} must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                or (kind == "int" and not isinstance(value, int)):
+            raise UserError(f"{source}: [run] {key} must be a non-negative {kind}, got {value!r}")
+        values[key] = value
+    settings = RunSettings(**values)
+    for key in ("min_runs", "max_runs", "timeout_s", "max_time_s", "target_ci"):
+        if getattr(settings, key) <= 0:
+            raise UserError(f"{source}: [run] {key} must be positive")
+    if settings.max_runs < settings.min_runs:
+        raise UserError(f"{source}: [run] max_runs ({settings.max_runs}) is below min_runs ({settings.min_runs})")
     return settings
+
+
+def _rule(rule: dict, where: str):
+    """A predicate: does a case match every key of this exclude rule (lists: any value)?"""
+    for key in rule:
+        if key not in _CASE_FIELDS:
+            raise UserError(f"{where}: {_unknown('key', key, list(_CASE_FIELDS))}")
+    wanted = {key: [_check_value(key, v, where) for v in (vals if isinstance(vals, list) else [vals])]
+              for key, vals in rule.items()}
+    return lambda case: all(getattr(case, key) in values for key, values in wanted.items())
 
 
 def _expand(table: dict, where: str) -> list[Case]:
     for key in table:
         if key not in _CASE_FIELDS:
-            raise UserError(f"{where}: unknown key {key!r}; valid: {', '.join(_CASE_FIELDS)}")
+            raise UserError(f"{where}: {_unknown('key', key, list(_CASE_FIELDS))}")
     for required in ("model", "variant"):
         if required not in table:
             raise UserError(f"{where}: missing {required!r}")
@@ -147,30 +230,78 @@ def _expand(table: dict, where: str) -> list[Case]:
         if not values:
             raise UserError(f"{where}: {name} is an empty list")
         axes[name] = [_check_value(name, v, where) for v in values]
-    cases = []
+    cases: dict[Case, None] = {}
     for combo in itertools.product(*axes.values()):
-        case = Case(**dict(zip(axes, combo)))
-        if case.workload != "decode":  # new_tokens means nothing to prefill: one case, not several
-            case = dataclasses.replace(case, new_tokens=0)
-        cases.append(case)
-    for case in cases:
-        if case.workload == "decode" and case.new_tokens < 2:
-            raise UserError(f"{where}: decode needs new_tokens >= 2 (one prefill token, then decode steps)")
-    return cases
+        case = _normalize(Case(**dict(zip(axes, combo))))
+        _check_shape(case, where)
+        cases[case] = None
+    return list(cases)
+
+
+def _normalize(case: Case) -> Case:
+    """Zero the size fields this case's workload does not use (and reset `causal`)."""
+    used = WORKLOADS[case.workload]
+    reset = {name: (0 if f.type == "int" else f.default) for name, f in _CASE_FIELDS.items()
+             if name not in used and f.type in ("int", "bool")}
+    return dataclasses.replace(case, **reset)
+
+
+def _check_shape(case: Case, where: str) -> None:
+    cfg = model_config(case.model)
+    if case.workload in ("decode", "generate") and case.new_tokens < 2:
+        raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
+    if case.workload in ("prefill", "decode", "generate", "drift"):
+        extra = case.new_tokens if case.workload != "prefill" else 0
+        if case.prompt_len + extra > cfg.max_seq_len:
+            raise UserError(
+                f"{where}: prompt_len {case.prompt_len} + new_tokens {extra} exceeds {case.model}'s context "
+                f"of {cfg.max_seq_len} tokens; lower prompt_len or new_tokens"
+            )
+    if case.workload == "attention":
+        if case.heads and not case.head_dim and cfg.dim % case.heads:
+            raise UserError(f"{where}: heads ({case.heads}) does not divide {case.model}'s dim ({cfg.dim}); "
+                            "give head_dim too, or a head count that divides it")
+        heads, kv_heads, head_dim = attention_shape(case)
+        if heads % kv_heads:
+            raise UserError(f"{where}: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if head_dim % 2:
+            raise UserError(f"{where}: head_dim must be even, got {head_dim}")
+
+
+def attention_shape(case: Case) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim) of an attention case; unset fields come from the
+    model: its shape, or with only `heads` given, dim / heads and no grouping."""
+    cfg = model_config(case.model)
+    if not case.heads:
+        return cfg.n_heads, case.kv_heads or cfg.n_kv_heads, case.head_dim or cfg.head_dim
+    return case.heads, case.kv_heads or case.heads, case.head_dim or cfg.dim // case.heads
+
+
+def linear_shape(case: Case) -> tuple[int, int, int]:
+    """(M, K, N) of a linear case: M = batch * prompt_len tokens; K, N default to the
+    model's dim and MLP hidden size."""
+    cfg = model_config(case.model)
+    return case.batch * case.prompt_len, case.in_features or cfg.dim, case.out_features or cfg.hidden_dim
 
 
 def _check_value(name: str, value, where: str):
     kind = _CASE_FIELDS[name].type
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {name} must be true or false, got {value!r}")
+        return value
     if kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "new_tokens" else 1):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if value == 0 and name in ("batch", "prompt_len", "windows"):
+            raise UserError(f"{where}: {name} must be a positive integer, got 0")
         return value
     if not isinstance(value, str):
         raise UserError(f"{where}: {name} must be a string, got {value!r}")
     if name == "workload" and value not in WORKLOADS:
-        raise UserError(f"{where}: unknown workload {value!r}; valid: {', '.join(WORKLOADS)}")
+        raise UserError(f"{where}: {_unknown('workload', value, list(WORKLOADS))}")
     if name == "dtype" and value not in DTYPES:
-        raise UserError(f"{where}: unknown dtype {value!r}; valid: {', '.join(DTYPES)}")
+        raise UserError(f"{where}: {_unknown('dtype', value, list(DTYPES))}")
     if name == "model":
         try:
             model_config(value)  # checks presets, files and folders without loading weights

@@ -1,11 +1,21 @@
 """Run a matrix: for each case load (or reuse) the model, apply the variants, run
-the workload, and append a Record to records.jsonl at once, so a case that fails
-becomes a failed Record and the run goes on."""
+the workload, and append a Record to records.jsonl at once.
+
+By default each case runs in its own process (forked from a server that has
+already imported torch, so a case starts in milliseconds): a crash, an
+out-of-memory kill or a hang past `timeout_s` becomes a failed Record and the run
+goes on, and the process's peak resident set is the case's own. `--resume`
+continues a run folder, skipping cases that already have a record.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import resource
+import signal
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -14,12 +24,23 @@ import torch
 
 from infermatrix.bench.env import capture_env
 from infermatrix.bench.matrix import Case, Matrix, RunSettings
-from infermatrix.bench.workloads import WORKLOAD_FNS
+from infermatrix.bench.roofline import Peaks, load_or_measure_peaks
+from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.errors import UserError
 from infermatrix.reports.csv_report import write_csv
-from infermatrix.reports.record import RECORDS_FILE, Record, append_record
+from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
 from infermatrix.variants import apply_variants, parse_spec, unmet_requirements
-from infermatrix.weights import DTYPES, LoadedModel, load_model
+from infermatrix.weights import DTYPES, LoadedModel, load_model, model_config
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every case of a run shares; picklable, sent to each case's process."""
+
+    settings: RunSettings
+    env: dict
+    eval_text_path: str | None = None  # None: the standard library's pydoc topics
+    peaks: dict[str, Peaks] | None = None  # device type -> measured peaks, for % of the limit
 
 
 class ModelCache:
@@ -47,55 +68,231 @@ class ModelCache:
         return self._loaded
 
 
-def run_case(case: Case, settings: RunSettings, models: ModelCache, env: dict) -> Record:
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    t0 = time.perf_counter()
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-    def record(status: str, reason: str | None = None, **fields) -> Record:
-        return Record(case_id=case.case_id, case=case.to_dict(), status=status, reason=reason, env=env,
-                      started_at=started, duration_s=round(time.perf_counter() - t0, 3), **fields)
 
-    variants = parse_spec(case.variant)
-    skip = unmet_requirements(variants, case.device)
-    if skip:
-        return record("skipped", skip)
+def _record(case: Case, ctx: RunContext, status: str, reason: str | None = None, started: str = "",
+            duration_s: float = 0.0, **fields) -> Record:
+    return Record(case_id=case.case_id, case=case.to_dict(), status=status, reason=reason, env=ctx.env,
+                  started_at=started or _now(), duration_s=round(duration_s, 3), **fields)
+
+
+def skip_reason(case: Case) -> str | None:
+    """Why this machine cannot run the case, or None: missing hardware or package,
+    a dtype the device does not support, or too little memory for the weights."""
+    reason = unmet_requirements(parse_spec(case.variant), case.device)
+    if reason:
+        return reason
+    device = torch.device(case.device)
+    if device.type == "cuda" and case.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        return "bfloat16 is not supported by this GPU"
+    if case.workload in ("attention", "linear"):
+        return None
+    need = model_config(case.model).num_params() * DTYPES[case.dtype].itemsize
+    free = _free_memory(device)
+    if free is not None and need > 0.9 * free:
+        return f"needs {need / 2**30:.1f} GiB for weights alone, {free / 2**30:.1f} GiB available"
+    return None
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        loaded = models.get(case.model, case.dtype, case.device)
-        model = apply_variants(loaded.model, variants)
-        with torch.inference_mode():
-            metrics, samples = WORKLOAD_FNS[case.workload](model, loaded, case, settings)
-        metrics["weight_bytes"] = model.weight_bytes
-        return record("ok", metrics=metrics, samples=samples)
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
+    """Run one case in this process. Every error becomes a failed Record."""
+    from infermatrix.bench.workloads import WORKLOAD_FNS  # heavy; imported in the case's process
+
+    started, t0 = _now(), time.perf_counter()
+    device = torch.device(case.device)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
+        if device.type == "cuda":
+            metrics["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+            metrics["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        return _record(case, ctx, "ok", started=started, duration_s=time.perf_counter() - t0,
+                       metrics=metrics, samples=samples)
     except UserError as exc:
-        return record("failed", str(exc))
+        return _record(case, ctx, "failed", str(exc), started, time.perf_counter() - t0)
     except Exception as exc:  # any crash of one case is that case's failure, not the run's
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        return record("failed", f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})")
+        reason = f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
+        return _record(case, ctx, "failed", reason, started, time.perf_counter() - t0)
 
 
-def run_matrix(matrix: Matrix, out_dir: Path, log: Callable[[str], None] = print) -> list[Record]:
+def _case_process(case: Case, ctx: RunContext, conn) -> None:
+    """Entry point of a case's own process: run it, add the peak RSS, send the record."""
+    record = run_case(case, ctx, ModelCache())
+    if record.status == "ok":
+        record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    conn.send(asdict(record))
+    conn.close()
+
+
+_mp_context = None
+
+
+def _process_context():
+    """A forkserver that has imported torch and the workloads once: each case is a
+    fresh, cheap fork of it, never of the (possibly multithreaded) parent."""
+    global _mp_context
+    if _mp_context is None:
+        _mp_context = multiprocessing.get_context("forkserver")
+        _mp_context.set_forkserver_preload(["torch", "infermatrix.bench.workloads"])
+    return _mp_context
+
+
+def run_case_isolated(case: Case, ctx: RunContext) -> Record:
+    mp = _process_context()
+    started, t0 = _now(), time.perf_counter()
+    receive, send = mp.Pipe(duplex=False)
+    proc = mp.Process(target=_case_process, args=(case, ctx, send), name=f"infermatrix case {case.case_id}")
+    proc.start()
+    send.close()
+    try:
+        if receive.poll(ctx.settings.timeout_s):
+            try:
+                return Record.from_dict(receive.recv())
+            except EOFError:
+                pass  # the process died without a record: reported below
+        else:
+            proc.kill()
+            proc.join()
+            return _record(case, ctx, "failed", f"timed out after {ctx.settings.timeout_s:g} s (killed)",
+                           started, time.perf_counter() - t0)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+        receive.close()
+    code = proc.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        reason = f"case process crashed with {name}{hint}"
+    else:
+        reason = f"case process exited with status {code} without a record"
+    return _record(case, ctx, "failed", reason, started, time.perf_counter() - t0)
+
+
+def check_eval_text(matrix: Matrix, eval_text_path: str | None) -> None:
+    """Before any case runs: each drift case's model must find enough tokens in the
+    eval text for its windows."""
+    drift = [c for c in matrix.cases if c.workload == "drift"]
+    if not drift:
+        return
+    from infermatrix.weights import model_tokenizer
+
+    text = load_text(eval_text_path)
+    counts: dict[str, int] = {}
+    for case in drift:
+        tokenizer = model_tokenizer(case.model)
+        if tokenizer is None:
+            continue  # random-weight presets evaluate on seeded random tokens
+        if case.model not in counts:
+            counts[case.model] = len(tokenizer.encode(text).ids)
+        need = case.windows * (case.prompt_len + 1)
+        if counts[case.model] < need:
+            raise UserError(
+                f"eval text has {counts[case.model]} tokens for {case.model}; {case.case_id} needs {need} "
+                f"({case.windows} windows of {case.prompt_len}+1); pass a longer --eval-text or fewer/smaller windows"
+            )
+
+
+def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text: str | None = None,
+               log: Callable[[str], None] = print, progress: bool = False) -> list[Record]:
     out_dir = Path(out_dir)
     records_path = out_dir / RECORDS_FILE
+    done: list[Record] = []
     if records_path.exists() and records_path.stat().st_size:
-        raise UserError(f"--out {out_dir} already holds {RECORDS_FILE}; choose a new folder")
+        if not resume:
+            raise UserError(f"--out {out_dir} already holds {RECORDS_FILE}; choose a new folder or pass --resume")
+        done = read_records(records_path)
+    check_eval_text(matrix, eval_text)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = capture_env()
+    env["eval_text"] = {"path": eval_text or "pydoc_data.topics", "sha256": text_sha256(load_text(eval_text))}
+    env["settings"] = asdict(matrix.settings)  # timing rules, isolation and the seed of every case
+    todo = todo_cases(matrix, done)
+    peaks = {}
+    for kind in sorted({torch.device(c.device).type for c in todo}):
+        if kind == "cpu" or torch.cuda.is_available():
+            dtypes = tuple(sorted({c.dtype for c in matrix.cases if torch.device(c.device).type == kind}))
+            log(f"machine peaks ({kind}, {', '.join(dtypes)}): measured once per machine, then cached")
+            peaks[kind] = load_or_measure_peaks(kind, dtypes)
+    env["peaks"] = {kind: p.to_dict() for kind, p in peaks.items()}
+    ctx = RunContext(matrix.settings, env, eval_text, peaks)
+    if done:
+        log(f"resuming: {len(done)} cases already recorded, {len(todo)} to run")
     models = ModelCache()
-    # Run grouped by (model, device, dtype), groups in the file's order, so each
-    # model is loaded once; records keep the order they ran in.
-    group_of = lambda c: (c.model, c.device, c.dtype)  # noqa: E731
-    first_seen: dict[tuple, int] = {}
-    for c in matrix.cases:
-        first_seen.setdefault(group_of(c), len(first_seen))
-    cases = sorted(matrix.cases, key=lambda c: first_seen[group_of(c)])
-    records = []
+    records = list(done)
+    bar = _progress_bar(len(todo)) if progress else None
     try:
-        for i, case in enumerate(cases, 1):
-            rec = run_case(case, matrix.settings, models, env)
+        for i, case in enumerate(todo, 1):
+            if bar is not None:
+                bar.set_postfix_str(case.case_id, refresh=True)
+            reason = skip_reason(case)
+            if reason:
+                rec = _record(case, ctx, "skipped", reason)
+            elif matrix.settings.isolate:
+                rec = run_case_isolated(case, ctx)
+            else:
+                rec = run_case(case, ctx, models)
             append_record(records_path, rec)
             records.append(rec)
-            figure = f"{rec.metrics['latency_ms_p50']:.2f} ms" if rec.status == "ok" else rec.reason
-            log(f"[{i}/{len(cases)}] {case.case_id}: {rec.status} ({figure})")
+            figure = _headline(rec)
+            line = f"[{i}/{len(todo)}] {case.case_id}: {rec.status} ({figure})"
+            if bar is not None:
+                bar.write(line)
+                bar.update(1)
+            else:
+                log(line)
     finally:  # an interrupted run still gets the CSV of what it measured
+        if bar is not None:
+            bar.close()
         write_csv(records, out_dir)
     return records
+
+
+def todo_cases(matrix: Matrix, done: list[Record]) -> list[Case]:
+    finished = {r.case_id for r in done}
+    return [c for c in _grouped(matrix.cases) if c.case_id not in finished]
+
+
+def _headline(rec: Record) -> str:
+    if rec.status != "ok":
+        return rec.reason or ""
+    m = rec.metrics
+    if "latency_ms_p50" in m:
+        return f"{m['latency_ms_p50']:.3f} ms"
+    if "kl_mean" in m:
+        return f"KL {m['kl_mean']:.2e}, top-1 {m['top1_agree_pct']:.1f}%"
+    return "done"
+
+
+def _grouped(cases: tuple[Case, ...]) -> list[Case]:
+    """Cases grouped by (model, device, dtype), groups in the file's order, so an
+    in-process run loads each model once."""
+    first_seen: dict[tuple, int] = {}
+    for c in cases:
+        first_seen.setdefault((c.model, c.device, c.dtype), len(first_seen))
+    return sorted(cases, key=lambda c: first_seen[(c.model, c.device, c.dtype)])
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="case", dynamic_ncols=True, bar_format=(
+        "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"))

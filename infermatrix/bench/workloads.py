@@ -1,11 +1,22 @@
-"""Workloads: what a case runs and times.
+"""Workloads: what a case runs, times and reports.
 
-* prefill: one forward over (batch, prompt_len) tokens -> time to first token and
-  prefill tokens/s.
-* decode: greedy generation of new_tokens after the prompt. Step 1 processes the
-  prompt (TTFT); steps 2..N are the decode steps whose time per output token
-  (TPOT) and tokens/s are reported. Without a cache each step recomputes the
-  whole prefix: the honest naive baseline.
+Model workloads (real-text prompts when the model has a tokenizer):
+* prefill: one forward over (batch, prompt_len) -> time to first token, prefill tokens/s.
+* decode: greedy generation of new_tokens (min = max); step 1 is the prefill (TTFT),
+  steps 2..N are timed one by one -> TPOT median/p90/p99 and decode tokens/s.
+  Without a cache variant each step recomputes the whole prefix.
+* generate: the same generation timed end to end -> latency and tokens/s.
+* drift: the variant, in the case's dtype, against the fp32 `reference` on the same
+  weights, over `windows` eval-text windows of prompt_len tokens (reference logits
+  cached on disk), plus greedy-decode agreement over new_tokens.
+
+Op workloads (no model weights; the model gives default shapes):
+* attention: (batch, heads, kv_heads, seq = prompt_len, head_dim, causal) through the
+  variant's attention callable -> TFLOP/s and GB/s.
+* linear: (M = batch * prompt_len, K = in_features, N = out_features) through a
+  Linear the variant's linear axis may swap -> TFLOP/s and GB/s.
+
+Every timing is also reported against the machine's measured peaks (roofline.py).
 """
 
 from __future__ import annotations
@@ -15,56 +26,105 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn as nn
 
-from infermatrix.bench.text import default_text
-from infermatrix.bench.timing import summarize, time_calls, time_once
+from infermatrix.bench import roofline
+from infermatrix.bench.drift import drift_metrics, greedy_match_length, model_logits, window_tokens
+from infermatrix.bench.logits_cache import cached_tensors, reference_logits
+from infermatrix.bench.matrix import attention_shape, linear_shape
+from infermatrix.bench.stats import summarize
+from infermatrix.bench.text import load_text, text_sha256
+from infermatrix.bench.timing import TimerConfig, measure, time_once
 from infermatrix.errors import UserError
-from infermatrix.model import Transformer, greedy_step
-from infermatrix.weights import LoadedModel
+from infermatrix.model import Transformer, generate_greedy, greedy_step, math_attention
+from infermatrix.variants import apply_variants, parse_spec
+from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 
 if TYPE_CHECKING:
-    from infermatrix.bench.matrix import Case, RunSettings
+    from infermatrix.bench.matrix import Case
+    from infermatrix.bench.runner import ModelCache, RunContext
 
-Measurement = tuple[dict[str, float], dict[str, list[float]]]  # metrics, raw samples (ms)
+Measurement = tuple[dict[str, float | int | str | bool | None], dict[str, list[float]]]  # metrics, raw samples (ms)
+
+DRIFT_PROMPT_TOKENS = 32  # greedy-agreement prompts: the first tokens of each eval window
+
+
+def timer_config(ctx: RunContext, device: torch.device) -> TimerConfig:
+    s = ctx.settings
+    cuda = device.type == "cuda"  # the L2 flush and CUDA graphs exist only there
+    return TimerConfig(warmup_runs=s.warmup, warmup_s=s.warmup_s, min_runs=s.min_runs, max_runs=s.max_runs,
+                       target_ci_rel=s.target_ci, max_time_s=s.max_time_s, l2_flush=s.l2_flush and cuda,
+                       cuda_graph=s.cuda_graph and cuda)
 
 
 @lru_cache(maxsize=4)
-def _text_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer.encode(default_text()).ids)
+def _text_ids(tokenizer, eval_text_path: str | None) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(load_text(eval_text_path)).ids)
 
 
-def prompt_tokens(loaded: LoadedModel, batch: int, length: int, device) -> torch.Tensor:
-    """(batch, length) prompt: consecutive windows of real text (wrapping around the
-    text if it is too short) when the model has a tokenizer, seeded random ids otherwise."""
+def token_ids(loaded: LoadedModel, count: int, eval_text_path: str | None, seed: int) -> torch.Tensor:
+    """`count` token ids: the eval text (wrapping around if short) when the model has a
+    tokenizer, seeded random ids otherwise."""
     vocab = loaded.model.config.vocab_size
     if loaded.tokenizer is None:
-        gen = torch.Generator().manual_seed(1234)
-        return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
-    ids = torch.tensor(_text_ids(loaded.tokenizer))
+        return torch.randint(0, vocab, (count,), generator=torch.Generator().manual_seed(seed))
+    ids = torch.tensor(_text_ids(loaded.tokenizer, eval_text_path))
     if int(ids.max()) >= vocab:
         raise UserError(f"the tokenizer emits id {int(ids.max())} but the model's vocab_size is {vocab}; "
                         "the tokenizer does not belong to these weights")
-    rows = ids[torch.arange(batch * length) % len(ids)].view(batch, length)  # (B, T)
-    return rows.to(device)
+    return ids[torch.arange(count) % len(ids)]
 
 
-def run_prefill(model: Transformer, loaded: LoadedModel, case: Case, settings: RunSettings) -> Measurement:
+def prompt_tokens(loaded: LoadedModel, case: Case, ctx: RunContext) -> torch.Tensor:
+    """(batch, prompt_len) prompt of consecutive text windows, on the case's device."""
+    ids = token_ids(loaded, case.batch * case.prompt_len, ctx.eval_text_path, ctx.settings.seed)
+    return ids.view(case.batch, case.prompt_len).to(case.device)  # (B, T)
+
+
+def _model(case: Case, models: ModelCache) -> tuple[Transformer, LoadedModel]:
+    loaded = models.get(case.model, case.dtype, case.device)
+    return apply_variants(loaded.model, parse_spec(case.variant)), loaded
+
+
+def _roofline(cost: roofline.Cost, seconds: float, case: Case, ctx: RunContext) -> dict:
+    metrics = {"flops": cost.flops, "bytes_moved": cost.bytes}
+    peaks = ctx.peaks.get(torch.device(case.device).type) if ctx.peaks else None
+    if peaks is not None and case.dtype in peaks.gemm_tflops:
+        metrics.update(roofline.limit_fraction(cost, seconds, peaks, case.dtype))
+    return metrics
+
+
+def _timing_metrics(m, prefix: str = "latency_ms") -> dict:
+    metrics = m.summary.as_metrics(prefix)
+    metrics.update(runs=len(m.samples_ms), warmup_runs=m.warmup_runs, stopped_by=m.stopped_by)
+    return metrics
+
+
+def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    model, loaded = _model(case, models)
     device = torch.device(case.device)
-    tokens = prompt_tokens(loaded, case.batch, case.prompt_len, device)  # (B, T)
-    samples = time_calls(lambda: model(tokens), warmup=settings.warmup, repeat=settings.repeat, device=device)
-    metrics = summarize(samples, "latency_ms")
-    metrics["ttft_ms_p50"] = metrics["latency_ms_p50"]
-    metrics["tokens_per_s"] = case.batch * case.prompt_len / (metrics["latency_ms_p50"] / 1e3)
-    return metrics, {"latency_ms": samples}
+    tokens = prompt_tokens(loaded, case, ctx)  # (B, T)
+    m = measure(lambda: model(tokens), device=device, config=timer_config(ctx, device))
+    metrics = _timing_metrics(m)
+    median_s = m.summary.median / 1e3
+    metrics["ttft_ms_p50"] = m.summary.median
+    metrics["tokens_per_s"] = case.batch * case.prompt_len / median_s
+    cfg = model.config
+    cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=DTYPES[case.dtype].itemsize,
+                                 weight_bytes=model.weight_bytes, kv_cache=False)
+    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0)
+    return metrics, {"latency_ms": m.samples_ms}
 
 
-def run_decode(model: Transformer, loaded: LoadedModel, case: Case, settings: RunSettings) -> Measurement:
+def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end: bool) -> Measurement:
+    """Greedy generation of new_tokens after the prompt; each sample is one whole
+    generation, its steps timed one by one."""
+    model, loaded = _model(case, models)
     device = torch.device(case.device)
-    prompt = prompt_tokens(loaded, case.batch, case.prompt_len, device)  # (B, T)
-    for _ in range(settings.warmup):  # a prefill step and a decode step
-        greedy_step(model, greedy_step(model, prompt))
-    ttft, steps, totals = [], [], []
-    for _ in range(settings.repeat):
+    prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
+    runs: list[list[float]] = []  # step times of every call, warm-up included
+
+    def generation() -> float:
         tokens = prompt
         times = []
         for _ in range(case.new_tokens):
@@ -72,18 +132,128 @@ def run_decode(model: Transformer, loaded: LoadedModel, case: Case, settings: Ru
                 nonlocal tokens
                 tokens = greedy_step(model, tokens)  # (B, T+1)
             times.append(time_once(step, device))
-        ttft.append(times[0])
-        steps.extend(times[1:])
-        totals.append(sum(times[1:]))
-    metrics = summarize(steps, "latency_ms")  # per decode step = per output token
-    metrics["tpot_ms_p50"] = metrics["latency_ms_p50"]
+        runs.append(times)
+        return sum(times) if end_to_end else sum(times[1:])
+
+    m = measure(generation, device=device, config=timer_config(ctx, device), self_timed=True)
+    timed = runs[-len(m.samples_ms):]  # drop the warm-up generations
+    ttft = [t[0] for t in timed]
+    steps = [x for t in timed for x in t[1:]]
+    tpot = summarize(steps)
+    median_s = m.summary.median / 1e3
+    if end_to_end:
+        metrics = _timing_metrics(m)  # per generation, prefill included
+        metrics["tokens_per_s"] = case.batch * case.new_tokens / median_s
+    else:
+        metrics = tpot.as_metrics("latency_ms")  # per output token
+        metrics.update(runs=len(m.samples_ms), warmup_runs=m.warmup_runs, stopped_by=m.stopped_by)
+        metrics["tokens_per_s"] = case.batch * (case.new_tokens - 1) / median_s
+    metrics.update({f"tpot_ms_{k}": v for k, v in (("p50", tpot.median), ("p90", tpot.p90), ("p99", tpot.p99))})
     metrics["ttft_ms_p50"] = statistics.median(ttft)
-    decode_s = statistics.median(totals) / 1e3  # median over repeats of the whole decode
-    metrics["tokens_per_s"] = case.batch * (case.new_tokens - 1) / decode_s
-    return metrics, {"latency_ms": steps, "ttft_ms": ttft}
+    cfg, dtype_bytes = model.config, DTYPES[case.dtype].itemsize
+    first = 0 if end_to_end else 1  # step i sees prompt_len + i tokens
+    cost = roofline.Cost(0.0, 0.0)
+    for i in range(first, case.new_tokens):
+        cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
+                                                kv_cache=False, weight_bytes=model.weight_bytes)
+    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0)
+    return metrics, {"generation_ms": m.samples_ms, "tpot_ms": steps, "ttft_ms": ttft}
 
 
-WORKLOAD_FNS: dict[str, Callable[[Transformer, LoadedModel, "Case", "RunSettings"], Measurement]] = {
+def run_decode(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    return _run_generation(case, ctx, models, end_to_end=False)
+
+
+def run_generate(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    return _run_generation(case, ctx, models, end_to_end=True)
+
+
+def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    model, loaded = _model(case, models)
+    ids = token_ids(loaded, case.windows * (case.prompt_len + 1), ctx.eval_text_path, ctx.settings.seed)
+    windows = window_tokens(ids, case.prompt_len, case.windows)  # (W, T+1)
+    prompts = windows[:, : min(DRIFT_PROMPT_TOKENS, case.prompt_len)]  # (W, P)
+    key = {
+        "model": model_fingerprint(case.model, ctx.settings.seed),
+        "text_sha256": text_sha256(load_text(ctx.eval_text_path)) if loaded.tokenizer else None,
+        "window": case.prompt_len, "windows": case.windows, "reference": "reference/float32",
+        "device": torch.device(case.device).type,
+    }
+    reference: Transformer | None = None
+
+    def fp32_reference() -> Transformer:
+        nonlocal reference
+        if reference is None:
+            reference = load_model(case.model, torch.float32, case.device, seed=ctx.settings.seed).model
+        return reference
+
+    ref_logits, _ = reference_logits(key, lambda: model_logits(fp32_reference(), windows))
+    ref_tokens = cached_tensors({**key, "greedy_tokens": case.new_tokens, "prompt": prompts.shape[1]},
+                                lambda: {"tokens": generate_greedy(fp32_reference(), prompts, case.new_tokens)})
+    reference = None  # free it before the variant runs
+    logits, targets = model_logits(model, windows)
+    metrics = drift_metrics(ref_logits, logits, targets)
+    with torch.inference_mode():
+        tokens = generate_greedy(model, prompts.to(case.device), case.new_tokens).cpu()
+    metrics["greedy_match_len"] = greedy_match_length(ref_tokens["tokens"], tokens)
+    metrics["greedy_tokens"] = case.new_tokens
+    metrics["eval_tokens"] = int(targets.numel())
+    return metrics, {}
+
+
+def _op_variants(case: Case, axis: str):
+    """The case's variants, refusing any that cannot act on an op of this `axis`
+    (`reference`, the baseline, is always allowed)."""
+    variants = parse_spec(case.variant)
+    for variant in variants:
+        if variant.axis not in (axis, "graph") and variant.name != "reference":
+            raise UserError(f"the {case.workload} workload measures {axis} variants; "
+                            f"{variant.name!r} is on the {variant.axis} axis")
+    return variants
+
+
+def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    heads, kv_heads, head_dim = attention_shape(case)
+    device, dtype = torch.device(case.device), DTYPES[case.dtype]
+    holder = nn.Module()  # an attention seam with no model around it
+    holder.attention = math_attention
+    attention = apply_variants(holder, _op_variants(case, "attention")).attention
+    gen = torch.Generator(device=device).manual_seed(ctx.settings.seed)
+    q = torch.randn(case.batch, heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
+    k = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
+    v = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
+    m = measure(lambda: attention(q, k, v, causal=case.causal), device=device, config=timer_config(ctx, device))
+    cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
+                                   causal=case.causal, dtype_bytes=dtype.itemsize)
+    metrics = _timing_metrics(m)
+    metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
+                   head_dim=head_dim)
+    return metrics, {"latency_ms": m.samples_ms}
+
+
+def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    m_dim, k_dim, n_dim = linear_shape(case)
+    device, dtype = torch.device(case.device), DTYPES[case.dtype]
+    torch.manual_seed(ctx.settings.seed)
+    holder = nn.Sequential(nn.Linear(k_dim, n_dim, bias=False)).to(device=device, dtype=dtype).eval()
+    holder.attention = math_attention  # so attention variants in the spec (the `reference` baseline) apply
+    layer = apply_variants(holder, _op_variants(case, "linear"))
+    x = torch.randn(m_dim, k_dim, device=device).to(dtype)
+    m = measure(lambda: layer[0](x), device=device, config=timer_config(ctx, device))
+    weight_bytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    cost = roofline.linear_cost(m_dim, k_dim, n_dim, act_bytes=dtype.itemsize,
+                                weight_bytes_per_elem=weight_bytes / (k_dim * n_dim))
+    metrics = _timing_metrics(m)
+    metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), m=m_dim, k=k_dim, n=n_dim,
+                   weight_bytes=weight_bytes)
+    return metrics, {"latency_ms": m.samples_ms}
+
+
+WORKLOAD_FNS: dict[str, Callable[[Case, RunContext, ModelCache], Measurement]] = {
     "prefill": run_prefill,
     "decode": run_decode,
+    "generate": run_generate,
+    "drift": run_drift,
+    "attention": run_attention,
+    "linear": run_linear,
 }

@@ -1,23 +1,37 @@
-"""A compact terminal table of a run."""
+"""A compact terminal table of a run: speed columns and drift columns side by side,
+blank where a metric does not apply to a case's workload."""
 
 from __future__ import annotations
 
 from infermatrix.reports.csv_report import records_frame
 from infermatrix.reports.record import Record
 
-_COLUMNS = ["model", "variant", "workload", "dtype", "batch", "prompt_len", "new_tokens",
-            "latency_ms_p50", "tokens_per_s", "status"]
+# column -> format of its values
+_COLUMNS = {
+    "model": None, "variant": None, "workload": None, "dtype": None, "batch": None, "prompt_len": None,
+    "new_tokens": None, "latency_ms_p50": "{:,.2f}", "latency_ms_ci_rel": "{:.1%}", "tokens_per_s": "{:,.1f}",
+    "pct_of_limit": "{:.0f}%", "kl_mean": "{:.2e}", "top1_agree_pct": "{:.1f}", "ppl_delta_pct": "{:+.2f}",
+    "status": None,
+}
+_HEADERS = {"latency_ms_p50": "ms_p50", "latency_ms_ci_rel": "ci±", "tokens_per_s": "tok/s",
+            "pct_of_limit": "%limit", "top1_agree_pct": "top1%", "ppl_delta_pct": "Δppl%"}
+
+
+def _cell(value, fmt: str | None) -> str:
+    if value is None or value != value:  # None or NaN: not measured for this workload
+        return ""
+    return fmt.format(value) if fmt else str(value)
 
 
 def render_table(records: list[Record]) -> str:
     if not records:
         return "(no cases)"
     frame = records_frame(records)
-    frame = frame[[c for c in _COLUMNS if c in frame.columns]].copy()
-    for col in ("latency_ms_p50", "tokens_per_s"):
-        if col in frame:
-            frame[col] = frame[col].map(lambda x: "" if x != x or x is None else f"{x:,.2f}")
-    lines = [frame.to_string(index=False)]
+    columns = [c for c in _COLUMNS if c in frame.columns]
+    frame = frame[columns].astype(object)
+    for col in columns:
+        frame[col] = [_cell(v, _COLUMNS[col]) for v in frame[col]]
+    lines = [frame.rename(columns=_HEADERS).to_string(index=False)]
     for r in records:
         if r.status != "ok":
             lines.append(f"{r.status}: {r.case_id}: {r.reason}")

@@ -14,7 +14,7 @@ def test_tables_expand_to_their_cartesian_product():
         "dtype": ["float32", "bfloat16"], "batch": [1, 4], "prompt_len": 16, "new_tokens": 3,
     }]})
     assert len(m.cases) == 8
-    assert Case("tiny", "sdpa", "decode", "bfloat16", "cpu", 4, 16, 3) in m.cases
+    assert Case("tiny", "sdpa", "decode", "bfloat16", "cpu", 4, 16, 3, windows=0) in m.cases
     assert len({c.case_id for c in m.cases}) == 8
 
 
@@ -23,7 +23,7 @@ def test_prefill_ignores_new_tokens_and_duplicates_run_once():
         {"model": "tiny", "variant": "sdpa", "workload": "prefill", "new_tokens": [4, 8]},
         {"model": "tiny", "variant": "sdpa", "workload": "prefill"},
     ]})
-    assert m.cases == (Case("tiny", "sdpa", "prefill", prompt_len=128, new_tokens=0),)
+    assert m.cases == (Case("tiny", "sdpa", "prefill", prompt_len=128, new_tokens=0, windows=0),)
 
 
 def test_variant_specs_are_canonicalized():
@@ -35,13 +35,14 @@ def test_shipped_matrices_parse_by_name_and_by_path():
     assert load_matrix().source == "default.toml (built in)"
     assert load_matrix().cases
     assert load_matrix("ci").cases == load_matrix(REPO / "benchmarks" / "ci.toml").cases
+    assert load_matrix("ci", {"isolate": True}).settings.isolate is True  # command-line overrides
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
         ({"cases": [{"model": "tiny", "variant": "sdpa", "colour": "red"}]}, "unknown key 'colour'; valid: model, "),
-        ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "train"}]}, "unknown workload 'train'; valid: prefill, decode"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "train"}]}, "unknown workload 'train'; valid: prefill, decode, generate, drift, attention, linear"),
         ({"cases": [{"model": "tiny", "variant": "sdpa", "dtype": "fp8"}]}, "unknown dtype 'fp8'; valid: float32, float16, bfloat16"),
         ({"cases": [{"model": "gpt-5", "variant": "sdpa"}]}, "#1: unknown model 'gpt-5'"),
         ({"cases": [{"model": "tiny", "variant": "sdpa+reference"}]}, "same axis 'attention'"),
@@ -49,8 +50,20 @@ def test_shipped_matrices_parse_by_name_and_by_path():
         ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "decode", "new_tokens": 1}]}, "new_tokens >= 2"),
         ({"cases": [{"model": "tiny"}]}, "missing 'variant'"),
         ({"cases": []}, "no \\[\\[cases\\]\\] tables"),
-        ({"run": {"repeat": 0}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "repeat must be at least 1"),
-        ({"run": {"speed": 1}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "unknown \\[run\\] key 'speed'"),
+        ({"run": {"min_runs": 0}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "min_runs must be positive"),
+        ({"run": {"min_runs": 9, "max_runs": 3}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "max_runs \\(3\\) is below"),
+        ({"run": {"isolate": 1}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "isolate must be true or false"),
+        ({"run": {"min_run": 5}, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "unknown \\[run\\] key 'min_run'; did you mean 'min_runs'"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "prompt_lenght": 8}]}, "did you mean 'prompt_len'"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "decod"}]}, "unknown workload 'decod'; did you mean 'decode'"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "prompt_len": -4}]}, "prompt_len must be a positive integer, got -4"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "decode", "prompt_len": 500, "new_tokens": 20}]},
+         "prompt_len 500 \\+ new_tokens 20 exceeds tiny's context of 512 tokens"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "attention", "heads": 8, "kv_heads": 3}]},
+         "heads \\(8\\) must be a multiple of kv_heads \\(3\\)"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "attention", "heads": 7}]},
+         "heads \\(7\\) does not divide tiny's dim \\(64\\)"),
+        ({"cases": [{"model": "tiny", "variant": "sdpa"}], "exclude": [{"colour": "red"}]}, "\\[\\[exclude\\]\\] #1: unknown key 'colour'"),
         ({"matrix": []}, "unknown top-level key"),
         ({"cases": [{"model": "tiny", "variant": "sdpa", "device": "cuda:x"}]}, "unknown device 'cuda:x'"),
         ({"run": 3, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "'run' must be a table"),
@@ -69,3 +82,25 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("[[cases]\nmodel = 1\n")
     with pytest.raises(UserError, match="invalid TOML"):
         load_matrix(bad)
+
+
+def test_exclude_drops_matching_cases_and_include_adds_after():
+    m = parse_matrix({
+        "cases": [{"model": "tiny", "variant": ["reference", "sdpa"], "dtype": ["float32", "bfloat16"]}],
+        "exclude": [{"variant": "reference", "dtype": "bfloat16"}, {"variant": "sdpa", "dtype": ["bfloat16"]}],
+        "include": [{"model": "tiny", "variant": "sdpa", "dtype": "bfloat16", "prompt_len": 64}],
+    })
+    assert [(c.variant, c.dtype, c.prompt_len) for c in m.cases] == [
+        ("reference", "float32", 128), ("sdpa", "float32", 128), ("sdpa", "bfloat16", 64)]
+
+
+def test_op_workload_case_ids_name_their_shapes():
+    m = parse_matrix({"cases": [
+        {"model": "tiny", "variant": "sdpa", "workload": "attention", "prompt_len": 64, "heads": 8, "kv_heads": 2,
+         "head_dim": 32, "causal": False},
+        {"model": "tiny", "variant": "reference", "workload": "linear", "batch": 2, "prompt_len": 16,
+         "in_features": 64, "out_features": 256},
+        {"model": "tiny", "variant": "sdpa", "workload": "drift", "windows": 3, "prompt_len": 32, "new_tokens": 8},
+    ]})
+    assert [c.case_id.split("/", 5)[-1] for c in m.cases] == [
+        "b1-p64-h8-kv2-d32-full", "b2-p16-k64-n256", "w3-p32-n8"]

@@ -4,60 +4,84 @@ from dataclasses import dataclass
 import pandas as pd
 import pytest
 
-from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench import runner
+from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
 from infermatrix.errors import UserError
 from infermatrix.reports.record import read_records
 from infermatrix.variants import Variant, base, register_variant
 
-
-@pytest.fixture
-def exploding_variant():
-    saved = dict(base._REGISTRY)
-
-    @register_variant("explodes")
-    @dataclass(frozen=True)
-    class Explodes(Variant):
-        axis = "linear"
-
-        def apply(self, model):
-            raise RuntimeError("kernel exploded")
-
-    yield
-    base._REGISTRY.clear()
-    base._REGISTRY.update(saved)
+QUICK = {"warmup": 1, "min_runs": 3, "max_runs": 10, "max_time_s": 0.5}
 
 
-def small_matrix(**overrides):
+def quiet(line):
+    pass
+
+
+def small_matrix(run=None, **overrides):
     table = {"model": "tiny", "variant": ["reference", "sdpa"], "workload": ["prefill", "decode"],
              "batch": [1, 2], "prompt_len": 16, "new_tokens": 3, **overrides}
-    return parse_matrix({"run": {"warmup": 1, "repeat": 2}, "cases": [table]})
+    return parse_matrix({"run": {**QUICK, "isolate": False, **(run or {})}, "cases": [table]})
 
 
 def test_run_writes_one_record_and_one_csv_row_per_case(tmp_path):
     matrix = small_matrix()
-    records = run_matrix(matrix, tmp_path, log=lambda line: None)
+    records = run_matrix(matrix, tmp_path, log=quiet)
     assert [r.status for r in records] == ["ok"] * 8
     on_disk = read_records(tmp_path)
-    assert [r.case_id for r in on_disk] == [c.case_id for c in matrix.cases]
+    assert sorted(r.case_id for r in on_disk) == sorted(c.case_id for c in matrix.cases)
     frame = pd.read_csv(tmp_path / "results.csv")
     assert len(frame) == 8
-    assert {"model", "variant", "workload", "latency_ms_p50", "tokens_per_s", "weight_bytes"} <= set(frame.columns)
+    assert {"model", "variant", "workload", "latency_ms_p50", "latency_ms_p99", "latency_ms_ci_rel",
+            "tokens_per_s", "weight_bytes", "pct_of_limit"} <= set(frame.columns)
     assert (frame["tokens_per_s"] > 0).all()
-    decode = on_disk[[c.workload for c in matrix.cases].index("decode")]
-    assert len(decode.samples["latency_ms"]) == 2 * 2  # repeat x (new_tokens - 1) decode steps
-    assert decode.env["versions"]["torch"]
+    decode = next(r for r in on_disk if r.case["workload"] == "decode")
+    runs = decode.metrics["runs"]
+    assert len(decode.samples["generation_ms"]) == runs and len(decode.samples["tpot_ms"]) == 2 * runs
+    assert decode.metrics["tpot_ms_p50"] <= decode.metrics["tpot_ms_p99"]
+    assert decode.env["versions"]["torch"] and decode.env["peaks"]["cpu"]["bandwidth_gbs"] > 0
 
 
-def test_an_interrupted_run_keeps_its_records_and_csv(tmp_path):
+@pytest.mark.parametrize("workload, keys", [
+    ("generate", ["latency_ms_p50", "ttft_ms_p50", "tpot_ms_p90", "tokens_per_s"]),
+    ("attention", ["achieved_tflops", "achieved_gbs", "pct_of_limit", "bound"]),
+    ("linear", ["achieved_tflops", "achieved_gbs", "pct_of_limit", "weight_bytes"]),
+    ("drift", ["kl_mean", "top1_agree_pct", "ppl_delta_pct", "dp_p99", "sqnr_db", "greedy_match_len"]),
+])
+def test_every_workload_reports_its_metrics(tmp_path, workload, keys):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": "reference" if workload == "linear" else "sdpa", "workload": workload,
+         "prompt_len": 16, "new_tokens": 3, "windows": 2}]})
+    rec = run_matrix(matrix, tmp_path, log=quiet)[0]
+    assert rec.status == "ok", rec.reason
+    assert all(rec.metrics.get(k) is not None for k in keys), rec.metrics
+
+
+def test_reference_drift_against_itself_is_zero(tmp_path):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": "reference", "workload": "drift", "prompt_len": 16, "windows": 2,
+         "new_tokens": 4}]})
+    m = run_matrix(matrix, tmp_path, log=quiet)[0].metrics
+    assert (m["kl_max"], m["top1_agree_pct"], m["ppl_delta_pct"], m["greedy_match_len"]) == (0.0, 100.0, 0.0, 4)
+
+
+def test_an_interrupted_run_keeps_its_records_and_csv_and_resumes(tmp_path):
     def interrupt_after_first_case(line):
-        raise KeyboardInterrupt
+        if line.startswith("[1/"):
+            raise KeyboardInterrupt
 
+    matrix = small_matrix()
     with pytest.raises(KeyboardInterrupt):
-        run_matrix(small_matrix(), tmp_path, log=interrupt_after_first_case)
-    assert len(read_records(tmp_path)) == 1
-    assert len(pd.read_csv(tmp_path / "results.csv")) == 1
+        run_matrix(matrix, tmp_path, log=interrupt_after_first_case)
+    first = read_records(tmp_path)
+    assert len(first) == 1 and len(pd.read_csv(tmp_path / "results.csv")) == 1
+
+    lines = []
+    records = run_matrix(matrix, tmp_path, resume=True, log=lines.append)
+    assert "resuming: 1 cases already recorded, 7 to run" in lines
+    assert len(records) == 8 and len(read_records(tmp_path)) == 8
+    assert sorted(r.case_id for r in records) == sorted(c.case_id for c in matrix.cases)
+    assert read_records(tmp_path)[0].to_json() == first[0].to_json()  # nothing rewritten
 
 
 def test_cases_run_grouped_by_model_and_dtype(tmp_path, monkeypatch):
@@ -65,32 +89,62 @@ def test_cases_run_grouped_by_model_and_dtype(tmp_path, monkeypatch):
     real_load = runner.load_model
     monkeypatch.setattr(runner, "load_model", lambda *a, **k: loads.append(a[:2]) or real_load(*a, **k))
     matrix = small_matrix(dtype=["float32", "bfloat16"], workload="prefill", batch=1)  # 4 cases, 2 dtypes
-    run_matrix(matrix, tmp_path, log=lambda line: None)
+    run_matrix(matrix, tmp_path, log=quiet)
     assert len(loads) == 2
 
 
-def test_a_crashing_case_is_a_failed_record_and_the_run_goes_on(tmp_path, exploding_variant):
-    matrix = parse_matrix({"run": {"repeat": 1}, "cases": [
-        {"model": "tiny", "variant": "explodes+sdpa", "prompt_len": 8},
+@pytest.mark.parametrize("kind, reason", [
+    ("raise", "RuntimeError: injected failure"),
+    ("segfault", "case process crashed with SIGSEGV"),
+    ("exit", "case process exited with status 3 without a record"),
+    ("hang", "timed out after 3 s (killed)"),
+])
+def test_isolated_cases_that_crash_hang_or_raise_become_failed_records(tmp_path, kind, reason):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": True, "timeout_s": 3}, "cases": [
+        {"model": "tiny", "variant": f"sdpa+fault(kind={kind})", "prompt_len": 8},
         {"model": "tiny", "variant": "sdpa", "prompt_len": 8},
     ]})
-    records = run_matrix(matrix, tmp_path, log=lambda line: None)
-    assert records[0].status == "failed" and "RuntimeError: kernel exploded" in records[0].reason
-    assert records[1].status == "ok"
-    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
+    records = run_matrix(matrix, tmp_path, log=quiet)
+    assert records[0].status == "failed" and reason in records[0].reason
+    assert records[1].status == "ok" and records[1].metrics["peak_rss_bytes"] > 0
+    assert len(read_records(tmp_path)) == 2
 
 
 def test_cuda_case_without_a_gpu_is_skipped_with_its_reason(tmp_path, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    matrix = parse_matrix({"run": {"repeat": 1}, "cases": [{"model": "tiny", "variant": "sdpa", "device": "cuda"}]})
-    rec = run_matrix(matrix, tmp_path, log=lambda line: None)[0]
+    matrix = parse_matrix({"run": QUICK, "cases": [{"model": "tiny", "variant": "sdpa", "device": "cuda"}]})
+    rec = run_matrix(matrix, tmp_path, log=quiet)[0]
     assert (rec.status, rec.reason) == ("skipped", "needs CUDA (no CUDA device on this machine)")
 
 
+def test_a_model_too_big_for_free_memory_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_free_memory", lambda device: 2**30)
+    matrix = parse_matrix({"run": QUICK, "cases": [{"model": "llama-7b", "variant": "sdpa", "dtype": "bfloat16"}]})
+    rec = run_matrix(matrix, tmp_path, log=quiet)[0]
+    assert rec.status == "skipped" and rec.reason == "needs 12.6 GiB for weights alone, 1.0 GiB available"
+
+
+def test_an_op_workload_refuses_variants_of_another_axis(tmp_path):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": "sdpa", "workload": "linear", "prompt_len": 8}]})
+    rec = run_matrix(matrix, tmp_path, log=quiet)[0]
+    assert rec.status == "failed" and "measures linear variants; 'sdpa' is on the attention axis" in rec.reason
+
+
 def test_an_existing_run_folder_is_not_overwritten(tmp_path):
-    run_matrix(small_matrix(workload="prefill", variant="sdpa", batch=1), tmp_path, log=lambda l: None)
+    run_matrix(small_matrix(workload="prefill", variant="sdpa", batch=1), tmp_path, log=quiet)
     before = (tmp_path / "records.jsonl").read_text()
-    with pytest.raises(UserError, match="already holds records.jsonl; choose a new folder"):
-        run_matrix(small_matrix(), tmp_path, log=lambda l: None)
+    with pytest.raises(UserError, match="already holds records.jsonl; choose a new folder or pass --resume"):
+        run_matrix(small_matrix(), tmp_path, log=quiet)
     assert (tmp_path / "records.jsonl").read_text() == before
     assert json.loads(before.splitlines()[0])["schema_version"] == 1
+
+
+def test_eval_text_too_short_is_refused_before_any_case(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    matrix = parse_matrix({"run": QUICK, "cases": [
+        {"model": "smollm2-135m", "variant": "sdpa", "workload": "drift", "prompt_len": 64, "windows": 2}]})
+    with pytest.raises(UserError, match="eval text has 6 tokens for smollm2-135m; .* needs 130"):
+        run_matrix(matrix, tmp_path / "run", eval_text=str(short), log=quiet)
+    assert not (tmp_path / "run" / "records.jsonl").exists()

@@ -1,0 +1,26 @@
+"""A third-party-style variant for the crash-isolation tests, installed through the
+`infermatrix.variants` entry point by tests/conftest.py (so that case processes,
+which start fresh, find it too)."""
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from infermatrix.variants import Variant
+
+
+@dataclass(frozen=True)
+class Fault(Variant):
+    axis = "graph"
+    description = "test only: fails on purpose"
+    kind: str = "raise"  # raise | segfault | hang | exit
+
+    def apply(self, model):
+        if self.kind == "segfault":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif self.kind == "hang":
+            time.sleep(3600)
+        elif self.kind == "exit":
+            os._exit(3)
+        raise RuntimeError("injected failure")
