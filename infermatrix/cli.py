@@ -41,9 +41,18 @@ def _cmd_env(args: argparse.Namespace) -> int:
     from infermatrix.bench.env import capture_env
     from infermatrix.bench.roofline import load_or_measure_peaks
 
-    env = capture_env()
+    from infermatrix.weights import parse_dtype
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(","))
+    for name in dtypes:
+        parse_dtype(name)  # a UserError naming the valid dtypes
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    peaks = load_or_measure_peaks(device, tuple(args.dtypes.split(",")))
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r} is not valid; valid: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device on this machine")
+    env = capture_env()
+    peaks = load_or_measure_peaks(device, dtypes)
     print(json.dumps({"env": env, "peaks": peaks.to_dict()}, indent=2, default=str))
     return 0
 

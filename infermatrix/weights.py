@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from infermatrix.cache import cache_dir, file_sha256
+from infermatrix.cache import atomic_path, cache_dir, file_sha256
 from infermatrix.errors import UserError
 from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer
 
@@ -286,16 +284,16 @@ def _gguf_converted(path: Path) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     cfg, tensors, tokenizer = _convert_gguf(path)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
-    if tokenizer is not None:
-        tokenizer.save(str(tmp / "tokenizer.json"))
     try:
-        os.replace(tmp, folder)  # atomic: readers see all of it or nothing
-    except OSError:  # another process finished first; its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "model.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+            if tokenizer is not None:
+                tokenizer.save(str(tmp / "tokenizer.json"))
+    except OSError:
+        if not (folder / "model.safetensors").is_file():
+            raise  # not a lost race with another process: a real write failure
     return folder
 
 

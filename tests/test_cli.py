@@ -100,3 +100,12 @@ def test_resume_continues_a_run_folder(tmp_path):
 def test_bad_eval_text_is_one_line_and_exit_code_2(tmp_path):
     out = cli("run", "ci", "--out", str(tmp_path / "run"), "--eval-text", str(tmp_path / "missing.txt"))
     assert out.returncode == 2 and "eval text" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtypes", "fp8"], "unknown dtype 'fp8'"),
+    (["--device", "tpu"], "--device 'tpu' is not valid"),
+])
+def test_env_bad_input_is_one_line_and_exit_code_2(args, message):
+    out = cli("env", *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

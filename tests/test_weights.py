@@ -1,7 +1,6 @@
 """Loader correctness against Hugging Face transformers (the peer), and bad input."""
 
 import json
-import resource
 import subprocess
 import sys
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from infermatrix.cache import cache_dir
+from infermatrix.cache import atomic_path, cache_dir
 
 # Bump when the file layout changes, so old files are never read as new ones.
 _FORMAT_VERSION = 1
@@ -60,18 +58,14 @@ def _load(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def _store(path: Path, tensors: dict[str, torch.Tensor], key_json: str) -> None:
-    """Write to a temp file in the same directory, then os.replace: readers (and other
-    processes computing the same key) see either no file or a complete one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
+    """Write atomically; a cache that cannot be written (disk full, read-only) costs
+    only the next run's time, so it warns instead of failing the measurement."""
     try:
-        # The key JSON rides along as metadata so a file can be traced back to its inputs.
-        save_file(tensors, tmp, metadata={"key": key_json})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            # The key JSON rides along as metadata so a file can be traced back to its inputs.
+            save_file(tensors, str(tmp), metadata={"key": key_json})
+    except OSError as exc:
+        warnings.warn(f"could not write cache file {path}: {exc}; continuing without it", stacklevel=3)
 
 
 def cached_tensors(key_parts: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

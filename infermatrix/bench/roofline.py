@@ -67,9 +67,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from infermatrix.bench.env import _cpu_name
 import infermatrix.cache
+from infermatrix.bench.env import _cpu_name
 from infermatrix.model import ModelConfig
+from infermatrix.weights import parse_dtype
 
 _MIB = 1 << 20
 
@@ -239,13 +240,6 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, _dtype_name(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
     """Returns time(fn, reps) -> seconds per call, the device's own clock."""
     if device.type == "cuda":
@@ -341,7 +335,7 @@ def measure_peaks(device: str | torch.device = "cpu", dtypes: Sequence[str] = ("
     """
     dev = torch.device(device)
     names = [_dtype_name(d) for d in dtypes]
-    torch_dtypes = [_torch_dtype(n) for n in names]  # fail on a bad name before measuring
+    torch_dtypes = [parse_dtype(n) for n in names]  # fail on a bad name before measuring
     start = time.perf_counter()
     with torch.no_grad():
         bandwidth = _measure_bandwidth(dev, start + 0.25 * budget_s)
@@ -389,10 +383,8 @@ def load_or_measure_peaks(device: str | torch.device = "cpu", dtypes: Sequence[s
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # missing or corrupt: measure afresh
     peaks = measure_peaks(device, dtypes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: parallel runs never read half a file
-    tmp.write_text(json.dumps({"key": fields, "peaks": peaks.to_dict()}, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    with infermatrix.cache.atomic_path(path) as tmp:  # parallel runs never read half a file
+        tmp.write_text(json.dumps({"key": fields, "peaks": peaks.to_dict()}, indent=2), encoding="utf-8")
     return peaks
 
 

@@ -29,7 +29,7 @@ from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.errors import UserError
 from infermatrix.reports.csv_report import write_csv
 from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
-from infermatrix.variants import apply_variants, parse_spec, unmet_requirements
+from infermatrix.variants import parse_spec, unmet_requirements
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_config
 
 
@@ -48,7 +48,8 @@ class ModelCache:
     is read once and only one is held in memory), and remembers load failures so
     a broken model fails its cases without being reloaded for each."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed  # of random-weight presets
         self._key: tuple | None = None
         self._loaded: LoadedModel | None = None
         self._failures: dict[tuple, Exception] = {}
@@ -60,7 +61,7 @@ class ModelCache:
         if key != self._key:
             self._key, self._loaded = None, None  # drop the old model before loading the next
             try:
-                self._loaded = load_model(name, DTYPES[dtype], device)
+                self._loaded = load_model(name, DTYPES[dtype], device, seed=self.seed)
             except Exception as exc:
                 self._failures[key] = exc
                 raise
@@ -89,7 +90,10 @@ def skip_reason(case: Case) -> str | None:
         return "bfloat16 is not supported by this GPU"
     if case.workload in ("attention", "linear"):
         return None
-    need = model_config(case.model).num_params() * DTYPES[case.dtype].itemsize
+    params = model_config(case.model).num_params()
+    need = params * DTYPES[case.dtype].itemsize
+    if case.workload == "drift":
+        need += params * 4  # the fp32 reference, when its logits are not cached yet
     free = _free_memory(device)
     if free is not None and need > 0.9 * free:
         return f"needs {need / 2**30:.1f} GiB for weights alone, {free / 2**30:.1f} GiB available"
@@ -116,9 +120,8 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
     started, t0 = _now(), time.perf_counter()
     device = torch.device(case.device)
     try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
+        with torch.inference_mode():  # no autograd graphs in any timed call
+            metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
         if device.type == "cuda":
             metrics["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             metrics["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
@@ -134,9 +137,8 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
 
 def _case_process(case: Case, ctx: RunContext, conn) -> None:
     """Entry point of a case's own process: run it, add the peak RSS, send the record."""
-    record = run_case(case, ctx, ModelCache())
-    if record.status == "ok":
-        record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record = run_case(case, ctx, ModelCache(ctx.settings.seed))
+    record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     conn.send(asdict(record))
     conn.close()
 
@@ -236,7 +238,7 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
     ctx = RunContext(matrix.settings, env, eval_text, peaks)
     if done:
         log(f"resuming: {len(done)} cases already recorded, {len(todo)} to run")
-    models = ModelCache()
+    models = ModelCache(matrix.settings.seed)
     records = list(done)
     bar = _progress_bar(len(todo)) if progress else None
     try:

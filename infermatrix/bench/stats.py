@@ -113,6 +113,15 @@ def median_ci(sorted_xs: Sequence[float], confidence: float = 0.95) -> tuple[flo
     return float(sorted_xs[j - 1]), float(sorted_xs[n - j])
 
 
+def min_samples_for_ci(confidence: float = 0.95) -> int:
+    """Smallest n whose widest interval, (min, max), covers the median with this
+    confidence: 1 - 2 * 0.5**n >= confidence (6 at 95%)."""
+    n = 1
+    while 1 - 2 * 0.5**n < confidence:
+        n += 1
+    return n
+
+
 def relative(num: float, den: float) -> float:
     """num / |den|, with 0/0 = 0 and x/0 = inf (a zero median with any spread is unbounded)."""
     if den == 0:
@@ -138,9 +147,8 @@ def summarize(samples: Iterable[float], *, confidence: float = 0.95, noisy_iqr_r
     stdev = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
     iqr = percentile(xs, 0.75) - percentile(xs, 0.25)
     ci_low, ci_high = median_ci(xs, confidence)
-    # (min, max) covers the median with probability 1 - 2 * 0.5**n; below the
-    # confidence (n <= 5 at 95%) there is no interval to speak of: say so with inf.
-    ci_rel = relative((ci_high - ci_low) / 2, median) if 1 - 2 * 0.5**n >= confidence else math.inf
+    # Below min_samples_for_ci no interval reaches the confidence: say so with inf.
+    ci_rel = relative((ci_high - ci_low) / 2, median) if n >= min_samples_for_ci(confidence) else math.inf
     return Summary(
         n=n, median=median, mean=mean, stdev=stdev, min=xs[0], max=xs[-1],
         p90=percentile(xs, 0.90), p99=percentile(xs, 0.99), iqr=iqr,

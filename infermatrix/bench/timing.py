@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from infermatrix.bench.stats import Summary, median_ci_rank, percentile, relative, summarize
+from infermatrix.bench.stats import Summary, median_ci_rank, min_samples_for_ci, percentile, relative, summarize
 
 CI_CONFIDENCE = 0.95  # the confidence of the median's CI that target_ci_rel refers to
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100: 50 MB, B200: 126 MB)
@@ -94,14 +94,6 @@ class Measurement:
     warmup_runs: int  # untimed calls actually made (warmup_s may add to the configured count)
     stopped_by: str  # "ci" | "max_runs" | "max_time"
     summary: Summary
-
-
-def _min_runs_for_confidence(confidence: float) -> int:
-    """Smallest n whose (min, max) interval covers the median with that confidence."""
-    n = 1
-    while 1 - 2 * 0.5**n < confidence:
-        n += 1
-    return n
 
 
 def _ci_is_tight(ordered: list[float], target: float) -> bool:
@@ -221,7 +213,7 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
         spent_s = time.perf_counter() - t_start
 
         sample = _sampler(fn if self_timed else call, device, config, self_timed)
-        first_check = max(config.min_runs, _min_runs_for_confidence(CI_CONFIDENCE))
+        first_check = max(config.min_runs, min_samples_for_ci(CI_CONFIDENCE))
         next_check = first_check
         samples: list[float] = []
         ordered: list[float] = []  # sorted copy for O(1) median and CI look-ups
@@ -244,11 +236,3 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
                 stopped_by = "max_time"
                 break
     return Measurement(samples_ms=samples, warmup_runs=warmed, stopped_by=stopped_by, summary=summarize(samples))
-
-
-def time_calls(fn: Callable[[], object], *, warmup: int, repeat: int, device: torch.device) -> list[float]:
-    """Exactly `repeat` timed calls after `warmup` untimed ones (no adaptivity, no time
-    cap), in milliseconds."""
-    config = TimerConfig(warmup_runs=warmup, min_runs=repeat, max_runs=repeat, target_ci_rel=0.0,
-                         max_time_s=math.inf)
-    return measure(fn, device=device, config=config).samples_ms

@@ -49,12 +49,17 @@ Measurement = tuple[dict[str, float | int | str | bool | None], dict[str, list[f
 DRIFT_PROMPT_TOKENS = 32  # greedy-agreement prompts: the first tokens of each eval window
 
 
-def timer_config(ctx: RunContext, device: torch.device) -> TimerConfig:
-    s = ctx.settings
+def timed(fn, case: Case, ctx: RunContext, *, self_timed: bool = False):
+    """measure() with the run's settings; CUDA memory peaks are reset first, so they
+    cover the timed calls, not loading."""
+    s, device = ctx.settings, torch.device(case.device)
     cuda = device.type == "cuda"  # the L2 flush and CUDA graphs exist only there
-    return TimerConfig(warmup_runs=s.warmup, warmup_s=s.warmup_s, min_runs=s.min_runs, max_runs=s.max_runs,
-                       target_ci_rel=s.target_ci, max_time_s=s.max_time_s, l2_flush=s.l2_flush and cuda,
-                       cuda_graph=s.cuda_graph and cuda)
+    config = TimerConfig(warmup_runs=s.warmup, warmup_s=s.warmup_s, min_runs=s.min_runs, max_runs=s.max_runs,
+                         target_ci_rel=s.target_ci, max_time_s=s.max_time_s, l2_flush=s.l2_flush and cuda,
+                         cuda_graph=s.cuda_graph and cuda and not self_timed)  # a graph cannot time itself
+    if cuda:  # the runner reads the peaks when the workload returns
+        torch.cuda.reset_peak_memory_stats(device)
+    return measure(fn, device=device, config=config, self_timed=self_timed)
 
 
 @lru_cache(maxsize=4)
@@ -94,17 +99,19 @@ def _roofline(cost: roofline.Cost, seconds: float, case: Case, ctx: RunContext) 
     return metrics
 
 
-def _timing_metrics(m, prefix: str = "latency_ms") -> dict:
-    metrics = m.summary.as_metrics(prefix)
+def _timing_metrics(m, per: int = 1) -> dict:
+    """latency_ms_* statistics of the samples, each divided by `per` (a generation's
+    decode steps, for per-token figures), and how the measurement stopped."""
+    summary = summarize([x / per for x in m.samples_ms]) if per != 1 else m.summary
+    metrics = summary.as_metrics("latency_ms")
     metrics.update(runs=len(m.samples_ms), warmup_runs=m.warmup_runs, stopped_by=m.stopped_by)
     return metrics
 
 
 def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     model, loaded = _model(case, models)
-    device = torch.device(case.device)
     tokens = prompt_tokens(loaded, case, ctx)  # (B, T)
-    m = measure(lambda: model(tokens), device=device, config=timer_config(ctx, device))
+    m = timed(lambda: model(tokens), case, ctx)
     metrics = _timing_metrics(m)
     median_s = m.summary.median / 1e3
     metrics["ttft_ms_p50"] = m.summary.median
@@ -135,18 +142,17 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
         runs.append(times)
         return sum(times) if end_to_end else sum(times[1:])
 
-    m = measure(generation, device=device, config=timer_config(ctx, device), self_timed=True)
-    timed = runs[-len(m.samples_ms):]  # drop the warm-up generations
-    ttft = [t[0] for t in timed]
-    steps = [x for t in timed for x in t[1:]]
+    m = timed(generation, case, ctx, self_timed=True)
+    kept = runs[-len(m.samples_ms):]  # drop the warm-up generations
+    ttft = [t[0] for t in kept]
+    steps = [x for t in kept for x in t[1:]]  # pooled over positions: a recompute step grows with context
     tpot = summarize(steps)
     median_s = m.summary.median / 1e3
     if end_to_end:
         metrics = _timing_metrics(m)  # per generation, prefill included
         metrics["tokens_per_s"] = case.batch * case.new_tokens / median_s
     else:
-        metrics = tpot.as_metrics("latency_ms")  # per output token
-        metrics.update(runs=len(m.samples_ms), warmup_runs=m.warmup_runs, stopped_by=m.stopped_by)
+        metrics = _timing_metrics(m, per=case.new_tokens - 1)  # per output token, one value per generation
         metrics["tokens_per_s"] = case.batch * (case.new_tokens - 1) / median_s
     metrics.update({f"tpot_ms_{k}": v for k, v in (("p50", tpot.median), ("p90", tpot.p90), ("p99", tpot.p99))})
     metrics["ttft_ms_p50"] = statistics.median(ttft)
@@ -172,12 +178,12 @@ def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     model, loaded = _model(case, models)
     ids = token_ids(loaded, case.windows * (case.prompt_len + 1), ctx.eval_text_path, ctx.settings.seed)
     windows = window_tokens(ids, case.prompt_len, case.windows)  # (W, T+1)
-    prompts = windows[:, : min(DRIFT_PROMPT_TOKENS, case.prompt_len)]  # (W, P)
+    prompts = windows[:, : min(DRIFT_PROMPT_TOKENS, case.prompt_len)].to(case.device)  # (W, P)
     key = {
         "model": model_fingerprint(case.model, ctx.settings.seed),
         "text_sha256": text_sha256(load_text(ctx.eval_text_path)) if loaded.tokenizer else None,
         "window": case.prompt_len, "windows": case.windows, "reference": "reference/float32",
-        "device": torch.device(case.device).type,
+        "device": torch.device(case.device).type, "seed": ctx.settings.seed,
     }
     reference: Transformer | None = None
 
@@ -193,8 +199,7 @@ def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     reference = None  # free it before the variant runs
     logits, targets = model_logits(model, windows)
     metrics = drift_metrics(ref_logits, logits, targets)
-    with torch.inference_mode():
-        tokens = generate_greedy(model, prompts.to(case.device), case.new_tokens).cpu()
+    tokens = generate_greedy(model, prompts, case.new_tokens).cpu()
     metrics["greedy_match_len"] = greedy_match_length(ref_tokens["tokens"], tokens)
     metrics["greedy_tokens"] = case.new_tokens
     metrics["eval_tokens"] = int(targets.numel())
@@ -222,7 +227,7 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measuremen
     q = torch.randn(case.batch, heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
     k = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
     v = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
-    m = measure(lambda: attention(q, k, v, causal=case.causal), device=device, config=timer_config(ctx, device))
+    m = timed(lambda: attention(q, k, v, causal=case.causal), case, ctx)
     cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
                                    causal=case.causal, dtype_bytes=dtype.itemsize)
     metrics = _timing_metrics(m)
@@ -239,7 +244,7 @@ def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     holder.attention = math_attention  # so attention variants in the spec (the `reference` baseline) apply
     layer = apply_variants(holder, _op_variants(case, "linear"))
     x = torch.randn(m_dim, k_dim, device=device).to(dtype)
-    m = measure(lambda: layer[0](x), device=device, config=timer_config(ctx, device))
+    m = timed(lambda: layer[0](x), case, ctx)
     weight_bytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
     cost = roofline.linear_cost(m_dim, k_dim, n_dim, act_bytes=dtype.itemsize,
                                 weight_bytes_per_elem=weight_bytes / (k_dim * n_dim))

@@ -7,6 +7,9 @@ A run folder holds `records.jsonl`, one Record per line, appended as each case e
 from __future__ import annotations
 
 import json
+import math
+import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,27 +36,51 @@ class Record:
             raise ValueError(f"Record.status must be one of {STATUSES}, got {self.status!r}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """Strict JSON (jq, browsers): non-finite numbers, such as the SQNR of identical
+        logits or the CI of too few samples, are written as null."""
+        return json.dumps(_finite(asdict(self)), sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Record":
         return cls(**data)
 
 
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def append_record(path: Path, record: Record) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(record.to_json() + "\n")
+    path = Path(path)
+    with open(path, "a+b") as f:
+        f.seek(0, 2)
+        if f.tell():  # a run killed mid-write leaves a partial line: never glue onto it
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((record.to_json() + "\n").encode("utf-8"))
         f.flush()
+        os.fsync(f.fileno())
 
 
 def read_records(path: Path) -> list[Record]:
-    """Records from a records.jsonl file or a run folder holding one."""
+    """Records from a records.jsonl file or a run folder holding one. A line that
+    does not parse (a run killed mid-write) is skipped with a warning."""
     path = Path(path)
     if path.is_dir():
         path = path / RECORDS_FILE
     records = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 records.append(Record.from_dict(json.loads(line)))
+            except (ValueError, TypeError) as exc:
+                warnings.warn(f"{path}:{number}: skipping a record that does not parse ({exc})", stacklevel=2)
     return records

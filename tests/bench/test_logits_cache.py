@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -64,16 +63,19 @@ def test_a_different_key_recomputes(cache):
     assert other.calls == 1 and torch.equal(logits, other.logits.float())
 
 
-def test_writes_leave_no_temp_files_even_when_they_fail(cache, monkeypatch):
+def test_a_failed_write_warns_leaves_no_temp_file_and_keeps_the_result(cache, monkeypatch):
     reference_logits(KEY, Counter())
     assert [p.name for p in (cache / "ref_logits").iterdir()] == [cache_path(KEY).name]
 
-    def broken_save(*args, **kwargs):
+    def broken_save(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(logits_cache, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        reference_logits({**KEY, "window": 4}, Counter())
+    compute = Counter(seed=3)
+    with pytest.warns(UserWarning, match="disk full"):
+        logits, _ = reference_logits({**KEY, "window": 4}, compute)
+    assert torch.equal(logits, compute.logits.float())  # the measurement goes on
     assert [p.name for p in (cache / "ref_logits").iterdir()] == [cache_path(KEY).name]
 
 

@@ -34,7 +34,9 @@ def test_variant_specs_are_canonicalized():
 def test_shipped_matrices_parse_by_name_and_by_path():
     assert load_matrix().source == "default.toml (built in)"
     assert load_matrix().cases
-    assert load_matrix("ci").cases == load_matrix(REPO / "benchmarks" / "ci.toml").cases
+    ci = load_matrix("ci")
+    assert len(ci.cases) == 16 and {c.model for c in ci.cases} == {"tiny"} and ci.settings.isolate is False
+    assert load_matrix(REPO / "benchmarks" / "ci.toml").cases == ci.cases
     assert load_matrix("ci", {"isolate": True}).settings.isolate is True  # command-line overrides
 
 

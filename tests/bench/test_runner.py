@@ -1,15 +1,13 @@
 import json
-from dataclasses import dataclass
 
 import pandas as pd
 import pytest
 
-from infermatrix.bench import runner
+from infermatrix.bench import runner, workloads
 from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
 from infermatrix.errors import UserError
 from infermatrix.reports.record import read_records
-from infermatrix.variants import Variant, base, register_variant
 
 QUICK = {"warmup": 1, "min_runs": 3, "max_runs": 10, "max_time_s": 0.5}
 
@@ -57,8 +55,9 @@ def test_every_workload_reports_its_metrics(tmp_path, workload, keys):
     assert all(rec.metrics.get(k) is not None for k in keys), rec.metrics
 
 
-def test_reference_drift_against_itself_is_zero(tmp_path):
-    matrix = parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+@pytest.mark.parametrize("seed", [0, 3])
+def test_reference_drift_against_itself_is_zero(tmp_path, seed):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": False, "seed": seed}, "cases": [
         {"model": "tiny", "variant": "reference", "workload": "drift", "prompt_len": 16, "windows": 2,
          "new_tokens": 4}]})
     m = run_matrix(matrix, tmp_path, log=quiet)[0].metrics
@@ -84,6 +83,36 @@ def test_an_interrupted_run_keeps_its_records_and_csv_and_resumes(tmp_path):
     assert read_records(tmp_path)[0].to_json() == first[0].to_json()  # nothing rewritten
 
 
+def test_resume_survives_a_record_cut_off_mid_write(tmp_path):
+    matrix = small_matrix(workload="prefill", variant="sdpa")  # 2 cases
+    run_matrix(matrix, tmp_path, log=quiet)
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1][: len(lines[1]) // 2])  # killed while writing the second
+    with pytest.warns(UserWarning, match="records.jsonl:2: skipping a record that does not parse"):
+        records = run_matrix(matrix, tmp_path, resume=True, log=quiet)
+    assert sorted(r.case_id for r in records) == sorted(c.case_id for c in matrix.cases)
+    with pytest.warns(UserWarning):  # the cut line stays, on its own line; both records parse
+        assert sorted(r.case_id for r in read_records(tmp_path)) == sorted(c.case_id for c in matrix.cases)
+
+
+def test_decode_figures_follow_their_definitions(tmp_path, monkeypatch):
+    """With every step timed at a fixed value, each figure has a known value: step 1
+    (the prefill) is 10 ms, each decode step 2 ms."""
+    calls = []
+
+    def fake_time_once(fn, device):
+        fn()
+        calls.append(1)
+        return 10.0 if (len(calls) - 1) % 5 == 0 else 2.0
+
+    monkeypatch.setattr(workloads, "time_once", fake_time_once)
+    matrix = small_matrix(workload="decode", variant="sdpa", batch=2, new_tokens=5)
+    m = run_matrix(matrix, tmp_path, log=quiet)[0].metrics
+    assert m["ttft_ms_p50"] == 10.0 and m["tpot_ms_p50"] == 2.0 and m["latency_ms_p50"] == 2.0
+    assert m["tokens_per_s"] == pytest.approx(2 * 4 / 8e-3)  # batch 2 x 4 decode tokens in 4 x 2 ms
+
+
 def test_cases_run_grouped_by_model_and_dtype(tmp_path, monkeypatch):
     loads = []
     real_load = runner.load_model
@@ -97,17 +126,24 @@ def test_cases_run_grouped_by_model_and_dtype(tmp_path, monkeypatch):
     ("raise", "RuntimeError: injected failure"),
     ("segfault", "case process crashed with SIGSEGV"),
     ("exit", "case process exited with status 3 without a record"),
-    ("hang", "timed out after 3 s (killed)"),
 ])
-def test_isolated_cases_that_crash_hang_or_raise_become_failed_records(tmp_path, kind, reason):
-    matrix = parse_matrix({"run": {**QUICK, "isolate": True, "timeout_s": 3}, "cases": [
+def test_isolated_cases_that_crash_or_raise_become_failed_records(tmp_path, kind, reason):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": True, "timeout_s": 300}, "cases": [
         {"model": "tiny", "variant": f"sdpa+fault(kind={kind})", "prompt_len": 8},
         {"model": "tiny", "variant": "sdpa", "prompt_len": 8},
     ]})
     records = run_matrix(matrix, tmp_path, log=quiet)
     assert records[0].status == "failed" and reason in records[0].reason
-    assert records[1].status == "ok" and records[1].metrics["peak_rss_bytes"] > 0
+    assert records[1].status == "ok"
     assert len(read_records(tmp_path)) == 2
+
+
+def test_an_isolated_case_that_hangs_is_killed_at_its_timeout(tmp_path):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": True, "timeout_s": 4}, "cases": [
+        {"model": "tiny", "variant": "sdpa+fault(kind=hang)", "prompt_len": 8}]})
+    rec = run_matrix(matrix, tmp_path, log=quiet)[0]
+    assert (rec.status, rec.reason) == ("failed", "timed out after 4 s (killed)")
+    assert 4 <= rec.duration_s < 60
 
 
 def test_cuda_case_without_a_gpu_is_skipped_with_its_reason(tmp_path, monkeypatch):
