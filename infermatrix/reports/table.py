@@ -20,6 +20,8 @@ _HEADERS = {"latency_ms_p50": "ms_p50", "latency_ms_ci_rel": "ci±", "tokens_per
 def _cell(value, fmt: str | None) -> str:
     if value is None or value != value:  # None or NaN: not measured for this workload
         return ""
+    if value == float("inf"):
+        return "n<6"  # a CI of the median needs 6 samples at 95%
     return fmt.format(value) if fmt else str(value)
 
 
