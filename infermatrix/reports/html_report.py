@@ -1,0 +1,894 @@
+"""report.html: one self-contained page per run, readable offline.
+
+Inline CSS, a little inline vanilla JS (table sort and filter, the drift-metric
+toggle) and charts drawn here as inline SVG: no network, no third-party code.
+A Content-Security-Policy pins the page's only script by its hash, so even text
+that escaped escaping could not run. Every string taken from a record goes
+through html.escape. Raw samples are not embedded (the page stays small).
+
+Page anatomy (stable hooks for tests and scrapers):
+
+* ``#summary`` the run header, ``#env`` the environment (``dl.env``);
+* ``table#results``: ``th[data-col][data-type=num|text]``, rows ``tr.row`` with
+  ``data-case-id`` and ``data-{model,variant,workload,dtype,status}``, cells
+  ``td[data-col][data-value]``; ``input#filter`` and ``select.col-filter[data-col]``
+  (``#filter-model``, ...), ``#row-count``;
+* ``svg.chart[data-chart=latency|tokens|speedup|limit|pareto]`` (``data-workload``,
+  ``data-metric=kl|ppl`` on the scatter), bars ``rect.bar``, points ``.point``,
+  the front's points ``.point.pareto`` and line ``.pareto-front``; a chart
+  without data is ``div.chart.nodata`` saying "no data";
+* ``table#problems``: the failed and skipped cases, ``tr.problem[data-status]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from infermatrix.reports.record import Record
+
+HTML_FILE = "report.html"
+REFERENCE = "reference"
+DRIFT = "drift"
+
+# -------------------------------------------------------------------- values
+
+
+def _esc(value: object) -> str:
+    """Text from a record, safe in element content and in quoted attributes."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: object) -> float | None:
+    """A finite float, or None (missing, NaN, inf, bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: object, fmt: str) -> str:
+    """A metric cell: blank when not measured, text as is, numbers formatted."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+        return str(value)
+    if math.isnan(value):
+        return ""
+    if math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    return fmt.format(value)
+
+
+def _short(value: float) -> str:
+    """Axis tick text: compact, no float noise."""
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e5 or abs(value) < 1e-3:
+        return f"{value:.0e}"
+    return f"{value:,.4g}"
+
+
+def _shape(case: dict) -> str:
+    """A compact shape label: b1 p128 n6, w2 p128 n6, b1 p512 h9/3 d64 causal, b1 p64 576→1536."""
+    parts = [f"{tag}{case[k]}" for k, tag in (("windows", "w"), ("batch", "b"), ("prompt_len", "p"),
+                                              ("new_tokens", "n")) if case.get(k)]
+    if case.get("heads") or case.get("kv_heads"):
+        parts.append(f"h{case.get('heads') or '?'}/{case.get('kv_heads') or '?'}")
+    if case.get("head_dim"):
+        parts.append(f"d{case['head_dim']}")
+    if case.get("workload") == "attention":
+        parts.append("causal" if case.get("causal") else "full")
+    if case.get("in_features") or case.get("out_features"):
+        parts.append(f"{case.get('in_features') or '?'}→{case.get('out_features') or '?'}")
+    return " ".join(parts)
+
+
+def _case_key(case: dict, **override) -> str:
+    """Identity of a case (all its fields), optionally with some replaced."""
+    return json.dumps({**case, **override}, sort_keys=True, default=str)
+
+
+def _latency(record: Record) -> float | None:
+    value = _num(record.metrics.get("latency_ms_p50"))
+    return value if record.status == "ok" and value is not None and value > 0 else None
+
+
+def _is_speed(record: Record) -> bool:
+    return record.case.get("workload") != DRIFT
+
+
+def speedups(records: Sequence[Record]) -> dict[str, float]:
+    """case_id -> latency of the same case under the `reference` variant over its own
+    (ratio of latency_ms_p50; > 1 is faster). Reference cases map to 1.0."""
+    reference = {}
+    for r in records:
+        if r.case.get("variant") == REFERENCE and _is_speed(r) and _latency(r) is not None:
+            reference[_case_key(r.case)] = _latency(r)
+    out = {}
+    for r in records:
+        own = _latency(r)
+        ref = reference.get(_case_key(r.case, variant=REFERENCE)) if _is_speed(r) else None
+        if own is not None and ref is not None:
+            out[r.case_id] = ref / own
+    return out
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (speedup, drift) that no other point dominates: none is at
+    least as fast with at most as much drift and strictly better in one of them.
+    The fastest for a given drift. Points with a non-finite coordinate are ignored;
+    equal points are all kept. Sorted by drift, then speedup (the front's line order)."""
+    valid = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+
+    def dominates(a: int, b: int) -> bool:
+        (xa, ya), (xb, yb) = points[a], points[b]
+        return xa >= xb and ya <= yb and (xa > xb or ya < yb)
+
+    front = [i for i in valid if not any(dominates(j, i) for j in valid if j != i)]
+    return sorted(front, key=lambda i: (points[i][1], points[i][0], i))
+
+
+# -------------------------------------------------------------------- colors
+
+_PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777",
+            "#4f46e5", "#65a30d", "#0d9488", "#c2410c", "#7c3aed", "#be123c", "#0369a1", "#a16207"]
+_REFERENCE_COLOR = "#6b7280"
+_MARKERS = ["circle", "square", "triangle", "diamond"]
+
+
+def _variant_colors(records: Sequence[Record]) -> dict[str, str]:
+    variants = sorted({str(r.case.get("variant", "")) for r in records}, key=lambda v: (v != REFERENCE, v))
+    colors, i = {}, 0
+    for v in variants:
+        if v == REFERENCE:
+            colors[v] = _REFERENCE_COLOR
+        else:
+            colors[v] = _PALETTE[i % len(_PALETTE)]
+            i += 1
+    return colors
+
+
+def _variant_order(colors: dict[str, str]) -> dict[str, int]:
+    return {v: i for i, v in enumerate(colors)}
+
+
+# -------------------------------------------------------------------- SVG charts
+
+
+def _nice_step(span: float, n: int = 5) -> float:
+    raw = span / n if span > 0 else 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-9))
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    step = _nice_step(hi - lo, n)
+    start = math.floor(lo / step + 1e-9) * step
+    ticks, t = [], start
+    while t <= hi + step * 1e-6:
+        if t >= lo - step * 1e-6:
+            ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def _no_data(name: str, heading: str, why: str = "no data", figure: str = '<figure class="figure">',
+             **attrs: str) -> str:
+    extra = "".join(f' data-{k}="{_esc(v)}"' for k, v in attrs.items())
+    return (f'{figure}<figcaption>{_esc(heading)}</figcaption>'
+            f'<div class="chart nodata" data-chart="{_esc(name)}"{extra}>{_esc(why)}</div></figure>')
+
+
+class _Bar:
+    def __init__(self, variant: str, value: float | None, tip: str):
+        self.variant, self.value, self.tip = variant, value, tip
+
+
+class _Group:
+    def __init__(self, lines: list[str], bars: list[_Bar]):
+        self.lines, self.bars = lines, bars
+
+
+def _bar_chart(name: str, heading: str, groups: list[_Group], colors: dict[str, str], *, y_label: str,
+               value_fmt: str, baseline: float | None = None, baseline_label: str = "",
+               value_labels: bool = False, caption: str = "", **attrs: str) -> str:
+    values = [b.value for g in groups for b in g.bars if b.value is not None]
+    if not values:
+        return _no_data(name, heading, **attrs)
+    top = max(values + ([baseline] if baseline is not None else []))
+    top = top if top > 0 else 1.0
+    step = _nice_step(top)
+    y_max = step * math.ceil(top * 1.02 / step)  # headroom above the tallest bar
+    ticks = _ticks(0.0, y_max)
+    bar_w, bar_gap, pad = 14, 2, 18
+    n_lines = max(len(g.lines) for g in groups)
+    ml, mr, mt, plot_h = 68, (16 + 7 * len(baseline_label) if baseline is not None else 16), 44 if value_labels \
+        else 14, 220
+    mb = 14 * n_lines + 12
+    widths = [max(len(g.bars) * (bar_w + bar_gap) + pad, 86) for g in groups]
+    width = ml + sum(widths) + mr
+    height = mt + plot_h + mb
+
+    def y_of(v: float) -> float:
+        return mt + plot_h * (1 - v / y_max)
+
+    out = [f'<svg class="chart" data-chart="{_esc(name)}"'
+           + "".join(f' data-{k}="{_esc(v)}"' for k, v in attrs.items())
+           + f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"'
+           f' xmlns="http://www.w3.org/2000/svg"><title>{_esc(heading)}</title>']
+    for t in ticks:
+        y = y_of(t)
+        out.append(f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="tick" x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{_esc(_short(t))}</text>')
+    out.append(f'<text class="axis-label" transform="translate(14 {mt + plot_h / 2:.0f}) rotate(-90)"'
+               f' text-anchor="middle">{_esc(y_label)}</text>')
+    x = ml
+    for gi, (group, gw) in enumerate(zip(groups, widths)):
+        if gi % 2:
+            out.append(f'<rect class="group-bg" x="{x}" y="{mt}" width="{gw}" height="{plot_h}"/>')
+        inner = len(group.bars) * (bar_w + bar_gap) - bar_gap
+        bx = x + (gw - inner) / 2
+        for bar in group.bars:
+            color = colors.get(bar.variant, _REFERENCE_COLOR)
+            if bar.value is None:
+                out.append(f'<text class="missing" x="{bx + bar_w / 2:.1f}" y="{mt + plot_h - 4}"'
+                           f' text-anchor="middle"><title>{_esc(bar.tip)}</title>×</text>')
+            else:
+                y = y_of(bar.value)
+                h = max(mt + plot_h - y, 0.5)
+                out.append(f'<rect class="bar" x="{bx:.1f}" y="{y:.1f}" width="{bar_w}" height="{h:.1f}"'
+                           f' fill="{color}" data-variant="{_esc(bar.variant)}" data-value="{bar.value!r}">'
+                           f'<title>{_esc(bar.tip)}</title></rect>')
+                if value_labels:
+                    out.append(f'<text class="value" transform="translate({bx + bar_w / 2 + 3:.1f} {y - 3:.1f})'
+                               f' rotate(-90)">{_esc(value_fmt.format(bar.value))}</text>')
+            bx += bar_w + bar_gap
+        chars = max(int(gw / 6.2), 4)
+        for li, line in enumerate(group.lines):
+            text = line if len(line) <= chars else line[:chars - 1] + "…"
+            out.append(f'<text class="group-label" x="{x + gw / 2:.1f}" y="{mt + plot_h + 14 * (li + 1)}"'
+                       f' text-anchor="middle"><title>{_esc(" · ".join(group.lines))}</title>{_esc(text)}</text>')
+        x += gw
+    if baseline is not None:
+        y = y_of(baseline)
+        out.append(f'<line class="baseline" x1="{ml}" x2="{width - mr + 4}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="baseline-label" x="{width - mr + 6}" y="{y + 3:.1f}">{_esc(baseline_label)}</text>')
+    out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
+               f'<line class="axis" x1="{ml}" x2="{width - mr}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
+    cap = f'<p class="caption">{caption}</p>' if caption else ""
+    return (f'<figure class="figure"><figcaption>{_esc(heading)}</figcaption>'
+            f'<div class="scroll">{"".join(out)}</div>{cap}</figure>')
+
+
+def _marker(kind: str, cx: float, cy: float, cls: str, color: str, attrs: str, tip: str) -> str:
+    common = f'class="{cls}" fill="{color}"{attrs}'
+    title = f"<title>{_esc(tip)}</title>"
+    if kind == "square":
+        return f'<rect {common} x="{cx - 4.5:.1f}" y="{cy - 4.5:.1f}" width="9" height="9">{title}</rect>'
+    if kind == "triangle":
+        pts = f"{cx:.1f},{cy - 6:.1f} {cx + 5.5:.1f},{cy + 4:.1f} {cx - 5.5:.1f},{cy + 4:.1f}"
+        return f'<polygon {common} points="{pts}">{title}</polygon>'
+    if kind == "diamond":
+        pts = f"{cx:.1f},{cy - 6:.1f} {cx + 6:.1f},{cy:.1f} {cx:.1f},{cy + 6:.1f} {cx - 6:.1f},{cy:.1f}"
+        return f'<polygon {common} points="{pts}">{title}</polygon>'
+    return f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="5">{title}</circle>'
+
+
+def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, str],
+             markers: dict[str, str], hidden: bool) -> str:
+    label = {"kl": "KL mean", "ppl": "|Δperplexity| %"}[metric]
+    heading = f"Speed vs drift — {workload} speedup over reference vs {label}"
+    attrs = {"workload": workload, "metric": metric}
+    hide = " hidden" if hidden else ""
+    if not points:
+        return _no_data("pareto", heading, "no data: no point has both a speedup and a drift",
+                        f'<figure class="figure pareto-fig" data-metric="{metric}"'
+                        f' data-workload="{_esc(workload)}"{hide}>', **attrs)
+    front: set[int] = set()
+    lines: list[list[int]] = []
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(points):
+        by_model[p["model"]].append(i)
+    for idx in by_model.values():
+        f = pareto_front([(points[i]["x"], points[i]["y"]) for i in idx])
+        front.update(idx[k] for k in f)
+        lines.append([idx[k] for k in f])
+
+    ml, mr, mt, mb, plot_w, plot_h = 76, 150, 14, 44, 560, 280
+    width, height = ml + plot_w + mr, mt + plot_h + mb
+    xs = [p["x"] for p in points] + [1.0]
+    x_lo, x_hi = min(xs), max(xs)
+    span = x_hi - x_lo or 0.2
+    x_lo, x_hi = x_lo - 0.08 * span, x_hi + 0.08 * span
+    positive = [p["y"] for p in points if p["y"] > 0]
+    has_zero = any(p["y"] <= 0 for p in points)
+    if positive:
+        lo_dec = math.floor(math.log10(min(positive)))
+        hi_dec = math.ceil(math.log10(max(positive)))
+        hi_dec = max(hi_dec, lo_dec + 1)
+    else:
+        lo_dec, hi_dec = -1, 0
+    zero_dec = lo_dec - 1 if has_zero else lo_dec
+    bottom = zero_dec
+
+    def x_of(v: float) -> float:
+        return ml + plot_w * (v - x_lo) / (x_hi - x_lo)
+
+    inset = 12  # keep points off the axes
+
+    def y_of(v: float) -> float:
+        d = math.log10(v) if v > 0 else zero_dec
+        return mt + inset + (plot_h - 2 * inset) * (1 - (d - bottom) / (hi_dec - bottom))
+
+    out = [(f'<svg class="chart" data-chart="pareto" data-workload="{_esc(workload)}" data-metric="{metric}"'
+            f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"'
+            f' xmlns="http://www.w3.org/2000/svg"><title>{_esc(heading)}</title>')]
+    step = max(1, math.ceil((hi_dec - lo_dec) / 8))
+    for d in range(lo_dec, hi_dec + 1, step):
+        y = y_of(10.0 ** d)
+        out.append(f'<line class="grid" x1="{ml}" x2="{ml + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="tick" x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">1e{d}</text>')
+    if has_zero:
+        y = y_of(0.0)
+        out.append(f'<line class="grid zero" x1="{ml}" x2="{ml + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="tick" x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">0</text>')
+    for t in _ticks(x_lo, x_hi, 6):
+        xv = x_of(t)
+        out.append(f'<line class="grid" x1="{xv:.1f}" x2="{xv:.1f}" y1="{mt}" y2="{mt + plot_h}"/>'
+                   f'<text class="tick" x="{xv:.1f}" y="{mt + plot_h + 16}" text-anchor="middle">'
+                   f'{_esc(_short(t))}×</text>')
+    x1 = x_of(1.0)
+    out.append(f'<line class="baseline" x1="{x1:.1f}" x2="{x1:.1f}" y1="{mt}" y2="{mt + plot_h}"/>')
+    out.append(f'<text class="axis-label" x="{ml + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+               f'speedup over reference ({_esc(workload)}, geometric mean over shapes) →</text>'
+               f'<text class="axis-label" transform="translate(14 {mt + plot_h / 2:.0f}) rotate(-90)"'
+               f' text-anchor="middle">{_esc(label)} (log) ↑ worse</text>')
+    for line in lines:
+        if len(line) > 1:
+            pts = " ".join(f"{x_of(points[i]['x']):.1f},{y_of(points[i]['y']):.1f}" for i in line)
+            out.append(f'<polyline class="pareto-front" points="{pts}"/>')
+    label_all = len(points) <= 10
+    for i, p in enumerate(points):
+        cx, cy = x_of(p["x"]), y_of(p["y"])
+        cls = "point pareto" if i in front else "point"
+        attrs_s = (f' data-model="{_esc(p["model"])}" data-variant="{_esc(p["variant"])}"'
+                   f' data-dtype="{_esc(p["dtype"])}" data-x="{p["x"]!r}" data-y="{p["y"]!r}"')
+        out.append(_marker(markers.get(p["dtype"], "circle"), cx, cy, cls,
+                           colors.get(p["variant"], _REFERENCE_COLOR), attrs_s, p["tip"]))
+        if label_all or i in front:
+            out.append(f'<text class="point-label" x="{cx + 8:.1f}" y="{cy + 4:.1f}">'
+                       f'{_esc(p["variant"])} · {_esc(p["dtype"])}</text>')
+    out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
+               f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
+    legend = " ".join(f'<span class="marker-key">{_MARKER_GLYPH[m]} {_esc(d)}</span>' for d, m in markers.items()
+                      if any(p["dtype"] == d for p in points))
+    caption = (f'Each point is a (model, variant, dtype): x is its {_esc(workload)} speedup over the reference '
+               f'of the same dtype, y its drift against the fp32 reference (mean over its drift cases). '
+               f'Outlined points joined by the line are the Pareto front per model: the fastest for a given '
+               f'drift. Markers: {legend}')
+    return (f'<figure class="figure pareto-fig" data-metric="{metric}" data-workload="{_esc(workload)}"{hide}>'
+            f'<figcaption>{_esc(heading)}</figcaption><div class="scroll">{"".join(out)}</div>'
+            f'<p class="caption">{caption}</p></figure>')
+
+
+_MARKER_GLYPH = {"circle": "●", "square": "■", "triangle": "▲", "diamond": "◆"}
+
+# -------------------------------------------------------------------- chart data
+
+_LATENCY_UNIT = {"decode": "ms per output token", "generate": "ms per generation"}
+
+
+def _groups(records: list[Record], value, tip, order: dict[str, int], multi: dict[str, bool]) -> list[_Group]:
+    """Records grouped by their case without the variant; one bar per variant."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(_case_key(r.case, variant=""), []).append(r)
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda r: order.get(str(r.case.get("variant")), 1 << 30))
+        c = members[0].case
+        lines = [_shape(c) or "-", str(c.get("dtype", ""))]
+        if multi["workload"]:
+            lines.insert(0, str(c.get("workload", "")))
+        if multi["model"]:
+            lines.append(str(c.get("model", "")))
+        if multi["device"]:
+            lines.append(str(c.get("device", "")))
+        out.append(_Group(lines, [_Bar(str(r.case.get("variant", "")), value(r), tip(r)) for r in members]))
+    return out
+
+
+def _multi(records: list[Record]) -> dict[str, bool]:
+    return {k: len({str(r.case.get(k)) for r in records}) > 1 for k in ("model", "device", "workload")}
+
+
+def _tip(r: Record, what: str, value: float | None, fmt: str) -> str:
+    head = f"{r.case.get('variant')} — {r.case_id}"
+    if r.status != "ok":
+        return f"{head}: {r.status}" + (f": {r.reason}" if r.reason else "")
+    return f"{head}: {what} " + ("n/a" if value is None else fmt.format(value))
+
+
+def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, float]) -> str:
+    order = _variant_order(colors)
+    speed = [r for r in records if _is_speed(r)]
+    workloads = list(dict.fromkeys(str(r.case.get("workload", "")) for r in speed))
+    parts = ['<h3>Latency (p50)</h3><div class="charts">']
+    if not workloads:
+        parts.append(_no_data("latency", "Latency", "no data: no speed cases"))
+    for w in workloads:
+        rs = [r for r in speed if r.case.get("workload") == w]
+        unit = _LATENCY_UNIT.get(w, "ms per call")
+        groups = _groups(rs, _latency, lambda r: _tip(r, "p50", _latency(r), "{:,.3f} ms"), order,
+                         {**_multi(rs), "workload": False})
+        parts.append(_bar_chart("latency", f"{w}: latency p50 ({unit}), lower is better", groups, colors,
+                                y_label=unit, value_fmt="{:.3g}", workload=w))
+    parts.append('</div><h3>Throughput</h3><div class="charts">')
+    tokens = [r for r in speed if _num(r.metrics.get("tokens_per_s")) is not None or r.status != "ok"]
+    tok_workloads = [w for w in workloads
+                     if any(r.case.get("workload") == w and _num(r.metrics.get("tokens_per_s")) is not None
+                            for r in tokens)]
+    if not tok_workloads:
+        parts.append(_no_data("tokens", "Tokens per second", "no data: no case reports tokens/s"))
+    for w in tok_workloads:
+        rs = [r for r in tokens if r.case.get("workload") == w]
+
+        def tps(r):
+            return _num(r.metrics.get("tokens_per_s")) if r.status == "ok" else None
+        groups = _groups(rs, tps, lambda r: _tip(r, "tokens/s", tps(r), "{:,.1f}"), order,
+                         {**_multi(rs), "workload": False})
+        parts.append(_bar_chart("tokens", f"{w}: tokens per second, higher is better", groups, colors,
+                                y_label="tokens/s", value_fmt="{:.3g}", workload=w))
+    parts.append('</div><h3>Speedup over reference</h3><div class="charts">')
+    paired = [r for r in speed if r.case.get("variant") != REFERENCE and r.case_id in speedup]
+    if not paired:
+        why = ("no data: no reference cases to compare with"
+               if not any(r.case.get("variant") == REFERENCE for r in speed) else "no data: no paired cases")
+        parts.append(_no_data("speedup", "Speedup over reference", why))
+    else:
+        groups = _groups(paired, lambda r: speedup.get(r.case_id),
+                         lambda r: _tip(r, "speedup over reference", speedup.get(r.case_id), "{:.3f}×"), order,
+                         _multi(paired))
+        parts.append(_bar_chart("speedup", "Speedup over the reference variant (same case), higher is better",
+                                groups, colors, y_label="× reference latency", value_fmt="{:.2f}×",
+                                baseline=1.0, baseline_label="reference = 1×", value_labels=True,
+                                caption="Ratio of latency_ms_p50: reference over the variant, for the same "
+                                        "model, workload, dtype, device and shape."))
+    parts.append('</div><h3>Share of the hardware limit</h3><div class="charts">')
+    limit = [r for r in speed if r.status == "ok" and _num(r.metrics.get("pct_of_limit")) is not None]
+
+    def pct(r):
+        return _num(r.metrics.get("pct_of_limit"))
+    if not limit:
+        parts.append(_no_data("limit", "% of the hardware limit"))
+    else:
+        groups = _groups(limit, pct, lambda r: _tip(r, "% of limit", pct(r), "{:.1f}%") +
+                         (f" ({r.metrics.get('bound')}-bound)" if r.metrics.get("bound") else ""), order,
+                         _multi(limit))
+        parts.append(_bar_chart("limit", "% of the hardware limit (roofline time over measured time)", groups,
+                                colors, y_label="% of limit", value_fmt="{:.0f}%", baseline=100.0,
+                                baseline_label="roofline", caption="The limit is max(FLOPs / peak FLOP/s, "
+                                "bytes / peak bandwidth) with the machine's measured peaks."))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, float]) -> list[dict]:
+    key = {"kl": "kl_mean", "ppl": "ppl_delta_pct"}[metric]
+    drift: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        value = _num(r.metrics.get(key))
+        if r.status == "ok" and r.case.get("workload") == DRIFT and value is not None:
+            c = r.case
+            value = abs(value) if metric == "ppl" else max(value, 0.0)
+            drift[(c.get("model"), c.get("variant"), c.get("dtype"), c.get("device"))].append(value)
+            drift[(c.get("model"), c.get("variant"), c.get("dtype"), None)].append(value)
+    ratios: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        if r.case.get("workload") == workload and r.case_id in speedup:
+            c = r.case
+            ratios[(c.get("model"), c.get("variant"), c.get("dtype"), c.get("device"))].append(speedup[r.case_id])
+    points = []
+    for (model, variant, dtype, device), xs in ratios.items():
+        ys = drift.get((model, variant, dtype, device)) or drift.get((model, variant, dtype, None))
+        if not ys:
+            continue
+        x = math.exp(sum(math.log(v) for v in xs) / len(xs))
+        y = sum(ys) / len(ys)
+        y_text = f"{y:.3e}" if metric == "kl" else f"{y:.3f}%"
+        tip = (f"{model} · {variant} · {dtype} · {device}: {x:.3f}× over reference "
+               f"(geomean of {len(xs)} {workload} case{'s' if len(xs) > 1 else ''}); "
+               f"{'KL mean' if metric == 'kl' else '|Δppl|'} {y_text}")
+        points.append({"model": str(model), "variant": str(variant), "dtype": str(dtype), "x": x, "y": y,
+                       "tip": tip})
+    return points
+
+
+def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, float]) -> str:
+    dtypes = list(dict.fromkeys(str(r.case.get("dtype", "")) for r in records))
+    markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(dtypes)}
+    workloads = list(dict.fromkeys(str(r.case.get("workload")) for r in records
+                                   if _is_speed(r) and r.case_id in speedup))
+    parts = [('<h3>Speed vs accuracy</h3><p class="controls"><label>drift metric '
+              '<select id="pareto-metric"><option value="kl">KL mean</option>'
+              '<option value="ppl">|Δperplexity| %</option></select></label></p><div class="charts">')]
+    has_drift = any(r.case.get("workload") == DRIFT and r.status == "ok" for r in records)
+    if not workloads or not has_drift:
+        why = "no data: " + ("no drift cases" if not has_drift else "no speed cases paired with a reference")
+        parts.append(_no_data("pareto", "Speed vs drift", why))
+    for w in workloads:
+        for metric in ("kl", "ppl"):
+            parts.append(_scatter(w, metric, _pareto_points(records, w, metric, speedup), colors, markers,
+                                  hidden=metric != "kl"))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+# -------------------------------------------------------------------- table
+
+_CASE_COLUMNS = [  # key, header, numeric
+    ("model", "model", False), ("variant", "variant", False), ("workload", "workload", False),
+    ("dtype", "dtype", False), ("device", "device", False), ("batch", "batch", True),
+    ("prompt_len", "prompt", True), ("new_tokens", "new", True), ("windows", "windows", True),
+    ("op_shape", "op shape", False), ("status", "status", False),
+]
+_METRIC_COLUMNS = [  # key, header, format
+    ("latency_ms_p50", "ms p50", "{:,.3f}"), ("latency_ms_ci_rel", "CI ±", "{:.1%}"),
+    ("tokens_per_s", "tok/s", "{:,.1f}"), ("pct_of_limit", "% limit", "{:.0f}%"),
+    ("speedup", "× ref", "{:.2f}×"), ("kl_mean", "KL mean", "{:.2e}"), ("top1_agree_pct", "top-1 %", "{:.1f}"),
+    ("ppl_delta_pct", "Δppl %", "{:+.3f}"),
+]
+_FILTER_COLUMNS = ("model", "variant", "workload", "dtype", "status")
+_TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: per output token; "
+                             "generate: per generation)",
+           "latency_ms_ci_rel": "latency_ms_ci_rel: half-width of the median's 95% CI over the median",
+           "speedup": "reference latency_ms_p50 over this case's, same case", "op_shape": "attention / linear shape",
+           "pct_of_limit": "pct_of_limit: roofline time over measured time"}
+
+
+def _op_shape(case: dict) -> str:
+    if case.get("workload") not in ("attention", "linear"):
+        return ""
+    keep = {k: case.get(k) for k in ("workload", "heads", "kv_heads", "head_dim", "causal", "in_features",
+                                     "out_features")}
+    return _shape(keep)
+
+
+def _data_value(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return ""
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
+    out = [('<div class="controls"><input id="filter" type="search"'
+            ' placeholder="filter rows: words, all must match" aria-label="filter rows" autocomplete="off">')]
+    for col in _FILTER_COLUMNS:
+        values = sorted({str(r.status if col == "status" else r.case.get(col, "")) for r in records})
+        opts = "".join(f'<option value="{_esc(v)}">{_esc(v)}</option>' for v in values)
+        out.append(f'<label>{col} <select id="filter-{col}" class="col-filter" data-col="{col}">'
+                   f'<option value="">all</option>{opts}</select></label>')
+    out.append(f'<span id="row-count">{len(records)} of {len(records)} cases</span></div>')
+    out.append('<div class="scroll table-wrap"><table id="results"><thead><tr>')
+    for key, header, numeric in _CASE_COLUMNS:
+        out.append(f'<th data-col="{key}" data-type="{"num" if numeric else "text"}" tabindex="0"'
+                   f' title="{_esc(_TITLES.get(key, key))}" aria-sort="none">{_esc(header)}</th>')
+    for key, header, _ in _METRIC_COLUMNS:
+        out.append(f'<th data-col="{key}" data-type="num" tabindex="0" title="{_esc(_TITLES.get(key, key))}"'
+                   f' aria-sort="none">{_esc(header)}</th>')
+    out.append("</tr></thead><tbody>")
+    for r in records:
+        c = r.case
+        attrs = "".join(f' data-{col}="{_esc(r.status if col == "status" else c.get(col, ""))}"'
+                        for col in _FILTER_COLUMNS)
+        out.append(f'<tr class="row status-{_esc(r.status)}" data-case-id="{_esc(r.case_id)}"{attrs}'
+                   f' title="{_esc(r.case_id)}">')
+        for key, _, numeric in _CASE_COLUMNS:
+            if key == "status":
+                reason = f' title="{_esc(r.reason)}"' if r.reason else ""
+                out.append(f'<td data-col="status" data-value="{_esc(r.status)}"{reason}>'
+                           f'<span class="badge {_esc(r.status)}">{_esc(r.status)}</span></td>')
+            elif key == "op_shape":
+                text = _op_shape(c)
+                out.append(f'<td data-col="op_shape" data-value="{_esc(text)}">{_esc(text)}</td>')
+            elif numeric:
+                value = c.get(key)
+                shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) and value else None
+                out.append(f'<td data-col="{key}" data-value="{_data_value(shown)}" class="num">'
+                           f'{_esc("" if shown is None else shown)}</td>')
+            else:
+                value = c.get(key, "")
+                out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}</td>')
+        for key, _, fmt in _METRIC_COLUMNS:
+            value = speedup.get(r.case_id) if key == "speedup" else r.metrics.get(key)
+            text = _fmt(value, fmt)
+            if key == "latency_ms_ci_rel" and r.status == "ok" and (
+                    value == float("inf") or (value is None and (_num(r.metrics.get("latency_ms_n")) or 6) < 6)):
+                value, text = float("inf"), "n<6"  # a CI of the median needs 6 samples at 95%
+            out.append(f'<td data-col="{key}" data-value="{_esc(_data_value(value))}" class="num">'
+                       f'{_esc(text)}</td>')
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _problems(records: list[Record]) -> str:
+    bad = [r for r in records if r.status != "ok"]
+    if not bad:
+        return '<p class="ok-note" id="no-problems">Every case ran: nothing failed or was skipped.</p>'
+    out = ['<table id="problems"><thead><tr><th>status</th><th>case</th><th>reason</th></tr></thead><tbody>']
+    for r in sorted(bad, key=lambda r: (r.status != "failed", r.case_id)):
+        reason = (r.reason or "(no reason recorded)").rstrip()
+        lines = [ln for ln in reason.splitlines() if ln.strip()]
+        if len(reason) > 300 or len(lines) > 3:
+            body = (f'<details><summary>{_esc(lines[-1] if lines else reason[:200])}</summary>'
+                    f'<pre class="reason">{_esc(reason)}</pre></details>')
+        else:
+            body = f'<pre class="reason">{_esc(reason)}</pre>'
+        out.append(f'<tr class="problem" data-status="{_esc(r.status)}" data-case-id="{_esc(r.case_id)}">'
+                   f'<td><span class="badge {_esc(r.status)}">{_esc(r.status)}</span></td>'
+                   f'<td class="case-id">{_esc(r.case_id)}</td><td>{body}</td></tr>')
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+# -------------------------------------------------------------------- header and environment
+
+
+def _env_of(records: list[Record], env: dict | None) -> dict:
+    if env:
+        return env
+    return next((r.env for r in records if r.env), {})
+
+
+def _kv(items: list[tuple[str, str]]) -> str:
+    return "".join(f"<dt>{_esc(k)}</dt><dd>{v}</dd>" for k, v in items if v)
+
+
+def _env_section(records: list[Record], env: dict) -> str:
+    if not env:
+        return '<p class="note">No environment was recorded.</p>'
+    versions = env.get("versions") or {}
+    gpu = env.get("gpu")
+    if isinstance(gpu, dict):
+        mem = _num(gpu.get("memory_bytes"))
+        gpu_text = " · ".join(str(x) for x in (
+            gpu.get("name"), f"{mem / 2**30:.0f} GiB" if mem else None,
+            f"sm {gpu['capability']}" if gpu.get("capability") else None,
+            f"CUDA {gpu['cuda']}" if gpu.get("cuda") else None,
+            f"driver {gpu['driver']}" if gpu.get("driver") else None,
+            f"×{gpu['count']}" if (gpu.get("count") or 1) > 1 else None) if x)
+    else:
+        gpu_text = str(gpu) if gpu else "none"
+    threads = [f"torch {env['torch_threads']}" if env.get("torch_threads") is not None else "",
+               f"interop {env['torch_interop_threads']}" if env.get("torch_interop_threads") is not None else "",
+               f"OMP_NUM_THREADS={env['omp_num_threads']}" if env.get("omp_num_threads") else ""]
+    cpu = str(env.get("cpu") or "")
+    if env.get("cpu_count"):
+        cpu += f" · {env['cpu_count']} logical cores"
+    if env.get("cpu_affinity"):
+        cpu += f" · affinity {env['cpu_affinity']}"
+    shas = sorted({str(r.env.get("git_sha")) for r in records if r.env.get("git_sha")})
+    sha = str(env.get("git_sha") or "")
+    sha_html = f"<code>{_esc(sha)}</code>" if sha else "unknown"
+    if len(shas) > 1:
+        sha_html += f' <span class="warn">records come from {len(shas)} commits: {_esc(", ".join(shas))}</span>'
+    eval_text = env.get("eval_text") or {}
+    eval_html = ""
+    if isinstance(eval_text, dict) and eval_text:
+        eval_html = f"{_esc(eval_text.get('path', ''))} · sha256 <code>{_esc(eval_text.get('sha256', ''))}</code>"
+    peaks_html = []
+    for device, peak in (env.get("peaks") or {}).items():
+        if not isinstance(peak, dict):
+            continue
+        bw = _num(peak.get("bandwidth_gbs"))
+        gemm = ", ".join(f"{_esc(d)} {_num(v):.3g} TFLOP/s" for d, v in (peak.get("gemm_tflops") or {}).items()
+                         if _num(v) is not None)
+        peaks_html.append(f"{_esc(device)}: " + (f"{bw:.1f} GB/s copy" if bw is not None else "")
+                          + (f"; GEMM {gemm}" if gemm else "")
+                          + (f" <span class='dim'>(measured {_esc(peak.get('measured_at'))})</span>"
+                             if peak.get("measured_at") else ""))
+    settings = env.get("settings") or {}
+    items = [
+        ("Python", _esc(env.get("python"))), ("torch", _esc(versions.get("torch"))),
+        ("Platform", _esc(env.get("platform"))), ("CPU", _esc(cpu)), ("GPU", _esc(gpu_text)),
+        ("Threads", _esc(" · ".join(t for t in threads if t))), ("Git SHA", sha_html),
+        ("Eval text", eval_html), ("Peaks", "<br>".join(peaks_html)),
+        ("Versions", _esc(", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch" and v))),
+        ("Settings", _esc(", ".join(f"{k}={v}" for k, v in settings.items()))),
+    ]
+    full = json.dumps(env, indent=2, sort_keys=True, default=str)
+    return (f'<dl class="env">{_kv(items)}</dl>'
+            f'<details><summary>full environment (JSON)</summary><pre id="env-json">{_esc(full)}</pre></details>')
+
+
+def _summary(records: list[Record], title: str) -> str:
+    counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "failed")}
+    started = sorted(r.started_at for r in records if r.started_at)
+    total = sum(_num(r.duration_s) or 0.0 for r in records)
+    distinct = {k: sorted({str(r.case.get(k, "")) for r in records}) for k in ("model", "variant", "workload",
+                                                                                   "dtype", "device")}
+    chips = "".join(f'<span class="badge {s}" id="count-{s}">{n} {s}</span> ' for s, n in counts.items())
+    when = ""
+    if started:
+        when = _esc(started[0]) + (f" → {_esc(started[-1])}" if started[-1] != started[0] else "")
+    items = [("Cases", f"{len(records)} {chips}"), ("Started", when),
+             ("Case time", f"{total:,.1f} s" if records else "")]
+    items += [(f"{k}s", _esc(", ".join(v))) for k, v in distinct.items() if any(v)]
+    return f'<h1>{_esc(title)}</h1><dl class="env summary">{_kv(items)}</dl>'
+
+
+# -------------------------------------------------------------------- page
+
+_CSS = """
+:root{--fg:#1f2328;--dim:#59636e;--line:#d1d9e0;--bg:#fff;--alt:#f6f8fa;--ok:#1a7f37;--skip:#9a6700;--fail:#cf222e}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg);
+margin:0;padding:0 24px 48px}
+nav{position:sticky;top:0;background:var(--bg);border-bottom:1px solid var(--line);padding:8px 0;z-index:2}
+nav a{margin-right:16px;color:#0969da;text-decoration:none}
+h1{font-size:22px;margin:16px 0 8px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid var(--line)}
+h3{font-size:15px;margin:18px 0 6px}
+dl.env{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:0}
+dl.env dt{color:var(--dim)}dl.env dd{margin:0;overflow-wrap:anywhere}
+code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
+.badge{display:inline-block;padding:0 7px;border-radius:10px;font-size:12px;color:#fff;background:var(--dim)}
+.badge.ok{background:var(--ok)}.badge.skipped{background:var(--skip)}.badge.failed{background:var(--fail)}
+.warn{color:var(--fail)}.dim,.note,.caption{color:var(--dim)}.caption{font-size:12px;max-width:900px;margin:4px 0}
+.controls{display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;margin:8px 0}
+#filter{width:280px;padding:4px 8px;font:inherit}select{font:inherit}#row-count{color:var(--dim)}
+.scroll{overflow-x:auto;max-width:100%}
+table{border-collapse:collapse;font-size:13px}
+th,td{padding:3px 8px;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+#results thead th{position:sticky;top:0;background:var(--alt);cursor:pointer;user-select:none}
+#results th[data-sort=asc]::after{content:" ▲"}#results th[data-sort=desc]::after{content:" ▼"}
+#results tbody tr:hover{background:#eef4ff}
+tr.status-failed td{background:#fff5f5}tr.status-skipped td{background:#fffbea}
+#problems td{vertical-align:top;white-space:normal}#problems .case-id{white-space:nowrap}
+.legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:6px 0}
+.legend span{display:inline-flex;align-items:center;gap:5px}
+.legend i{display:inline-block;width:12px;height:12px;border-radius:2px}
+.charts{display:flex;flex-wrap:wrap;gap:12px 28px}
+figure{margin:0;max-width:100%}figcaption{font-weight:600;font-size:13px;margin:4px 0}
+.chart.nodata{width:320px;height:90px;display:flex;align-items:center;justify-content:center;
+border:1px dashed var(--line);color:var(--dim);background:var(--alt)}
+svg.chart{font:11px system-ui,sans-serif;background:#fff}
+svg .grid{stroke:#e5e7eb}svg .grid.zero{stroke-dasharray:2 3}svg .axis{stroke:#57606a}
+svg .tick,svg .group-label,svg .value{fill:#3d444d}svg .axis-label{fill:var(--dim)}
+svg .group-bg{fill:#f6f8fa}svg .baseline{stroke:#57606a;stroke-dasharray:5 4}
+svg .baseline-label{fill:var(--dim);font-size:10px}svg .value{font-size:9px}
+svg .missing{fill:var(--fail);font-weight:700}svg .bar:hover,svg .point:hover{opacity:.75}
+svg .point{stroke:#fff;stroke-width:1}svg .point.pareto{stroke:#111;stroke-width:2}
+svg .pareto-front{fill:none;stroke:#111;stroke-width:1.2;stroke-dasharray:4 3}
+svg .point-label{fill:#3d444d;font-size:10px}
+.marker-key{margin-right:8px}
+"""
+
+_JS = """
+(function () {
+  "use strict";
+  var table = document.getElementById("results");
+  if (table) {
+    var tbody = table.tBodies[0];
+    var heads = Array.prototype.slice.call(table.querySelectorAll("thead th[data-col]"));
+    var rows = Array.prototype.slice.call(tbody.rows);
+    var text = rows.map(function (row) {
+      return (row.textContent + " " + (row.getAttribute("data-case-id") || "")).toLowerCase();
+    });
+    rows.forEach(function (row, i) { row._text = text[i]; });
+    var sortBy = function (th) {
+      var dir = th.getAttribute("data-sort") === "asc" ? "desc" : "asc";
+      heads.forEach(function (h) { h.removeAttribute("data-sort"); h.setAttribute("aria-sort", "none"); });
+      th.setAttribute("data-sort", dir);
+      th.setAttribute("aria-sort", dir === "asc" ? "ascending" : "descending");
+      var index = th.cellIndex, numeric = th.getAttribute("data-type") === "num", sign = dir === "asc" ? 1 : -1;
+      var keyed = Array.prototype.slice.call(tbody.rows).map(function (row, pos) {
+        var raw = row.cells[index].getAttribute("data-value") || "";
+        var key = numeric ? (raw === "" ? NaN : parseFloat(raw)) : raw.toLowerCase();
+        var missing = numeric ? isNaN(key) : key === "";
+        return {row: row, key: key, missing: missing, pos: pos};
+      });
+      keyed.sort(function (a, b) {
+        if (a.missing || b.missing) { return a.missing === b.missing ? a.pos - b.pos : (a.missing ? 1 : -1); }
+        var c = numeric ? (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)
+                        : a.key.localeCompare(b.key, undefined, {numeric: true});
+        return c !== 0 ? sign * c : a.pos - b.pos;
+      });
+      var frag = document.createDocumentFragment();
+      keyed.forEach(function (k) { frag.appendChild(k.row); });
+      tbody.appendChild(frag);
+    };
+    heads.forEach(function (th) {
+      th.addEventListener("click", function () { sortBy(th); });
+      th.addEventListener("keydown", function (e) {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(th); }
+      });
+    });
+    var input = document.getElementById("filter");
+    var selects = Array.prototype.slice.call(document.querySelectorAll("select.col-filter"));
+    var count = document.getElementById("row-count");
+    var apply = function () {
+      var terms = (input ? input.value : "").toLowerCase().split(/\\s+/).filter(Boolean);
+      var shown = 0;
+      rows.forEach(function (row) {
+        var ok = terms.every(function (t) { return row._text.indexOf(t) !== -1; }) &&
+          selects.every(function (s) {
+            return s.value === "" || row.getAttribute("data-" + s.getAttribute("data-col")) === s.value;
+          });
+        row.hidden = !ok;
+        if (ok) { shown += 1; }
+      });
+      if (count) { count.textContent = shown + " of " + rows.length + " cases"; }
+    };
+    if (input) { input.addEventListener("input", apply); }
+    selects.forEach(function (s) { s.addEventListener("change", apply); });
+    apply();
+  }
+  var metric = document.getElementById("pareto-metric");
+  if (metric) {
+    var show = function () {
+      Array.prototype.forEach.call(document.querySelectorAll("figure.pareto-fig"), function (f) {
+        f.hidden = f.getAttribute("data-metric") !== metric.value;
+      });
+    };
+    metric.addEventListener("change", show);
+    show();
+  }
+})();
+"""
+
+
+def _legend(colors: dict[str, str], records: list[Record]) -> str:
+    present = {str(r.case.get("variant", "")) for r in records}
+    items = "".join(f'<span data-variant="{_esc(v)}"><i style="background:{c}"></i>{_esc(v)}</span>'
+                    for v, c in colors.items() if v in present)
+    return f'<div class="legend" id="legend">{items}</div>' if items else ""
+
+
+def render_html(records: list[Record], *, title: str = "infermatrix run", env: dict | None = None) -> str:
+    """The whole report as one HTML document (no external resources)."""
+    records = list(records)
+    env = _env_of(records, env)
+    colors = _variant_colors(records)
+    speedup = speedups(records)
+    script_hash = base64.b64encode(hashlib.sha256(_JS.encode("utf-8")).digest()).decode("ascii")
+    csp = (f"default-src 'none'; script-src 'sha256-{script_hash}'; style-src 'unsafe-inline'; "
+           "img-src data:; base-uri 'none'; form-action 'none'")
+    body = [
+        ('<nav><a href="#summary">Run</a><a href="#env">Environment</a><a href="#results-section">Results</a>'
+         '<a href="#charts">Charts</a><a href="#problems-section">Failed &amp; skipped</a></nav>'),
+        f'<section id="summary">{_summary(records, title)}</section>',
+        f'<section id="env-section"><h2 id="env">Environment</h2>{_env_section(records, env)}</section>',
+        '<section id="results-section"><h2>Results</h2>',
+        _results_table(records, speedup) if records else '<p class="note" id="no-results">No cases.</p>',
+        "</section>",
+        f'<section id="charts"><h2>Charts</h2>{_legend(colors, records)}',
+        _speed_charts(records, colors, speedup),
+        _pareto_charts(records, colors, speedup),
+        "</section>",
+        f'<section id="problems-section"><h2>Failed and skipped cases</h2>{_problems(records)}</section>',
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            '<link rel="icon" href="data:,">'
+            f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>"
+            + "\n".join(body) + f"\n<script>{_JS}</script></body></html>\n")
+
+
+def write_html(records: list[Record], out_dir: Path, *, env: dict | None = None,
+               title: str = "infermatrix run") -> Path:
+    path = Path(out_dir) / HTML_FILE
+    path.write_text(render_html(records, title=title, env=env), encoding="utf-8")
+    return path
