@@ -33,6 +33,110 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from infermatrix.reports.run import load_run, write_reports
+    from infermatrix.reports.table import render_table
+
+    run = load_run(args.run)
+    out = Path(args.out) if args.out else run.folder
+    if out is None:
+        raise UserError(f"{args.run} is a file, not a run folder; pass --out DIR for the reports")
+    print(render_table(run.records))
+    for path in write_reports(run, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from infermatrix.reports.compare import (compare_runs, render_compare_html, render_compare_markdown,
+                                             render_compare_text)
+    from infermatrix.reports.run import load_run
+
+    comparison = compare_runs(load_run(args.base).records, load_run(args.new).records, alpha=args.alpha)
+    print(render_compare_text(comparison))
+    for option, render in ((args.md, render_compare_markdown), (args.html, render_compare_html)):
+        if option:
+            Path(option).write_text(render(comparison), encoding="utf-8")
+            print(f"wrote {option}")
+    return 0
+
+
+def _select_rules(args: argparse.Namespace, new_run) -> tuple[list[str], str]:
+    """The rules to apply and where they came from: --fail/--rules, else the NEW run's
+    matrix [gate] table, else the documented defaults."""
+    from infermatrix.reports.gate import DEFAULT_RULES
+
+    rules = list(args.fail or [])
+    if args.rules:
+        rules += _rules_file(Path(args.rules))
+    if rules:
+        return rules, "command line"
+    if new_run.matrix_text:
+        from infermatrix.bench.matrix import parse_gate_table, tomllib
+
+        matrix_gate = parse_gate_table(tomllib.loads(new_run.matrix_text).get("gate", {}), "the run's matrix")
+        if matrix_gate:
+            return list(matrix_gate), "the run's matrix [gate]"
+    return list(DEFAULT_RULES), "defaults"
+
+
+def _rules_file(path: Path) -> list[str]:
+    """A TOML file with [gate] rules = [...], or a text file with one rule per line (# comments)."""
+    if not path.is_file():
+        raise UserError(f"--rules {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        from infermatrix.bench.matrix import parse_gate_table, tomllib
+
+        try:
+            return list(parse_gate_table(tomllib.loads(text).get("gate", {}), str(path)))
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"--rules {path}: invalid TOML: {exc}") from None
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    import os
+
+    from infermatrix.reports.gate import RuleError, calibrate, evaluate, parse_rule, render_calibration
+    from infermatrix.reports.run import load_run
+
+    base, new = load_run(args.base), load_run(args.new)
+    if args.calibrate:
+        print(render_calibration(calibrate(base.records, new.records)))
+        return 0
+    rules, origin = _select_rules(args, new)
+    try:
+        parsed = [parse_rule(rule) for rule in rules]
+    except RuleError as exc:
+        raise UserError(f"gate rule: {exc}") from None
+    result = evaluate(base.records, new.records, parsed, alpha=args.alpha)
+    print(f"gate: {len(parsed)} rules from {origin}, {result.checked} checks")
+    for failure in result.failures:
+        print(f"FAIL {failure}")
+    print("gate: PASS" if result.passed else f"gate: FAIL ({len(result.failures)} regressions)")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(result.markdown + "\n")
+    return 0 if result.passed else 1
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from infermatrix.bench.matrix import load_matrix
+    from infermatrix.bench.runner import run_matrix
+    from infermatrix.reports.gate import calibrate, render_calibration
+
+    matrix = load_matrix(args.matrix)
+    out = Path(args.out) if args.out else Path("results") / ("calibrate-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    runs = []
+    for name in ("a", "b"):  # the same matrix twice: every difference is noise
+        print(f"infermatrix: A/A run {name} of {len(matrix.cases)} cases -> {out / name}", flush=True)
+        runs.append(run_matrix(matrix, out / name, log=lambda line: print(line, flush=True)))
+    print(render_calibration(calibrate(*runs)))
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     import json
 
@@ -122,6 +226,56 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-time", type=float, metavar="S", help="time cap per measurement (adaptive repetition)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser(
+        "report", help="write results.csv, results.json, summary.md and report.html of a run",
+        description="Render a run's records (a run folder, a records .jsonl, a results.json or pytest-benchmark "
+                    "JSON) as CSV, JSON, Markdown and one self-contained HTML file. `run` does this at its end.",
+    )
+    report.add_argument("run", help="run folder or records file")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
+    report.set_defaults(func=_cmd_report)
+
+    compare = sub.add_parser(
+        "compare", help="compare two runs case by case, with significance tests",
+        description="Match cases by id; speed metrics as ratios NEW/BASE with confidence intervals from the raw "
+                    "samples, marked significant only when a Mann-Whitney U test says so (else ~); accuracy "
+                    "metrics as differences; cases in one run only are listed.",
+    )
+    compare.add_argument("base", help="BASE run folder or records file")
+    compare.add_argument("new", help="NEW run folder or records file")
+    compare.add_argument("--md", metavar="OUT", help="also write the comparison as Markdown")
+    compare.add_argument("--html", metavar="OUT", help="also write the comparison as HTML")
+    compare.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    compare.set_defaults(func=_cmd_compare)
+
+    gate = sub.add_parser(
+        "gate", help="fail (exit 1) on a significant regression of speed or a breach of accuracy bounds",
+        description="Apply rules METRIC:BOUND with an optional case filter, e.g. tokens_per_s:-5%%, "
+                    "latency_ms_p50:+5%%, top1_agree:>=99%%, ppl_delta_pct:<=1, variant=int8_*:kl_mean:<=0.01. "
+                    "Rules come from --fail/--rules, else the NEW run's matrix [gate] table, else the defaults. "
+                    "A speed change fails only when beyond the threshold AND significant; accuracy bounds are "
+                    "absolute; a case ok in BASE and failed or missing in NEW fails. Exit 0 pass, 1 regression, "
+                    "2 bad input; the verdict goes to $GITHUB_STEP_SUMMARY when set.",
+    )
+    gate.add_argument("base", help="BASE run folder or records file")
+    gate.add_argument("new", help="NEW run folder or records file")
+    gate.add_argument("--rules", metavar="FILE", help="rules file: TOML with [gate] rules = [...], or one rule per line")
+    gate.add_argument("--fail", metavar="RULE", action="append", help="a rule (repeatable)")
+    gate.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    gate.add_argument("--calibrate", action="store_true",
+                      help="treat BASE and NEW as an A/A pair (same code, same machine): print the noise floor "
+                           "and suggested thresholds instead of a verdict")
+    gate.set_defaults(func=_cmd_gate)
+
+    cal = sub.add_parser(
+        "calibrate", help="run a matrix twice (A/A) and suggest gate thresholds from this machine's noise",
+        description="Run the same matrix twice and compare the runs: every difference is noise. Prints each "
+                    "metric's noise floor and a threshold that would not have fired.",
+    )
+    cal.add_argument("matrix", nargs="?", help="matrix TOML file or built-in name (default: default)")
+    cal.add_argument("--out", metavar="DIR", help="folder for the two runs (default: results/calibrate-<time>)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     env = sub.add_parser(
         "env", help="print this machine's environment and measured peaks",

@@ -116,6 +116,8 @@ class Matrix:
     cases: tuple[Case, ...]
     settings: RunSettings
     source: str
+    text: str | None = None  # the TOML, kept in the run folder (its [gate] rules travel with it)
+    gate_rules: tuple[str, ...] = ()
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
@@ -152,7 +154,7 @@ def load_matrix(path: str | Path | None = None, overrides: dict | None = None) -
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{source}: invalid TOML: {exc}") from None
-    return parse_matrix(data, source, overrides)
+    return dataclasses.replace(parse_matrix(data, source, overrides), text=text)
 
 
 def _tables(data: dict, key: str, source: str) -> list[dict]:
@@ -164,9 +166,10 @@ def _tables(data: dict, key: str, source: str) -> list[dict]:
 
 def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = None) -> Matrix:
     """`overrides` replace [run] settings (from the command line)."""
+    top_level = ["run", "cases", "exclude", "include", "gate"]
     for key in data:
-        if key not in ("run", "cases", "exclude", "include"):
-            raise UserError(f"{source}: {_unknown('top-level key', key, ['run', 'cases', 'exclude', 'include'])}")
+        if key not in top_level:
+            raise UserError(f"{source}: {_unknown('top-level key', key, top_level)}")
     if not isinstance(data.get("run", {}), dict):
         raise UserError(f"{source}: 'run' must be a table: write [run]")
     settings = _parse_settings({**data.get("run", {}), **(overrides or {})}, source)
@@ -181,7 +184,24 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         cases = {c: None for c in cases if not match(c)}
     for i, table in enumerate(_tables(data, "include", source)):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
-    return Matrix(tuple(cases), settings, source)
+    return Matrix(tuple(cases), settings, source, gate_rules=parse_gate_table(data.get("gate", {}), source))
+
+
+def parse_gate_table(table, source: str) -> tuple[str, ...]:
+    """[gate] rules = ["tokens_per_s:-5%", ...]: checked now, applied by `infermatrix gate`."""
+    from infermatrix.reports.gate import RuleError, parse_rule
+
+    if not isinstance(table, dict) or set(table) - {"rules"}:
+        raise UserError(f"{source}: [gate] takes one key, rules = [\"metric:bound\", ...]")
+    rules = table.get("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+        raise UserError(f"{source}: [gate] rules must be a list of strings such as \"latency_ms_p50:+5%\"")
+    for rule in rules:
+        try:
+            parse_rule(rule)
+        except RuleError as exc:
+            raise UserError(f"{source}: [gate] rule {rule!r}: {exc}") from None
+    return tuple(rules)
 
 
 def _parse_settings(table: dict, source: str) -> RunSettings:

@@ -27,8 +27,8 @@ from infermatrix.bench.matrix import Case, Matrix, RunSettings
 from infermatrix.bench.roofline import Peaks, load_or_measure_peaks
 from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.errors import UserError
-from infermatrix.reports.csv_report import write_csv
 from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
+from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
 from infermatrix.variants import parse_spec, unmet_requirements
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_config
 
@@ -224,6 +224,8 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
         done = read_records(records_path)
     check_eval_text(matrix, eval_text)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if matrix.text is not None and not (out_dir / MATRIX_COPY).exists():
+        (out_dir / MATRIX_COPY).write_text(matrix.text, encoding="utf-8")
     env = capture_env()
     env["eval_text"] = {"path": eval_text or "pydoc_data.topics", "sha256": text_sha256(load_text(eval_text))}
     env["settings"] = asdict(matrix.settings)  # timing rules, isolation and the seed of every case
@@ -261,10 +263,13 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
                 bar.update(1)
             else:
                 log(line)
-    finally:  # an interrupted run still gets the CSV of what it measured
+    finally:  # an interrupted run still gets the reports of what it measured
         if bar is not None:
             bar.close()
-        write_csv(records, out_dir)
+        try:  # results.csv first, then JSON, Markdown and HTML
+            write_reports(Run(records, str(out_dir), env, matrix.text, out_dir), out_dir)
+        except Exception as exc:  # the records are safe on disk; `infermatrix report` can retry
+            log(f"warning: reports not written ({type(exc).__name__}: {exc}); run `infermatrix report {out_dir}`")
     return records
 
 

@@ -217,7 +217,8 @@ def _op_variants(case: Case, axis: str):
     return variants
 
 
-def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def _attention_op(case: Case, ctx: RunContext) -> Callable[[], object]:
+    """The variant's attention callable on seeded random q, k, v of the case's shape."""
     heads, kv_heads, head_dim = attention_shape(case)
     device, dtype = torch.device(case.device), DTYPES[case.dtype]
     holder = nn.Module()  # an attention seam with no model around it
@@ -227,16 +228,23 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measuremen
     q = torch.randn(case.batch, heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
     k = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
     v = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
-    m = timed(lambda: attention(q, k, v, causal=case.causal), case, ctx)
+    return lambda: attention(q, k, v, causal=case.causal)
+
+
+def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    heads, kv_heads, head_dim = attention_shape(case)
+    m = timed(_attention_op(case, ctx), case, ctx)
     cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
-                                   causal=case.causal, dtype_bytes=dtype.itemsize)
+                                   causal=case.causal, dtype_bytes=DTYPES[case.dtype].itemsize)
     metrics = _timing_metrics(m)
     metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
                    head_dim=head_dim)
     return metrics, {"latency_ms": m.samples_ms}
 
 
-def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def _linear_op(case: Case, ctx: RunContext) -> tuple[Callable[[], object], int]:
+    """One Linear of the case's shape (as the variant's linear axis leaves it) on a
+    seeded random input, and its weight bytes."""
     m_dim, k_dim, n_dim = linear_shape(case)
     device, dtype = torch.device(case.device), DTYPES[case.dtype]
     torch.manual_seed(ctx.settings.seed)
@@ -244,14 +252,36 @@ def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     holder.attention = math_attention  # so attention variants in the spec (the `reference` baseline) apply
     layer = apply_variants(holder, _op_variants(case, "linear"))
     x = torch.randn(m_dim, k_dim, device=device).to(dtype)
-    m = timed(lambda: layer[0](x), case, ctx)
     weight_bytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-    cost = roofline.linear_cost(m_dim, k_dim, n_dim, act_bytes=dtype.itemsize,
+    return (lambda: layer[0](x)), weight_bytes
+
+
+def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    m_dim, k_dim, n_dim = linear_shape(case)
+    op, weight_bytes = _linear_op(case, ctx)
+    m = timed(op, case, ctx)
+    cost = roofline.linear_cost(m_dim, k_dim, n_dim, act_bytes=DTYPES[case.dtype].itemsize,
                                 weight_bytes_per_elem=weight_bytes / (k_dim * n_dim))
     metrics = _timing_metrics(m)
     metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), m=m_dim, k=k_dim, n=n_dim,
                    weight_bytes=weight_bytes)
     return metrics, {"latency_ms": m.samples_ms}
+
+
+def benchmark_callable(case: Case, ctx: RunContext, models: ModelCache) -> tuple[Callable[[], object], int]:
+    """For pytest-benchmark: the case's timed call and the tokens it processes (0 for
+    ops). decode/generate call one whole greedy generation."""
+    if case.workload == "attention":
+        return _attention_op(case, ctx), 0
+    if case.workload == "linear":
+        return _linear_op(case, ctx)[0], 0
+    model, loaded = _model(case, models)
+    prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
+    if case.workload == "prefill":
+        return (lambda: model(prompt)), case.batch * case.prompt_len
+    if case.workload in ("decode", "generate"):
+        return (lambda: generate_greedy(model, prompt, case.new_tokens)), case.batch * case.new_tokens
+    raise UserError(f"the {case.workload} workload has no single timed call; pytest-benchmark cannot run it")
 
 
 WORKLOAD_FNS: dict[str, Callable[[Case, RunContext, ModelCache], Measurement]] = {

@@ -1,0 +1,62 @@
+"""summary.md: a compact Markdown table for PR comments and CI job summaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from infermatrix.reports.record import Record
+
+MARKDOWN_FILE = "summary.md"
+
+# (header, metric, format) per column after the case description
+_COLUMNS = [
+    ("ms p50", "latency_ms_p50", "{:,.2f}"), ("CI ±", "latency_ms_ci_rel", "{:.1%}"),
+    ("tok/s", "tokens_per_s", "{:,.1f}"), ("% limit", "pct_of_limit", "{:.0f}%"),
+    ("KL mean", "kl_mean", "{:.2e}"), ("top-1 %", "top1_agree_pct", "{:.1f}"),
+    ("Δppl %", "ppl_delta_pct", "{:+.2f}"),
+]
+
+
+def _md(text: object) -> str:
+    """A table cell: pipes escaped, newlines flattened."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _value(metrics: dict, key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    if value is None or value != value:
+        return ""
+    if value == float("inf"):
+        return "n<6"
+    return fmt.format(value)
+
+
+def _shape(case: dict) -> str:
+    keys = (("batch", "b"), ("prompt_len", "p"), ("new_tokens", "n"), ("windows", "w"))
+    return " ".join(f"{tag}{case[k]}" for k, tag in keys if case.get(k))
+
+
+def render_markdown(records: list[Record], title: str = "infermatrix run") -> str:
+    ok = [r for r in records if r.status == "ok"]
+    counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "failed")}
+    lines = [f"### {_md(title)}", "",
+             f"{len(records)} cases: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed", ""]
+    if ok:
+        header = ["model", "variant", "workload", "dtype", "shape"] + [h for h, _, _ in _COLUMNS]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in ok:
+            c = r.case
+            cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), _shape(c)]
+            cells += [_value(r.metrics, key, fmt) for _, key, fmt in _COLUMNS]
+            lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
+    problems = [r for r in records if r.status != "ok"]
+    if problems:
+        lines += ["", "| status | case | reason |", "|---|---|---|"]
+        lines += [f"| {r.status} | {_md(r.case_id)} | {_md(r.reason or '')} |" for r in problems]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(records: list[Record], out_dir: Path, title: str = "infermatrix run") -> Path:
+    path = Path(out_dir) / MARKDOWN_FILE
+    path.write_text(render_markdown(records, title), encoding="utf-8")
+    return path

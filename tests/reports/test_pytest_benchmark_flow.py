@@ -1,0 +1,49 @@
+"""Teams that gate with pytest-benchmark keep their habit: the matrix's cases run as
+pytest-benchmark benchmarks, `--benchmark-compare-fail` works on them, and
+`infermatrix report`/`compare` read the JSON."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from infermatrix.reports.run import load_run
+
+MODULE = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_matrix.py"
+MATRIX = """
+[run]
+seed = 0
+
+[[cases]]
+model = "tiny"
+variant = ["reference", "sdpa"]
+workload = ["prefill", "drift"]
+prompt_len = 16
+"""
+
+
+def pytest_bench(tmp_path, *args):
+    env_matrix = tmp_path / "m.toml"
+    env_matrix.write_text(MATRIX)
+    cmd = [sys.executable, "-m", "pytest", "-q", str(MODULE), "-p", "no:cacheprovider", "--benchmark-min-rounds=3",
+           "--benchmark-max-time=0.05", *args]
+    import os
+
+    env = {**os.environ, "INFERMATRIX_MATRIX": str(env_matrix)}
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_matrix_cases_run_as_pytest_benchmarks_and_compare(tmp_path):
+    first = pytest_bench(tmp_path, "--benchmark-save=base", "--benchmark-save-data",
+                         f"--benchmark-json={tmp_path / 'out.json'}")
+    assert first.returncode == 0, first.stdout[-2000:]
+    assert "2 passed, 2 skipped" in first.stdout  # drift is accuracy, not time
+    again = pytest_bench(tmp_path, "--benchmark-compare", "--benchmark-compare-fail=median:1000%")
+    assert again.returncode == 0, again.stdout[-2000:]
+    impossible = pytest_bench(tmp_path, "--benchmark-compare", "--benchmark-compare-fail=min:-99%")
+    assert impossible.returncode != 0  # the compare-fail machinery is really in force
+
+    run = load_run(tmp_path / "out.json")
+    assert sorted(r.case_id for r in run.records) == ["tiny/reference/prefill/float32/cpu/b1-p16",
+                                                      "tiny/sdpa/prefill/float32/cpu/b1-p16"]
+    rec = run.records[0]
+    assert rec.case["model"] == "tiny" and len(rec.samples["latency_ms"]) >= 3 and rec.metrics["tokens_per_s"] > 0
