@@ -2,6 +2,7 @@
 pytest-benchmark benchmarks, `--benchmark-compare-fail` works on them, and
 `infermatrix report`/`compare` read the JSON."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -37,10 +38,18 @@ def test_matrix_cases_run_as_pytest_benchmarks_and_compare(tmp_path):
                          f"--benchmark-json={tmp_path / 'out.json'}")
     assert first.returncode == 0, first.stdout[-2000:]
     assert "2 passed, 2 skipped" in first.stdout  # drift is accuracy, not time
-    again = pytest_bench(tmp_path, "--benchmark-compare", "--benchmark-compare-fail=median:1000%")
+    again = pytest_bench(tmp_path, "--benchmark-compare=0001", "--benchmark-compare-fail=median:1000%")
     assert again.returncode == 0, again.stdout[-2000:]
-    impossible = pytest_bench(tmp_path, "--benchmark-compare", "--benchmark-compare-fail=min:-99%")
-    assert impossible.returncode != 0  # the compare-fail machinery is really in force
+
+    # A saved run 100x faster than reality: comparing against it must fail the session.
+    saved = next(tmp_path.glob(".benchmarks/*/0001_base.json"))
+    data = json.loads(saved.read_text())
+    for bench in data["benchmarks"]:
+        for key in ("min", "max", "mean", "median", "q1", "q3", "iqr", "stddev", "total"):
+            bench["stats"][key] /= 100
+    saved.with_name("0002_fast.json").write_text(json.dumps(data))
+    regressed = pytest_bench(tmp_path, "--benchmark-compare=0002", "--benchmark-compare-fail=median:5%")
+    assert regressed.returncode == 1 and "Performance has regressed" in regressed.stdout + regressed.stderr
 
     run = load_run(tmp_path / "out.json")
     assert sorted(r.case_id for r in run.records) == ["tiny/reference/prefill/float32/cpu/b1-p16",
