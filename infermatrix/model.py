@@ -3,14 +3,17 @@
 Attention is the textbook `softmax(Q Kᵀ / √d_k) V`, multi-head with grouped-query
 KV heads. The model has exactly two seams for optimized variants:
 
-* ``Transformer.attention``: a callable ``(q, k, v, *, causal) -> out`` with
-  q (B, H, Tq, D) and k, v (B, Hkv, Tk, D); the last Tq keys are the queries' own
-  positions (a query shorter than the keys sits at the end, as in decoding).
+* ``Transformer.attention``: a callable ``(q, k, v, *, causal, mask=None) -> out``
+  with q (B, H, Tq, D) and k, v (B, Hkv, Tk, D). Without a mask the last Tq keys are
+  the queries' own positions (a query shorter than the keys sits at the end). A
+  boolean mask (B or 1, 1, Tq, Tk), True = attend, replaces the causal rule: a
+  static KV cache passes one that hides unfilled slots and left padding.
 * the ``nn.Linear`` layers, which a quantizing variant swaps for its own module.
 
 Decoding uses ``input_pos`` and an optional cache object with
-``update(layer, input_pos, k, v) -> (k, v)``; without a cache the model
-recomputes the whole prefix every step (the honest naive baseline).
+``update(layer, input_pos, k, v) -> (k, v)`` and ``mask(input_pos) -> mask | None``;
+without a cache the model recomputes the whole prefix every step (the honest
+naive baseline).
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class KVCacheProtocol(Protocol):
         self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None: ...
+
 
 def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where attention is allowed.
@@ -106,15 +111,19 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return k_pos <= q_pos  # (Tq, Tk)
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool) -> torch.Tensor:
-    """softmax(Q Kᵀ / √d_k) V, the reference. q (B, H, Tq, D); k, v (B, Hkv, Tk, D)."""
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(Q Kᵀ / √d_k) V, the reference. q (B, H, Tq, D); k, v (B, Hkv, Tk, D);
+    mask (B or 1, 1, Tq, Tk), True = attend, replaces the causal rule when given."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group = H // Hkv
     k = k.repeat_interleave(group, dim=1)  # (B, H, Tk, D): kv head j serves q heads j*group ..
     v = v.repeat_interleave(group, dim=1)  # (B, H, Tk, D)
     scores = (q / math.sqrt(D)) @ k.transpose(-2, -1)  # (B, H, Tq, Tk); scale q, the smaller tensor
-    if causal:
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:
         scores = scores.masked_fill(~causal_mask(Tq, Tk, q.device), float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, H, Tq, Tk), fp32 softmax
     return probs @ v  # (B, H, Tq, D)
@@ -165,6 +174,7 @@ class Attention(nn.Module):
         attention: AttentionFn,
         input_pos: torch.Tensor,
         cache: KVCacheProtocol | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -173,7 +183,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, Hkv, Tk, D), Tk >= T
-        out = attention(q, k, v, causal=True)  # (B, H, T, D)
+        out = attention(q, k, v, causal=True, mask=mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(out)  # (B, T, C)
 
@@ -199,8 +209,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, attention, input_pos, cache):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attention, input_pos, cache)  # (B, T, C)
+    def forward(self, x, cos, sin, attention, input_pos, cache, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attention, input_pos, cache, mask)  # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
 
 
@@ -235,8 +245,9 @@ class Transformer(nn.Module):
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}; expected ({T},), one position per token")
         cos, sin = rope_tables(self.config.head_dim, input_pos, self.config.rope_theta)  # (T, D) each
         x = self.tok_embeddings(tokens)  # (B, T, C)
+        mask = cache.mask(input_pos) if cache is not None else None  # (B|1, 1, T, Tk) or None
         for block in self.layers:
-            x = block(x, cos, sin, self.attention, input_pos, cache)  # (B, T, C)
+            x = block(x, cos, sin, self.attention, input_pos, cache, mask)  # (B, T, C)
         return self.output(self.norm(x))  # (B, T, vocab)
 
     @property
@@ -250,17 +261,48 @@ class Transformer(nn.Module):
         return total
 
 
-def greedy_step(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """One naive decode step: recompute the whole prefix, append the argmax. (B, T) -> (B, T+1)."""
-    logits = model(tokens)  # (B, T, vocab)
-    next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-    return torch.cat([tokens, next_token], dim=1)  # (B, T+1)
+class GreedyDecoder:
+    """Greedy decoding, one new token per `step()`; the first step processes the prompt.
+
+    With a KV cache (a model given `new_cache` by the kv_cache variant) the prompt is
+    written to the cache once and each later step feeds one token at its position;
+    without one every step recomputes the whole prefix (the naive baseline).
+    `pad` (B,) counts left padding per row and needs a cache, whose mask hides it.
+    """
+
+    def __init__(self, model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                 pad: torch.Tensor | None = None, cache=None):
+        """`cache`: one to reuse (a static cache is valid for any generation of the same
+        shape: prefill overwrites it and the mask hides stale slots); None builds one."""
+        self.model, self.tokens = model, prompt  # (B, T)
+        self.prompt_len = prompt.shape[1]
+        new_cache = getattr(model, "new_cache", None)
+        if new_cache is None and pad is not None:
+            raise ValueError("left-padded prompts need a KV cache, whose mask hides the padding; apply kv_cache")
+        if cache is None and new_cache is not None:
+            cache = new_cache(prompt.shape[0], self.prompt_len + max_new_tokens, pad)
+        self.cache = cache
+
+    def step(self) -> torch.Tensor:
+        """The next token of every row (B, 1), appended to self.tokens."""
+        T = self.tokens.shape[1]
+        if self.cache is None:
+            logits = self.model(self.tokens)  # (B, T, vocab): the whole prefix again
+        elif T == self.prompt_len:
+            logits = self.model(self.tokens, torch.arange(T, device=self.tokens.device), self.cache)  # prefill
+        else:  # one position: the token generated last (contiguous, so a compiled step keeps its strides)
+            last = self.tokens[:, -1:].contiguous()  # (B, 1)
+            logits = self.model(last, torch.tensor([T - 1], device=self.tokens.device), self.cache)
+        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        self.tokens = torch.cat([self.tokens, next_token], dim=1)  # (B, T+1)
+        return next_token
 
 
 @torch.no_grad()
-def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding by full recomputation of the prefix each step. prompt (B, T) -> (B, N)."""
-    tokens = prompt
+def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                    pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy decoding (cached when the model has a KV cache). prompt (B, T) -> (B, N)."""
+    decoder = GreedyDecoder(model, prompt, max_new_tokens, pad)
     for _ in range(max_new_tokens):
-        tokens = greedy_step(model, tokens)
-    return tokens[:, prompt.shape[1]:]  # (B, N)
+        decoder.step()
+    return decoder.tokens[:, prompt.shape[1]:]  # (B, N)

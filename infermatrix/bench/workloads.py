@@ -36,7 +36,7 @@ from infermatrix.bench.stats import summarize
 from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.bench.timing import TimerConfig, measure, time_once
 from infermatrix.errors import UserError
-from infermatrix.model import Transformer, generate_greedy, greedy_step, math_attention
+from infermatrix.model import GreedyDecoder, Transformer, generate_greedy, math_attention
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 
@@ -111,8 +111,10 @@ def _timing_metrics(m, per: int = 1) -> dict:
 def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     model, loaded = _model(case, models)
     tokens = prompt_tokens(loaded, case, ctx)  # (B, T)
+    first_call_ms = time_once(lambda: model(tokens), torch.device(case.device))  # cold: compile, lazy init
     m = timed(lambda: model(tokens), case, ctx)
     metrics = _timing_metrics(m)
+    metrics["first_call_ms"] = first_call_ms
     median_s = m.summary.median / 1e3
     metrics["ttft_ms_p50"] = m.summary.median
     metrics["tokens_per_s"] = case.batch * case.prompt_len / median_s
@@ -130,20 +132,18 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     device = torch.device(case.device)
     prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
     runs: list[list[float]] = []  # step times of every call, warm-up included
+    # One static cache for every generation: same shapes, so a compiled step never recompiles.
+    cache = model.new_cache(case.batch, case.prompt_len + case.new_tokens) if hasattr(model, "new_cache") else None
 
     def generation() -> float:
-        tokens = prompt
-        times = []
-        for _ in range(case.new_tokens):
-            def step():
-                nonlocal tokens
-                tokens = greedy_step(model, tokens)  # (B, T+1)
-            times.append(time_once(step, device))
+        decoder = GreedyDecoder(model, prompt, case.new_tokens, cache=cache)
+        times = [time_once(decoder.step, device) for _ in range(case.new_tokens)]
         runs.append(times)
         return sum(times) if end_to_end else sum(times[1:])
 
+    first_call_ms = generation()  # cold: compilation and lazy initialisation land here, not in the samples
     m = timed(generation, case, ctx, self_timed=True)
-    kept = runs[-len(m.samples_ms):]  # drop the warm-up generations
+    kept = runs[-len(m.samples_ms):]  # drop the cold and warm-up generations
     ttft = [t[0] for t in kept]
     steps = [x for t in kept for x in t[1:]]  # pooled over positions: a recompute step grows with context
     tpot = summarize(steps)
@@ -157,12 +157,15 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     metrics.update({f"tpot_ms_{k}": v for k, v in (("p50", tpot.median), ("p90", tpot.p90), ("p99", tpot.p99))})
     metrics["ttft_ms_p50"] = statistics.median(ttft)
     cfg, dtype_bytes = model.config, DTYPES[case.dtype].itemsize
-    first = 0 if end_to_end else 1  # step i sees prompt_len + i tokens
-    cost = roofline.Cost(0.0, 0.0)
-    for i in range(first, case.new_tokens):
+    metrics["first_call_ms"] = first_call_ms
+    cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=dtype_bytes,
+                                 weight_bytes=model.weight_bytes, kv_cache=cache is not None) if end_to_end \
+        else roofline.Cost(0.0, 0.0)
+    for i in range(1, case.new_tokens):  # decode step i sees prompt_len + i tokens
         cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
-                                                kv_cache=False, weight_bytes=model.weight_bytes)
-    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0)
+                                                kv_cache=cache is not None, weight_bytes=model.weight_bytes)
+    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
+                   kv_cache_bytes=cache.nbytes if cache is not None else 0)
     return metrics, {"generation_ms": m.samples_ms, "tpot_ms": steps, "ttft_ms": ttft}
 
 

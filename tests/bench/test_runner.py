@@ -55,6 +55,16 @@ def test_every_workload_reports_its_metrics(tmp_path, workload, keys):
     assert all(rec.metrics.get(k) is not None for k in keys), rec.metrics
 
 
+def test_cached_decode_reports_its_exact_cache_bytes_and_cached_roofline(tmp_path):
+    matrix = small_matrix(workload="decode", variant=["sdpa", "kv_cache+sdpa"], batch=2, new_tokens=5)
+    plain, cached = run_matrix(matrix, tmp_path, log=quiet)
+    assert plain.metrics["kv_cache_bytes"] == 0
+    # tiny: 2 layers x K and V x batch 2 x 2 KV heads x (16 + 5) slots x head dim 16 x 4 bytes
+    assert cached.metrics["kv_cache_bytes"] == 2 * 2 * 2 * 2 * 21 * 16 * 4
+    assert cached.metrics["flops"] < plain.metrics["flops"]  # one position per step, not the prefix
+    assert cached.metrics["first_call_ms"] > 0
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_reference_drift_against_itself_is_zero(tmp_path, seed):
     matrix = parse_matrix({"run": {**QUICK, "isolate": False, "seed": seed}, "cases": [

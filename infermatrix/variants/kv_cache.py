@@ -1,0 +1,91 @@
+"""`kv_cache`: decoding with a static, preallocated KV cache (the gpt-fast design).
+
+The cache is a small buffer module: per layer, keys and values of shape
+(batch, kv heads, max_len, head dim) in the model's dtype. Prefill writes the
+prompt's positions; each decode step writes one position and attends over the
+whole buffer through a mask that hides unfilled slots (and left padding, for a
+batch of prompts of different lengths). Shapes never change between steps, which
+is what a compiled or CUDA-graph decode step needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from infermatrix.model import Transformer
+from infermatrix.variants.base import Variant, register_variant
+
+
+class StaticKVCache(nn.Module):
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device, pad: torch.Tensor | None = None):
+        super().__init__()
+        self.batch, self.max_len = batch, max_len
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # left padding per row: row b's real tokens start at slot pad[b]
+        pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad.to(torch.long)
+        if pad.shape != (batch,):
+            raise ValueError(f"pad has shape {tuple(pad.shape)}; expected ({batch},), one count per row")
+        self.register_buffer("pad", pad.to(device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, D) at input_pos (T,); return the layer's full buffers."""
+        if k.shape[0] != self.batch:
+            raise ValueError(f"batch of {k.shape[0]} sequences, but this KV cache was built for "
+                             f"{self.batch}; build one per batch size")
+        self.k[layer][:, :, input_pos] = k
+        self.v[layer][:, :, input_pos] = v
+        return self.k[layer], self.v[layer]  # (B, Hkv, max_len, D) each
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, max_len), True = attend: causal over filled slots, padding hidden.
+        A padded query slot sees only itself, so its (unused) output stays finite."""
+        q = input_pos[None, :, None]  # (1, T, 1)
+        k = self.slots[None, None, :]  # (1, 1, L)
+        real = k >= self.pad[:, None, None]  # (B, 1, L)
+        return ((k <= q) & real | (k == q))[:, None]  # (B, 1, T, L)
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (tokens (B, T_max) left-padded, pad counts (B,))."""
+    longest = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    pad = torch.tensor([longest - len(p) for p in prompts])
+    for row, (p, n) in enumerate(zip(prompts, pad.tolist())):
+        tokens[row, n:] = p
+    return tokens, pad
+
+
+def new_cache(model: Transformer, batch: int, max_len: int, pad: torch.Tensor | None = None) -> StaticKVCache:
+    """A cache for `batch` sequences of up to `max_len` positions, in the model's dtype
+    and device. Refuses, before any decoding, a length beyond the model's context."""
+    cfg = model.config
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {max_len} positions exceed the model's context "
+                         f"max_seq_len={cfg.max_seq_len}; use a shorter prompt or fewer new tokens")
+    weight = model.tok_embeddings.weight
+    return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, weight.dtype, weight.device,
+                         pad)
+
+
+@register_variant("kv_cache")
+@dataclass(frozen=True)
+class KVCache(Variant):
+    axis = "cache"
+    description = "static preallocated KV cache: prefill once, then one position per decode step"
+
+    def apply(self, model: Transformer) -> Transformer:
+        cached = copy.copy(model)  # shares weights; the base model keeps decoding without a cache
+        cached.new_cache = lambda batch, max_len, pad=None: new_cache(cached, batch, max_len, pad)
+        return cached

@@ -1,0 +1,124 @@
+"""kv_cache: cached decoding gives the logits of full recomputation at every step,
+for batch 1 and for a batch of prompts of different lengths (left padding)."""
+
+import pytest
+import torch
+
+from infermatrix.model import GreedyDecoder, generate_greedy
+from infermatrix.variants import apply_variants, parse_spec
+from infermatrix.variants.kv_cache import StaticKVCache, left_pad
+from infermatrix.weights import load_model
+
+# fp32: the cached step computes the same dot products over a longer, masked key
+# buffer (exact zeros for the hidden slots), so only reduction order differs: ~1e-6.
+FP32 = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny").model
+
+
+def step_logits(model, tokens, cache, pos):
+    with torch.no_grad():
+        return model(tokens, torch.tensor(pos), cache)[:, -1]
+
+
+@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa"])
+def test_every_cached_step_matches_full_recompute(tiny, spec):
+    cached = apply_variants(tiny, parse_spec(spec))
+    tokens = torch.randint(0, tiny.config.vocab_size, (1, 20))
+    cache = cached.new_cache(1, 20)
+    with torch.no_grad():
+        logits = cached(tokens[:, :8], torch.arange(8), cache)  # prefill
+        torch.testing.assert_close(logits, tiny(tokens[:, :8]), **FP32)
+        for t in range(8, 20):
+            step = cached(tokens[:, t:t + 1], torch.tensor([t]), cache)[:, -1]
+            torch.testing.assert_close(step, tiny(tokens[:, : t + 1])[:, -1], **FP32)
+
+
+@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa"])
+def test_a_batch_of_different_lengths_decodes_like_each_prompt_alone(tiny, spec):
+    cached = apply_variants(tiny, parse_spec(spec))
+    prompts = [torch.randint(0, tiny.config.vocab_size, (n,)) for n in (5, 11, 8)]
+    tokens, pad = left_pad(prompts)
+    assert pad.tolist() == [6, 0, 3] and torch.equal(tokens[0, 6:], prompts[0])
+    decoder = GreedyDecoder(cached, tokens, 6, pad)
+    with torch.no_grad():
+        batched = torch.cat([decoder.step() for _ in range(6)], dim=1)  # (3, 6)
+    for row, prompt in enumerate(prompts):
+        alone = generate_greedy(tiny, prompt[None], 6)  # recompute, no padding
+        assert torch.equal(batched[row], alone[0]), row
+
+
+def test_cached_and_recomputed_greedy_tokens_agree(tiny):
+    prompt = torch.randint(0, tiny.config.vocab_size, (2, 10))
+    cached = apply_variants(tiny, parse_spec("kv_cache"))
+    assert torch.equal(generate_greedy(cached, prompt, 24), generate_greedy(tiny, prompt, 24))
+
+
+def test_cache_holds_kv_heads_in_the_model_dtype_and_counts_its_bytes(tiny):
+    cfg = tiny.config
+    cache = apply_variants(tiny.to(torch.bfloat16), parse_spec("kv_cache")).new_cache(3, 40)
+    assert cache.k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, 40, cfg.head_dim) and cache.k.dtype == torch.bfloat16
+    assert cache.nbytes == 2 * cfg.n_layers * 3 * cfg.n_kv_heads * 40 * cfg.head_dim * 2
+    tiny.to(torch.float32)
+
+
+def test_the_base_model_keeps_decoding_without_a_cache(tiny):
+    apply_variants(tiny, parse_spec("kv_cache"))
+    assert not hasattr(tiny, "new_cache")
+
+
+def test_bad_input_is_refused_before_decoding(tiny):
+    cached = apply_variants(tiny, parse_spec("kv_cache"))
+    prompt = torch.zeros(1, 500, dtype=torch.long)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="prompt \\+ new tokens = 520 positions exceed the model's context"):
+            generate_greedy(cached, prompt, 20)
+        cache = cached.new_cache(2, 16)
+        with pytest.raises(ValueError, match="batch of 3 sequences, but this KV cache was built for 2"):
+            cached(torch.zeros(3, 4, dtype=torch.long), torch.arange(4), cache)
+        with pytest.raises(ValueError, match="left-padded prompts need a KV cache"):
+            GreedyDecoder(tiny, torch.zeros(2, 4, dtype=torch.long), 2, pad=torch.tensor([1, 0]))
+
+
+def test_padded_rows_never_produce_nans(tiny):
+    cache = StaticKVCache(2, 2, 2, 8, 16, torch.float32, "cpu", pad=torch.tensor([5, 0]))
+    mask = cache.mask(torch.arange(8))  # (2, 1, 8, 8)
+    assert mask.shape == (2, 1, 8, 8) and mask.any(-1).all()  # every query sees at least itself
+    assert not mask[0, 0, 6, :5].any() and mask[0, 0, 6, 5:7].all()  # padding hidden, real prefix seen
+
+
+@pytest.mark.slow
+def test_smollm2_64_greedy_tokens_match_recompute(smollm2):
+    prompt = torch.tensor([smollm2.tokenizer.encode("The Python language reference says that").ids])
+    cached = apply_variants(smollm2.model, parse_spec("kv_cache+sdpa"))
+    with torch.inference_mode():
+        assert torch.equal(generate_greedy(cached, prompt, 64), generate_greedy(smollm2.model, prompt, 64))
+
+
+@pytest.mark.slow
+def test_compiled_cached_decode_matches_eager(tiny):
+    """torch.compile (inductor on the CPU; the first call compiles, ~1 min here)."""
+    eager = apply_variants(tiny, parse_spec("kv_cache+sdpa"))
+    compiled = apply_variants(tiny, parse_spec("kv_cache+sdpa+compile"))
+    assert not hasattr(eager, "_orig_mod") and compiled.forward is not eager.forward
+    prompt = torch.randint(0, tiny.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        cache = compiled.new_cache(2, 20)
+        for t in range(2):  # the second generation reuses the compiled graphs and the cache
+            decoder = GreedyDecoder(compiled, prompt, 8, cache=cache)
+            tokens = torch.cat([decoder.step() for _ in range(8)], dim=1)
+            assert torch.equal(tokens, generate_greedy(eager, prompt, 8)), t
+        step = compiled(prompt[:, :1], torch.tensor([12]), cache)
+        ref_cache = eager.new_cache(2, 20)
+        eager(decoder.tokens[:, :12], torch.arange(12), ref_cache)
+        torch.testing.assert_close(step, eager(prompt[:, :1], torch.tensor([12]), ref_cache), **FP32)
+
+
+def test_compile_mode_is_checked():
+    from infermatrix.errors import UserError
+
+    with pytest.raises(UserError, match="mode 'turbo' is not valid; valid: auto, default, reduce-overhead"):
+        parse_spec("compile(mode=turbo)")
