@@ -290,12 +290,12 @@ class GreedyDecoder:
             logits = self.model(self.tokens)  # (B, T, vocab): the whole prefix again
         elif T == self.prompt_len:
             logits = self.model(self.tokens, torch.arange(T, device=self.tokens.device), self.cache)  # prefill
-        else:  # one position: the token generated last (contiguous, so a compiled step keeps its strides)
-            last = self.tokens[:, -1:].contiguous()  # (B, 1)
-            logits = self.model(last, torch.tensor([T - 1], device=self.tokens.device), self.cache)
-        next_token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-        self.tokens = torch.cat([self.tokens, next_token], dim=1)  # (B, T+1)
-        return next_token
+        else:  # one position: the token generated last (its own tensor: a view of the growing
+            # self.tokens would change strides every step, and a compiled step would recompile)
+            logits = self.model(self.last, torch.tensor([T - 1], device=self.tokens.device), self.cache)
+        self.last = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        self.tokens = torch.cat([self.tokens, self.last], dim=1)  # (B, T+1)
+        return self.last
 
 
 @torch.no_grad()
