@@ -49,14 +49,19 @@ class Variant:
         return f"{self.name}({','.join(params)})" if params else self.name
 
 
-def with_attention(model: Transformer, attention) -> Transformer:
-    """A copy of `model` sharing its weights, with the attention seam replaced.
-
-    The top-level module, parameter and buffer tables are copied too, so a later
-    variant that replaces a top-level module cannot reach the base model."""
-    swapped = copy.copy(model)
+def shared_copy(model: Transformer) -> Transformer:
+    """A copy of `model` sharing its weights, for a variant that must leave the base
+    model as it was. The top-level module, parameter and buffer tables are copied
+    too, so a later variant that replaces a top-level module cannot reach the base."""
+    copied = copy.copy(model)
     for table in ("_modules", "_parameters", "_buffers"):
-        setattr(swapped, table, dict(getattr(model, table)))
+        setattr(copied, table, dict(getattr(model, table)))
+    return copied
+
+
+def with_attention(model: Transformer, attention) -> Transformer:
+    """A copy of `model` sharing its weights, with the attention seam replaced."""
+    swapped = shared_copy(model)
     swapped.attention = attention
     return swapped
 

@@ -9,13 +9,12 @@ the workloads time separately (`first_call_ms`), never inside the samples.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from infermatrix.model import Transformer
-from infermatrix.variants.base import Variant, register_variant
+from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 
@@ -35,6 +34,6 @@ class Compile(Variant):
         mode = self.mode
         if mode == "auto":
             mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
-        compiled = copy.copy(model)  # the base model stays eager
+        compiled = shared_copy(model)  # the base model stays eager
         compiled.forward = torch.compile(compiled.forward, mode=mode, dynamic=False, fullgraph=True)
         return compiled

@@ -10,14 +10,13 @@ is what a compiled or CUDA-graph decode step needs.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from infermatrix.model import Transformer
-from infermatrix.variants.base import Variant, register_variant
+from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 
 class StaticKVCache(nn.Module):
@@ -86,6 +85,6 @@ class KVCache(Variant):
     description = "static preallocated KV cache: prefill once, then one position per decode step"
 
     def apply(self, model: Transformer) -> Transformer:
-        cached = copy.copy(model)  # shares weights; the base model keeps decoding without a cache
+        cached = shared_copy(model)  # the base model keeps decoding without a cache
         cached.new_cache = lambda batch, max_len, pad=None: new_cache(cached, batch, max_len, pad)
         return cached
