@@ -9,6 +9,12 @@ from infermatrix.weights import load_model
 
 PLUGINS = Path(__file__).parent / "plugins"
 
+# Without a GPU, Triton kernels run through Triton's CPU interpreter (numpy), which
+# must be chosen before any kernel module is imported. On a CUDA machine the same
+# tests run the compiled kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     """Install tests/plugins as a package with `infermatrix.variants` entry points,

@@ -4,7 +4,8 @@ Importing this package registers the built-in variants; third-party ones arrive
 through the `infermatrix.variants` entry-point group.
 """
 
-from infermatrix.variants import compiled, kv_cache, reference, sdpa  # noqa: F401  (registers the built-ins)
+# importing registers the built-ins
+from infermatrix.variants import compiled, kv_cache, reference, sdpa, triton_attention  # noqa: F401
 from infermatrix.variants.base import (
     AXES,
     ENTRY_POINT_GROUP,

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import importlib.metadata
 import importlib.util
+import os
 import re
 import typing
 import warnings
@@ -207,6 +208,14 @@ def _cuda_missing(device: torch.device) -> str | None:
     return None
 
 
+def _triton_device_missing(device: torch.device) -> str | None:
+    """Triton kernels run on CUDA, or on the CPU through Triton's interpreter when
+    TRITON_INTERPRET=1 asks for it (correctness only)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
+        return None
+    return _cuda_missing(device)
+
+
 def _package_missing(package: str) -> typing.Callable[[torch.device], str | None]:
     return lambda device: None if importlib.util.find_spec(package) else f"needs the {package} package"
 
@@ -216,6 +225,7 @@ _REQUIREMENTS: dict[str, typing.Callable[[torch.device], str | None]] = {
     "cuda": _cuda_missing,
     "triton": _package_missing("triton"),
     "bitsandbytes": _package_missing("bitsandbytes"),
+    "triton_device": _triton_device_missing,
 }
 
 

@@ -1,0 +1,278 @@
+"""Fused attention forward in Triton, FlashAttention-2 style.
+
+One program owns a tile of BLOCK_M query rows of one (batch, head), keeps it
+resident, and streams the key/value tiles its rows may see through an online
+softmax (exp2, running max and sum, output normalized once at the end).
+
+Which keys a query row sees is a half-open range [lo, hi) per row. Causal
+attention (queries are the last Tq of Tk positions), a KV cache's filled slots,
+left padding and chunked prefill are all such ranges, so one kernel serves them.
+A tile's key loop runs in three phases: leading blocks that need the per-row
+mask, the blocks every row sees in full (no mask work), trailing masked blocks.
+Blocks no row sees (above the causal diagonal) are never loaded.
+
+`attend_block` and `attend_range` are the online-softmax core, shared with the
+split-KV decode kernel and the block-sparse kernel.
+
+Pure functions on tensors; nothing here knows about models or variants.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# A row's running max may lag its true max by up to 2**RESCALE_LOG2 before the
+# accumulator is rescaled (lazy rescaling): p = exp2(s - m) stays <= 256, far
+# from overflow even in fp16, and most key blocks skip the rescale entirely.
+RESCALE_LOG2 = tl.constexpr(8.0)
+# A finite start for the running max: a row that has seen only masked keys then
+# gets p = exp2(-inf - NEG_BIG) = 0 instead of exp2(-inf + inf) = NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 256)  # smallest and largest head dim the kernels take
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (correctness only)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys, row_lo, row_hi,
+                 qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold keys [start_n, start_n + BLOCK_N) into the running (acc, l_i, m_i).
+
+    q (M, BLOCK_D) is the resident query tile; k_base, v_base point at key 0 of
+    this (batch, kv head), head dim contiguous. MASKED: apply the per-row key
+    ranges [row_lo, row_hi) (M,) and guard loads past n_keys; otherwise every row
+    sees every key of the block. Scores are in log2 units (qk_scale = scale*log2 e).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]  # (D, N): K transposed
+    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]  # (N, D)
+    if MASKED:
+        in_keys = offs_n < n_keys
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs, mask=in_keys[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=in_keys[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=in_keys[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 units
+    if MASKED:
+        seen = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
+        s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if tl.max(m_new - m_i, 0) > RESCALE_LOG2:  # some row's max grew past the slack: rescale all
+        alpha = tl.math.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    p = tl.math.exp2(s - m_i[:, None])  # (M, N), <= 2**RESCALE_LOG2
+    l_i += tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # (M, D), fp32 accumulate
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attend_range(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n_keys, row_lo, row_hi, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Fold in every key each row may see, row r seeing [row_lo[r], row_hi[r]).
+    Only blocks some row sees are visited; those every row sees skip the mask."""
+    tile_lo = tl.min(row_lo, 0)
+    tile_hi = tl.max(row_hi, 0)
+    full_lo = tl.max(row_lo, 0)
+    full_hi = tl.min(row_hi, 0)
+    lead_start = (tile_lo // BLOCK_N) * BLOCK_N
+    full_start = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    full_end = tl.maximum(full_start, (full_hi // BLOCK_N) * BLOCK_N)
+    for start_n in range(lead_start, full_start, BLOCK_N):
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys,
+                                     row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
+    for start_n in range(full_start, full_end, BLOCK_N):
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys,
+                                     row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, DOT_PRECISION)
+    for start_n in range(full_end, tile_hi, BLOCK_N):
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys,
+                                     row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def load_query_tile(q_base, stride_qm, rows, row_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(M, BLOCK_D) query rows, zero where a row is out of range or past the head dim."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                   mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+# Bounds modes: every row sees all keys; causal with the queries at the end of
+# the keys; explicit per-row [lo, hi) tensors.
+BOUNDS_NONE, BOUNDS_CAUSAL, BOUNDS_TENSOR = 0, 1, 2
+
+
+def _prefill_configs() -> list[triton.Config]:
+    if interpreting():  # one small tile: the interpreter is for correctness, not tuning
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bm, bn, warps in ((128, 64, 4), (128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 32, 4))
+        for stages in (2, 3, 4)
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Big tiles with head dim > 128 exceed shared memory; short queries waste big M tiles."""
+    args = {**named_args, **kwargs}
+    head_dim, n_q = args["BLOCK_D"], args["n_q"]
+    kept = [c for c in configs
+            if not (head_dim > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
+            and not (n_q <= 64 and c.kwargs["BLOCK_M"] > 64)]
+    return kept or configs[-1:]
+
+
+@triton.autotune(configs=_prefill_configs(), key=["n_q_bucket", "n_k_bucket", "HEAD_DIM", "BOUNDS", "GROUP"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _prefill_kernel(Q, K, V, Out, Lo, Hi, qk_scale,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                    n_heads, n_q, n_keys, n_q_bucket, n_k_bucket,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BOUNDS: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    kv_head = head // GROUP  # grouped-query attention: K/V are never repeated
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_q
+    rows = tl.minimum(offs_m, n_q - 1)  # rows past the end mirror the last one, so tile bounds stay tight
+    if BOUNDS == 2:
+        row_lo = tl.load(Lo + batch * n_q + rows)  # bounds are (B, Tq) contiguous
+        row_hi = tl.load(Hi + batch * n_q + rows)
+    elif BOUNDS == 1:
+        row_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        row_hi = tl.minimum(rows + (n_keys - n_q) + 1, n_keys)
+    else:
+        row_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+        row_hi = tl.zeros([BLOCK_M], dtype=tl.int32) + n_keys
+    q = load_query_tile(Q + batch * stride_qb + head * stride_qh, stride_qm, rows, row_ok, HEAD_DIM, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_BIG
+    acc, l_i, m_i = attend_range(acc, l_i, m_i, q, K + batch * stride_kb + kv_head * stride_kh,
+                                 V + batch * stride_vb + kv_head * stride_vh, stride_kn, stride_vn, n_keys,
+                                 row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key gives zeros, not NaN
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+def _bucket(n: int) -> int:
+    """Autotuning key for a length: its power of two, so nearby lengths share a tuning."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use IEEE products unless torch allows TF32 matmuls, as torch itself does."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_len_name: str = "Tq") -> None:
+    """Refuse, with the shapes in the message, what the kernels cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            length = q_len_name if name == "q" else "Tk"
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims (batch, heads, {length}, head_dim)")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 or float32")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} has head-dim stride {t.stride(-1)}; the kernels "
+                             f"need the head dim contiguous (call .contiguous() first)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one dtype")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    batch, heads, _, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch or head_dim")
+    if heads % k.shape[1]:
+        raise ValueError(f"q has {heads} heads, k has {k.shape[1]}: query heads must be a multiple of KV heads")
+    if not HEAD_DIMS[0] <= head_dim <= HEAD_DIMS[1]:
+        raise ValueError(f"head_dim {head_dim} (q {tuple(q.shape)}) is outside the {HEAD_DIMS[0]}..{HEAD_DIMS[1]} "
+                         f"the Triton kernels take; use the sdpa variant for this model")
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"the Triton kernels run on CUDA; q is on {q.device}. Set TRITON_INTERPRET=1 "
+                         f"before importing them to run on the CPU (correctness only)")
+
+
+def check_bounds(bounds, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (batch or 1, rows) integers, to contiguous (batch, rows) int32 on `device`."""
+    lo, hi = bounds
+    for name, t in (("lo", lo), ("hi", hi)):
+        if t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != rows:
+            raise ValueError(f"kv_bounds {name} has shape {tuple(t.shape)}; expected ({batch} or 1, {rows})")
+        if t.dtype.is_floating_point:
+            raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be integers")
+    # one row per sequence, so the kernels index them without broadcasting strides
+    return tuple(t.to(device, torch.int32).expand(batch, rows).contiguous() for t in (lo, hi))
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    kv_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale) v for q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D).
+
+    causal: query i sits at key position Tk - Tq + i and sees keys up to it (a
+    query shorter than the keys is chunked prefill against a cache). kv_bounds:
+    (lo, hi), each (B or 1, Tq): query row i of batch b sees keys [lo, hi)
+    instead; a row with lo >= hi gives zeros. Accumulates in fp32.
+    """
+    check_attention_inputs(q, k, v)
+    batch, heads, n_q, head_dim = q.shape
+    n_keys = k.shape[2]
+    if causal and kv_bounds is None and n_q > n_keys:
+        raise ValueError(f"causal attention with {n_q} queries but {n_keys} keys: the queries must be the "
+                         f"last Tq of the Tk positions (Tq <= Tk)")
+    out = torch.empty_like(q)
+    if n_q == 0:
+        return out
+    if kv_bounds is not None:
+        lo, hi = check_bounds(kv_bounds, batch, n_q, q.device)
+        mode = BOUNDS_TENSOR
+    else:
+        lo = hi = out  # unused pointer arguments
+        mode = BOUNDS_CAUSAL if causal else BOUNDS_NONE
+    scale = (1.0 / math.sqrt(head_dim)) if sm_scale is None else sm_scale
+
+    def grid(meta):
+        return triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads
+
+    _prefill_kernel[grid](
+        q, k, v, out, lo, hi, scale * LOG2E,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        heads, n_q, n_keys, _bucket(n_q), _bucket(n_keys),
+        GROUP=heads // k.shape[1], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BOUNDS=mode, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    return out

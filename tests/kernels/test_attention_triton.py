@@ -1,0 +1,138 @@
+"""The fused prefill kernel against PyTorch's scaled_dot_product_attention.
+
+Without a GPU these run through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so shapes stay small; on a CUDA machine the same tests run
+the compiled kernel, bfloat16 included.
+
+Tolerances. The oracle is SDPA in fp32 on the same (rounded) inputs.
+* fp32: the same math summed in another order: errors ~ sqrt(Tk)·eps·|v| ~ 1e-6.
+* fp16: P is rounded to fp16 before P·V (relative 2^-11) and the output is rounded
+  to fp16 (half an ulp, 2^-11 relative, |out| <= max|v| ~ 4): ~1e-3 worst case.
+* bf16 (GPU only): the same with 2^-8 in place of 2^-11: ~1.6e-2.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infermatrix.kernels.attention_triton import flash_attention, interpreting
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+# The interpreter has no bfloat16.
+HALF_DTYPES = [torch.float16] + ([] if interpreting() else [torch.bfloat16])
+
+
+def qkv(batch, heads, kv_heads, q_len, k_len, head_dim, dtype=torch.float32):
+    q = torch.randn(batch, heads, q_len, head_dim, device=DEVICE).to(dtype)
+    k = torch.randn(batch, kv_heads, k_len, head_dim, device=DEVICE).to(dtype)
+    v = torch.randn(batch, kv_heads, k_len, head_dim, device=DEVICE).to(dtype)
+    return q, k, v
+
+
+def oracle(q, k, v, *, causal, mask=None):
+    """SDPA in fp32; causal means the queries are the last Tq of the Tk positions."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    if causal and mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n", [1, 7, 64, 130, 257])
+def test_every_length_matches_sdpa(n, causal):
+    """N = 1, N below one tile, a multiple of the tile, and ragged edges; GQA 3:1."""
+    q, k, v = qkv(1, 3, 1, n, n, 64)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=causal), oracle(q, k, v, causal=causal),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_head_dims_and_gqa_ratios_match_sdpa(head_dim, group):
+    q, k, v = qkv(2, group * 2, 2, 40, 40, head_dim)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), oracle(q, k, v, causal=True),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("head_dim", [16, 80, 256])
+def test_edge_and_non_power_of_two_head_dims(head_dim):
+    q, k, v = qkv(1, 2, 2, 33, 33, head_dim)
+    torch.testing.assert_close(flash_attention(q, k, v, causal=False), oracle(q, k, v, causal=False),
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_half_precision_accumulates_in_fp32(dtype, causal):
+    q, k, v = qkv(2, 4, 2, 130, 130, 64, dtype)
+    out = flash_attention(q, k, v, causal=causal)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), oracle(q, k, v, causal=causal), **TOL[dtype])
+
+
+@pytest.mark.parametrize("q_len", [1, 37, 64])
+def test_query_shorter_than_keys_is_chunked_prefill(q_len):
+    """The queries are the last q_len positions: a chunk of prefill against a cache."""
+    q, k, v = qkv(1, 4, 1, q_len, 130, 32)
+    full_q = torch.randn(1, 4, 130, 32, device=DEVICE)
+    full_q[:, :, 130 - q_len:] = q
+    expected = oracle(full_q, k, v, causal=True)[:, :, 130 - q_len:]
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), expected, **TOL[torch.float32])
+
+
+def test_large_logits_stay_exact_through_lazy_rescaling():
+    """Scores spanning hundreds of units force rescales in the middle of a row; the
+    stale-max shortcut must not change the result."""
+    q, k, v = qkv(1, 2, 2, 70, 200, 32)
+    k = k * torch.linspace(0.1, 30.0, 200, device=DEVICE)[None, None, :, None]  # growing key norms
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), oracle(q, k, v, causal=True),
+                               **TOL[torch.float32])
+
+
+def test_per_row_key_ranges_cover_padding_and_cache_fill():
+    """kv_bounds as a KV cache with left padding gives them: row b, query i sees
+    keys [pad_b, i + 1) of a 64-slot buffer. Rows that see no key give zeros."""
+    q_len, slots, pads = 20, 64, torch.tensor([0, 3])
+    q, k, v = qkv(2, 4, 2, q_len, slots, 32)
+    lo = pads[:, None].expand(2, q_len)
+    hi = torch.arange(1, q_len + 1)[None].expand(2, q_len)
+    out = flash_attention(q, k, v, kv_bounds=(lo, hi))
+    slot = torch.arange(slots)
+    mask = (slot >= lo[..., None]) & (slot < hi[..., None])  # (2, Tq, slots)
+    seen = mask.any(-1)
+    expected = oracle(q, k, v, causal=False, mask=mask[:, None].to(DEVICE))
+    torch.testing.assert_close(out[seen[:, None].expand(-1, 4, -1)], expected[seen[:, None].expand(-1, 4, -1)],
+                               **TOL[torch.float32])
+    assert (out[1, :, :3] == 0).all()  # rows 0..2 of sequence 1 are padding: they see nothing
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: qkv(1, 2, 2, 8, 8, 8), "head_dim 8"),
+    (lambda: qkv(1, 2, 2, 8, 8, 512), "head_dim 512"),
+    (lambda: qkv(1, 3, 2, 8, 8, 32), "multiple of KV heads"),
+    (lambda: (*qkv(1, 2, 2, 8, 8, 32)[:2], torch.randn(1, 2, 9, 32, device=DEVICE)), "same shape"),
+    (lambda: (qkv(1, 2, 2, 8, 8, 32)[0].half(), *qkv(1, 2, 2, 8, 8, 32)[1:]), "dtypes differ"),
+    (lambda: (qkv(1, 2, 2, 8, 8, 32)[0].transpose(-1, -2), *qkv(1, 2, 2, 32, 8, 8)[1:]), "head-dim stride"),
+    (lambda: (qkv(1, 2, 2, 8, 8, 32)[0][0], *qkv(1, 2, 2, 8, 8, 32)[1:]), "expected 4 dims"),
+    (lambda: qkv(1, 2, 2, 8, 8, 32, torch.float64), "dtype torch.float64"),
+])
+def test_bad_input_is_refused_naming_the_shape(make, message):
+    q, k, v = make()
+    with pytest.raises(ValueError, match=message):
+        flash_attention(q, k, v, causal=False)
+
+
+def test_causal_query_longer_than_keys_is_refused():
+    with pytest.raises(ValueError, match="Tq <= Tk"):
+        flash_attention(*qkv(1, 2, 2, 9, 8, 32), causal=True)
+
+
+def test_bad_bounds_are_refused():
+    q, k, v = qkv(2, 2, 2, 8, 8, 32)
+    with pytest.raises(ValueError, match=r"kv_bounds lo has shape \(2, 7\)"):
+        flash_attention(q, k, v, kv_bounds=(torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)))
+    with pytest.raises(ValueError, match="must be integers"):
+        flash_attention(q, k, v, kv_bounds=(torch.zeros(2, 8), torch.ones(2, 8)))

@@ -1,0 +1,76 @@
+"""The split-KV decode kernel against PyTorch's scaled_dot_product_attention.
+
+One query per sequence against a cache; sequences in a batch see different key
+ranges. Tolerances as in test_attention_triton.py, plus the combine of partial
+results (fp32, exact up to rounding).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infermatrix.kernels.attention_triton import interpreting
+from infermatrix.kernels.decode_attention_triton import decode_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
+       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+HALF_DTYPES = [torch.float16] + ([] if interpreting() else [torch.bfloat16])
+
+
+def cache(batch, heads, kv_heads, slots, head_dim, dtype=torch.float32):
+    q = torch.randn(batch, heads, 1, head_dim, device=DEVICE).to(dtype)
+    k = torch.randn(batch, kv_heads, slots, head_dim, device=DEVICE).to(dtype)
+    v = torch.randn(batch, kv_heads, slots, head_dim, device=DEVICE).to(dtype)
+    return q, k, v
+
+
+def oracle(q, k, v, lo=None, hi=None):
+    mask = None
+    if lo is not None:
+        slot = torch.arange(k.shape[2], device=DEVICE)
+        mask = ((slot >= lo.to(DEVICE)) & (slot < hi.to(DEVICE)))[:, None, None, :]  # (B, 1, 1, slots)
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_batch_of_different_lengths_matches_sdpa(group, num_splits):
+    """Three sequences in one 300-slot cache: full, a left-padded middle, a single key."""
+    q, k, v = cache(3, 2 * group, 2, 300, 64)
+    lo, hi = torch.tensor([[0], [5], [40]]), torch.tensor([[300], [77], [41]])
+    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=num_splits)
+    torch.testing.assert_close(out, oracle(q, k, v, lo, hi), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_head_dims_match_sdpa(head_dim):
+    q, k, v = cache(2, 4, 1, 130, head_dim)
+    torch.testing.assert_close(decode_attention(q, k, v, num_splits=2), oracle(q, k, v), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision(dtype):
+    q, k, v = cache(2, 8, 2, 257, 64, dtype)
+    out = decode_attention(q, k, v, num_splits=4)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), oracle(q, k, v), **TOL[dtype])
+
+
+def test_splits_that_see_no_key_drop_out_of_the_combine():
+    """With 5 splits over 320 slots, a sequence of 10 keys leaves 4 splits empty; a
+    sequence with no keys at all gives zeros, not NaN."""
+    q, k, v = cache(2, 2, 2, 320, 32)
+    lo, hi = torch.tensor([[100], [7]]), torch.tensor([[110], [7]])
+    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=5)
+    torch.testing.assert_close(out[:1], oracle(q[:1], k[:1], v[:1], lo[:1], hi[:1]), **TOL[torch.float32])
+    assert (out[1] == 0).all()
+
+
+def test_more_than_one_query_is_refused():
+    q, k, v = cache(1, 2, 2, 16, 32)
+    with pytest.raises(ValueError, match=r"one query per sequence; q has shape \(1, 2, 2, 32\)"):
+        decode_attention(torch.cat([q, q], 2), k, v)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        decode_attention(q, k, v, num_splits=0)
