@@ -192,8 +192,11 @@ def _bucket(n: int) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use IEEE products unless torch allows TF32 matmuls, as torch itself does."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 inputs use IEEE products unless torch allows TF32 matmuls, as torch itself
+    does. 16-bit inputs get Triton's default ("tf32", which only affects fp32 operands)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_len_name: str = "Tq") -> None:
