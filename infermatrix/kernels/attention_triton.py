@@ -122,6 +122,22 @@ def load_query_tile(q_base, stride_qm, rows, row_ok, HEAD_DIM: tl.constexpr, BLO
                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
 
 
+@triton.jit
+def empty_state(M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(acc, l_i, m_i) of an online softmax that has seen no key yet."""
+    return (tl.zeros([M, BLOCK_D], dtype=tl.float32), tl.zeros([M], dtype=tl.float32),
+            tl.zeros([M], dtype=tl.float32) + NEG_BIG)
+
+
+@triton.jit
+def store_rows(o_base, stride_om, offs_m, row_ok, acc, l_i, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Normalize once and store the in-range rows; a row that saw no key gives zeros, not NaN."""
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(o_base.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
 # Bounds modes: every row sees all keys; causal with the queries at the end of
 # the keys; explicit per-row [lo, hi) tensors.
 BOUNDS_NONE, BOUNDS_CAUSAL, BOUNDS_TENSOR = 0, 1, 2
@@ -174,16 +190,11 @@ def _prefill_kernel(Q, K, V, Out, Lo, Hi, qk_scale,
         row_lo = tl.zeros([BLOCK_M], dtype=tl.int32)
         row_hi = tl.zeros([BLOCK_M], dtype=tl.int32) + n_keys
     q = load_query_tile(Q + batch * stride_qb + head * stride_qh, stride_qm, rows, row_ok, HEAD_DIM, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_BIG
+    acc, l_i, m_i = empty_state(BLOCK_M, BLOCK_D)
     acc, l_i, m_i = attend_range(acc, l_i, m_i, q, K + batch * stride_kb + kv_head * stride_kh,
                                  V + batch * stride_vb + kv_head * stride_vh, stride_kn, stride_vn, n_keys,
                                  row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key gives zeros, not NaN
-    offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    store_rows(Out + batch * stride_ob + head * stride_oh, stride_om, offs_m, row_ok, acc, l_i, HEAD_DIM, BLOCK_D)
 
 
 def _bucket(n: int) -> int:

@@ -21,11 +21,11 @@ import triton.language as tl
 
 from infermatrix.kernels.attention_triton import (
     LOG2E,
-    NEG_BIG,
     attend_range,
     check_attention_inputs,
     check_bounds,
     dot_precision,
+    empty_state,
     interpreting,
     load_query_tile,
 )
@@ -54,9 +54,7 @@ def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, qk_scale,
     row_lo = tl.zeros([BLOCK_H], dtype=tl.int32) + chunk_lo
     row_hi = tl.zeros([BLOCK_H], dtype=tl.int32) + chunk_hi
     q = load_query_tile(Q + batch * stride_qb, stride_qh, heads, head_ok, HEAD_DIM, BLOCK_D)  # (H, D)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_H], dtype=tl.float32) + NEG_BIG
+    acc, l_i, m_i = empty_state(BLOCK_H, BLOCK_D)
     acc, l_i, m_i = attend_range(acc, l_i, m_i, q, K + batch * stride_kb + kv_head * stride_kh,
                                  V + batch * stride_vb + kv_head * stride_vh, stride_kn, stride_vn, n_keys,
                                  row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
