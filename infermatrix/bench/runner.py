@@ -122,10 +122,10 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
     device = torch.device(case.device)
     try:
         with torch.inference_mode():  # no autograd graphs in any timed call
+            metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
         if os.environ.get("TRITON_INTERPRET") == "1" and any(
                 "triton_device" in v.requires for v in parse_spec(case.variant)):
             metrics["triton_interpreted"] = True  # CPU interpreter: correct numbers, meaningless timings
-            metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
         if device.type == "cuda":
             metrics["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
             metrics["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
