@@ -19,18 +19,66 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {key: value for key, value in (("isolate", args.isolate), ("timeout_s", args.timeout),
                                                 ("max_time_s", args.max_time)) if value is not None}
+    shard = None
+    if args.shard is not None:
+        from infermatrix.bench.shard import parse_shard
+
+        shard = parse_shard(args.shard)  # bad K/N is refused before the matrix is read
+    if args.executor != "ray" and (args.address or args.cpus_per_case):
+        raise UserError("--address and --cpus-per-case need --executor ray")
+    executor = None
+    if args.executor == "ray":
+        from infermatrix.bench.ray_executor import RayExecutor
+
+        executor = RayExecutor(args.address, args.cpus_per_case, log=lambda line: print(line, flush=True))
     matrix = load_matrix(args.matrix, overrides)
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR: the run folder to continue")
     out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    print(f"infermatrix: {len(matrix.cases)} cases from {matrix.source} -> {out}", flush=True)
+    if executor is not None:
+        executor.connect()  # a cluster that cannot be reached is refused before the run folder is made
+    of = ""
+    if shard is not None:
+        from infermatrix.bench.shard import shard_costs, shard_matrix
+
+        whole = matrix
+        matrix = shard_matrix(whole, *shard)
+        costs = shard_costs(whole, shard[1])
+        share = costs[shard[0] - 1] / sum(costs) if sum(costs) else 0.0
+        of = f" (shard {shard[0]}/{shard[1]} of {matrix.shard.matrix_cases}, {share:.0%} of the estimated cost)"
+    print(f"infermatrix: {len(matrix.cases)} cases{of} from {matrix.source} -> {out}", flush=True)
     records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
-                         log=lambda line: print(line, flush=True), progress=sys.stderr.isatty() and not args.quiet)
+                         log=lambda line: print(line, flush=True), progress=sys.stderr.isatty() and not args.quiet,
+                         executor=executor)
     print()
     print(render_table(records))
     print(f"\nwrote {out / 'records.jsonl'} and {out / 'results.csv'}")
     failed = sum(r.status == "failed" for r in records)
     return 1 if failed else 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from infermatrix.reports.merge import merge_runs, write_merged
+    from infermatrix.reports.run import load_run
+
+    out = Path(args.out)
+    for source in args.runs:
+        if Path(source).resolve() == out.resolve():
+            raise UserError(f"--out {out} is one of the runs to merge; choose a new folder for the merged run")
+    merged = merge_runs([load_run(source) for source in args.runs], force=args.force)
+    for line in merged.warnings:
+        print(f"warning: {line}")
+    if merged.duplicates:
+        more = f" and {len(merged.duplicates) - 10} more" if len(merged.duplicates) > 10 else ""
+        print(f"{len(merged.duplicates)} duplicate records (identical, kept once): "
+              f"{', '.join(merged.duplicates[:10])}{more}")
+    for line in merged.conflicts:
+        print(f"conflict: {line}")
+    paths = write_merged(merged, out)
+    print(f"merged {len(merged.records)} cases from {len(args.runs)} runs -> {out}")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -225,7 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take when isolated")
     run.add_argument("--max-time", type=float, metavar="S", help="time cap per measurement (adaptive repetition)")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--shard", metavar="K/N",
+                     help="run only the K-th of N shares of the cases (K from 1): the split depends on the set "
+                          "of cases alone and balances their estimated cost; join the runs with `merge`")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: one case after another on this machine (default); ray: each case a Ray task "
+                          "(pip install 'infermatrix[ray]')")
+    run.add_argument("--address", metavar="ADDR",
+                     help="Ray cluster to use, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a "
+                          "local cluster, else start one)")
+    run.add_argument("--cpus-per-case", type=float, metavar="N",
+                     help="Ray: CPUs each CPU case asks for (default: a whole node, so timings do not share cores)")
     run.set_defaults(func=_cmd_run)
+
+    merge = sub.add_parser(
+        "merge", help="combine the runs of one matrix's shards into one run folder",
+        description="Join the records of runs made from the same matrix file (e.g. `run --shard K/N`) into one "
+                    "run folder and write its reports; each record keeps the environment it was measured in. "
+                    "Duplicate and conflicting records, missing cases and different [run] settings are reported.",
+        epilog="Example: infermatrix merge shards/* --out results/full && infermatrix gate results/base results/full",
+    )
+    merge.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or records .jsonl / results .json files)")
+    merge.add_argument("--out", metavar="DIR", required=True, help="the merged run folder to create")
+    merge.add_argument("--force", action="store_true",
+                       help="merge even runs made from different (or unknown) matrix files")
+    merge.set_defaults(func=_cmd_merge)
 
     report = sub.add_parser(
         "report", help="write results.csv, results.json, summary.md and report.html of a run",

@@ -59,6 +59,7 @@ def _gpu() -> dict | None:
 def capture_env() -> dict:
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
+        "host": platform.node(),  # which machine measured, when shards or Ray workers run elsewhere
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": _cpu_name(),

@@ -112,12 +112,22 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Which share of a matrix a run holds (`--shard K/N`; bench.shard splits)."""
+
+    index: int  # K, from 1
+    count: int  # N
+    matrix_cases: int  # cases of the whole matrix, for checking a merge is complete
+
+
+@dataclass(frozen=True)
 class Matrix:
     cases: tuple[Case, ...]
     settings: RunSettings
     source: str
     text: str | None = None  # the TOML, kept in the run folder (its [gate] rules travel with it)
     gate_rules: tuple[str, ...] = ()
+    shard: Shard | None = None  # None: the whole matrix
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}

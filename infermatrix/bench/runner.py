@@ -19,7 +19,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -28,6 +28,7 @@ from infermatrix.bench.matrix import Case, Matrix, RunSettings
 from infermatrix.bench.roofline import Peaks, load_or_measure_peaks
 from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.errors import UserError
+from infermatrix.reports.merge import matrix_sha256
 from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
 from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
 from infermatrix.variants import parse_spec, unmet_requirements
@@ -217,8 +218,48 @@ def check_eval_text(matrix: Matrix, eval_text_path: str | None) -> None:
             )
 
 
+def execute_case(case: Case, ctx: RunContext, models: ModelCache | None = None) -> Record:
+    """One case on this machine, as every executor runs it: skipped when this machine
+    cannot run it, else in its own process or in this one, per [run] isolate."""
+    reason = skip_reason(case)
+    if reason:
+        return _record(case, ctx, "skipped", reason)
+    if ctx.settings.isolate:
+        return run_case_isolated(case, ctx)
+    return run_case(case, ctx, models if models is not None else ModelCache(ctx.settings.seed))
+
+
+# An executor takes the cases to run, the run's context and a callback for the case it
+# starts next, and yields each case's Record as it finishes, in any order; the driver
+# (run_matrix) appends it to records.jsonl at once.
+Executor = Callable[[list[Case], RunContext, Callable[[Case], None]], Iterator[Record]]
+
+
+def execute_local(cases: list[Case], ctx: RunContext, on_start: Callable[[Case], None]) -> Iterator[Record]:
+    """One case after another on this machine; in-process runs share loaded models."""
+    models = ModelCache(ctx.settings.seed)
+    for case in cases:
+        on_start(case)
+        yield execute_case(case, ctx, models)
+
+
+def measure_peaks(todo, cases, log: Callable[[str], None] = print) -> dict[str, Peaks]:
+    """This machine's peaks for each device type the cases to do use, over the dtypes of
+    all the matrix's cases of that type (one cache key, whatever share runs here)."""
+    peaks = {}
+    for kind in sorted({torch.device(c.device).type for c in todo}):
+        if kind == "cpu" or torch.cuda.is_available():
+            dtypes = tuple(sorted({c.dtype for c in cases if torch.device(c.device).type == kind}))
+            log(f"machine peaks ({kind}, {', '.join(dtypes)}): measured once per machine, then cached")
+            peaks[kind] = load_or_measure_peaks(kind, dtypes)
+    return peaks
+
+
 def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text: str | None = None,
-               log: Callable[[str], None] = print, progress: bool = False) -> list[Record]:
+               log: Callable[[str], None] = print, progress: bool = False,
+               executor: Executor | None = None) -> list[Record]:
+    """Run the matrix's cases not yet recorded in out_dir; `executor` (default: this
+    machine, one case at a time) decides where each runs."""
     out_dir = Path(out_dir)
     records_path = out_dir / RECORDS_FILE
     done: list[Record] = []
@@ -226,48 +267,47 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
         if not resume:
             raise UserError(f"--out {out_dir} already holds {RECORDS_FILE}; choose a new folder or pass --resume")
         done = read_records(records_path)
+        _check_same_shard(done, matrix, out_dir)
     check_eval_text(matrix, eval_text)
     out_dir.mkdir(parents=True, exist_ok=True)
+    records_path.touch()  # a shard with no cases is still a run folder that merge can read
     if matrix.text is not None and not (out_dir / MATRIX_COPY).exists():
         (out_dir / MATRIX_COPY).write_text(matrix.text, encoding="utf-8")
     env = capture_env()
     env["eval_text"] = {"path": eval_text or "pydoc_data.topics", "sha256": text_sha256(load_text(eval_text))}
     env["settings"] = asdict(matrix.settings)  # timing rules, isolation and the seed of every case
+    if matrix.text is not None:  # `infermatrix merge` checks that shards ran the same matrix
+        env["matrix_sha256"] = matrix_sha256(matrix.text)
+    if matrix.shard is not None:
+        env["shard"] = asdict(matrix.shard)
     todo = todo_cases(matrix, done)
-    peaks = {}
-    for kind in sorted({torch.device(c.device).type for c in todo}):
-        if kind == "cpu" or torch.cuda.is_available():
-            dtypes = tuple(sorted({c.dtype for c in matrix.cases if torch.device(c.device).type == kind}))
-            log(f"machine peaks ({kind}, {', '.join(dtypes)}): measured once per machine, then cached")
-            peaks[kind] = load_or_measure_peaks(kind, dtypes)
+    # a remote executor's workers measure their own machines' peaks
+    peaks = measure_peaks(todo, matrix.cases, log) if executor is None else {}
     env["peaks"] = {kind: p.to_dict() for kind, p in peaks.items()}
     ctx = RunContext(matrix.settings, env, eval_text, peaks)
     if done:
         log(f"resuming: {len(done)} cases already recorded, {len(todo)} to run")
-    models = ModelCache(matrix.settings.seed)
     records = list(done)
     bar = _progress_bar(len(todo)) if progress else None
+
+    def on_start(case: Case) -> None:
+        if bar is not None:
+            bar.set_postfix_str(case.case_id, refresh=True)
+
+    results = (executor or execute_local)(todo, ctx, on_start)
     try:
-        for i, case in enumerate(todo, 1):
-            if bar is not None:
-                bar.set_postfix_str(case.case_id, refresh=True)
-            reason = skip_reason(case)
-            if reason:
-                rec = _record(case, ctx, "skipped", reason)
-            elif matrix.settings.isolate:
-                rec = run_case_isolated(case, ctx)
-            else:
-                rec = run_case(case, ctx, models)
+        for i, rec in enumerate(results, 1):
             append_record(records_path, rec)
             records.append(rec)
             figure = _headline(rec)
-            line = f"[{i}/{len(todo)}] {case.case_id}: {rec.status} ({figure})"
+            line = f"[{i}/{len(todo)}] {rec.case_id}: {rec.status} ({figure})"
             if bar is not None:
                 bar.write(line)
                 bar.update(1)
             else:
                 log(line)
     finally:  # an interrupted run still gets the reports of what it measured
+        getattr(results, "close", lambda: None)()  # an executor stops (and cancels what still runs)
         if bar is not None:
             bar.close()
         try:  # results.csv first, then JSON, Markdown and HTML
@@ -275,6 +315,17 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
         except Exception as exc:  # the records are safe on disk; `infermatrix report` can retry
             log(f"warning: reports not written ({type(exc).__name__}: {exc}); run `infermatrix report {out_dir}`")
     return records
+
+
+def _check_same_shard(done: list[Record], matrix: Matrix, out_dir: Path) -> None:
+    """--resume must continue the same share of the matrix the folder began with."""
+    before = next((r.env.get("shard") for r in done if r.env), None)
+    if before is None or matrix.shard is None:
+        return
+    was, now = f"{before['index']}/{before['count']}", f"{matrix.shard.index}/{matrix.shard.count}"
+    if was != now:
+        raise UserError(f"--shard {now}: {out_dir} holds shard {was}; resume it with --shard {was} "
+                        "or choose a new --out folder")
 
 
 def todo_cases(matrix: Matrix, done: list[Record]) -> list[Case]:
