@@ -16,7 +16,8 @@ Page anatomy (stable hooks for tests and scrapers):
 * ``svg.chart[data-chart=latency|tokens|speedup|limit|pareto]`` (``data-workload``,
   ``data-metric=kl|ppl`` on the scatter), bars ``rect.bar``, points ``.point``,
   the front's points ``.point.pareto`` and line ``.pareto-front``; a chart
-  without data is ``div.chart.nodata`` saying "no data";
+  without data is ``div.chart.nodata`` saying "no data"; a block-sparse layout
+  (metric ``attention_layout``) is ``svg.chart[data-chart=layout]``;
 * ``table#problems``: the failed and skipped cases, ``tr.problem[data-status]``.
 """
 
@@ -531,6 +532,39 @@ def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[
     return "".join(parts)
 
 
+def _layout_pictures(records: list[Record]) -> str:
+    """Block-sparse attention layouts (metric `attention_layout`: rows of hex digits
+    0..f, the share of active blocks per cell, joined by '/') as small SVG grids."""
+    figures = []
+    seen = set()
+    for r in records:
+        grid = r.metrics.get("attention_layout")
+        if r.status != "ok" or not isinstance(grid, str):
+            continue
+        rows = [row for row in grid.split("/") if row]
+        key = (str(r.case.get("variant")), r.case.get("prompt_len"), grid)
+        if not rows or key in seen or any(c not in "0123456789abcdef" for row in rows for c in row):
+            continue
+        seen.add(key)
+        cell = max(2, 128 // max(len(rows), 1))
+        rects = "".join(f'<rect x="{j * cell}" y="{i * cell}" width="{cell}" height="{cell}" '
+                        f'fill-opacity="{int(c, 16) / 15:.2f}"/>'
+                        for i, row in enumerate(rows) for j, c in enumerate(row) if c != "0")
+        size = cell * len(rows)
+        density = _num(r.metrics.get("attention_density"))
+        caption = f"{r.case.get('variant')}, seq {r.case.get('prompt_len')}" + (
+            f", density {density:.1%}" if density is not None else "")
+        figures.append(f'<figure class="figure layout" data-case-id="{_esc(r.case_id)}">'
+                       f'<svg class="chart" data-chart="layout" width="{size}" height="{size}" '
+                       f'viewBox="0 0 {size} {size}" role="img" aria-label="{_esc(caption)}">'
+                       f'<rect width="{size}" height="{size}" fill="none" stroke="#999"/>'
+                       f'<g fill="#1f77b4">{rects}</g></svg><figcaption>{_esc(caption)}</figcaption></figure>')
+    if not figures:
+        return ""
+    return ('<h3>Attention layouts</h3><p class="note">Rows: query blocks, columns: key blocks; '
+            'darker = more of the cell\'s blocks computed.</p><div class="charts">' + "".join(figures) + "</div>")
+
+
 # -------------------------------------------------------------------- table
 
 _CASE_COLUMNS = [  # key, header, numeric
@@ -876,6 +910,7 @@ def render_html(records: list[Record], *, title: str = "infermatrix run", env: d
         f'<section id="charts"><h2>Charts</h2>{_legend(colors, records)}',
         _speed_charts(records, colors, speedup),
         _pareto_charts(records, colors, speedup),
+        _layout_pictures(records),
         "</section>",
         f'<section id="problems-section"><h2>Failed and skipped cases</h2>{_problems(records)}</section>',
     ]

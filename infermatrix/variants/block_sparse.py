@@ -1,0 +1,170 @@
+"""`block_sparse`: attention restricted to a block layout (Sparse Transformer,
+BigBird, Longformer, sliding window, ...), computed only on its active blocks.
+
+Configured by pattern and parameters, e.g. ``block_sparse(pattern=sliding,window=256)``
+or ``block_sparse(pattern=bigbird,window=128,n_global=1,n_random=2,seed=0)``.
+Layouts are built per sequence length on first use (block 64 on the CPU, 128 on
+CUDA unless `block` is given) and cached. Prefill (as many queries as keys) goes
+through the CPU kernel on the CPU and the Triton kernel on CUDA (`backend=triton`
+forces Triton, e.g. under TRITON_INTERPRET=1 on the CPU). A decode step or a KV
+cache's masked prefill attends through the layout's rows at the queries'
+positions, combined with the cache's mask: a new query sees only the key
+blocks its row of the layout allows.
+
+It changes what the model computes; the drift workload measures by how much.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infermatrix.kernels.block_sparse_layout import (
+    PATTERNS,
+    BlockLayout,
+    default_block_size,
+    make_layout,
+    pattern_params,
+)
+from infermatrix.model import Transformer, causal_mask
+from infermatrix.variants.base import Variant, register_variant, with_attention
+from infermatrix.variants.sdpa import sdpa_attention
+
+# variant fields that are layout parameters (None: not given)
+LAYOUT_FIELDS = ("window", "stride", "summary", "n_global", "n_random", "seed", "global_tokens")
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class LayoutConfig(Variant):
+    """Fields shared by `block_sparse` and `flex`: the pattern and its parameters."""
+
+    pattern: str = "causal"
+    block: int = 0  # block size in tokens; 0: 64 on the CPU, 128 on CUDA
+    window: int | None = None  # tokens, a multiple of block (sliding, bigbird, longformer)
+    stride: int | None = None  # tokens, a multiple of block (strided, fixed)
+    summary: int | None = None  # fixed: summary tokens at the end of each stride
+    n_global: int | None = None  # bigbird: leading global blocks
+    n_random: int | None = None  # bigbird: random key blocks per query block
+    seed: int | None = None  # bigbird: seed of the random blocks
+    global_tokens: str | None = None  # longformer: global token positions, ';'-separated, e.g. 0;512
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"unknown pattern {self.pattern!r}; valid: {', '.join(PATTERNS)}")
+        if self.block < 0:
+            raise ValueError(f"block must be positive (or 0 for the device's default), got {self.block}")
+        valid = [p for p in pattern_params(self.pattern) if p != "causal"]
+        for name in LAYOUT_FIELDS:
+            if getattr(self, name) is not None and name not in valid:
+                raise ValueError(f"pattern {self.pattern!r} has no parameter {name!r}; its parameters: "
+                                 f"{', '.join(valid) or 'none'}")
+        # build a small layout now, so bad sizes fail when the spec is parsed, not mid-run
+        block = self.block or default_block_size("cpu")
+        probe = 4 * max([block] + [v for v in (self.window, self.stride, self.summary) if isinstance(v, int)])
+        self.build(probe, causal=True, block=block)
+
+    def layout_params(self) -> dict:
+        params = {name: getattr(self, name) for name in LAYOUT_FIELDS if getattr(self, name) is not None}
+        if "global_tokens" in params:
+            text = params["global_tokens"]
+            try:
+                params["global_tokens"] = [int(t) for t in str(text).replace(":", ";").split(";") if t.strip()]
+            except ValueError:
+                raise ValueError(f"global_tokens={text!r} must be token positions separated by ';', "
+                                 f"e.g. 0;512") from None
+        return params
+
+    def build(self, seq_len: int, *, causal: bool, block: int) -> BlockLayout:
+        params = self.layout_params()
+        if "causal" in pattern_params(self.pattern):  # the `causal` pattern is causal by definition
+            params["causal"] = causal
+        return make_layout(self.pattern, seq_len, block, **params)
+
+    def block_for(self, device: torch.device) -> int:
+        return self.block or default_block_size(device)
+
+    def layout_metrics(self, seq_len: int, causal: bool, device) -> dict:
+        """For reports: the layout's density and a small picture of it."""
+        layout = self.build(seq_len, causal=causal, block=self.block_for(torch.device(device)))
+        return {"attention_density": layout.density, "attention_layout": layout.grid()}
+
+
+class LayoutAttention:
+    """An attention callable over a config's layouts, built per (length, causal,
+    device) and cached; the masked path (KV cache, decode) is shared by subclasses."""
+
+    def __init__(self, config: LayoutConfig):
+        self.config = config
+        self._layouts: dict[tuple, BlockLayout] = {}
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
+        self._src_mask: torch.Tensor | None = None
+
+    def layout(self, seq_len: int, causal: bool, device: torch.device) -> BlockLayout:
+        key = (seq_len, causal, device.type)
+        if key not in self._layouts:
+            self._layouts[key] = self.config.build(seq_len, causal=causal, block=self.config.block_for(device))
+        return self._layouts[key]
+
+    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries that are not the keys' own positions (a decode step, a KV cache's
+        prefill into a longer buffer): the layout's rows at the queries' positions,
+        and the given mask, through SDPA. A mask's query position is its row's last
+        visible key (a KV cache's mask always lets a query see itself)."""
+        n_q, n_keys = q.shape[2], k.shape[2]
+        key = (n_q, n_keys, causal, q.device)
+        # the model passes one mask to every layer of a forward; hold it, so its id is not reused
+        if key != self._mask_key or mask is not self._src_mask:
+            layout = self.layout(n_keys, causal, q.device)
+            if mask is None:
+                q_pos = torch.arange(n_keys - n_q, n_keys, device=q.device)[None]  # (1, Tq)
+                base = causal_mask(n_q, n_keys, q.device) if causal else torch.ones(n_q, n_keys, dtype=torch.bool,
+                                                                                    device=q.device)
+            else:
+                rows = mask[:, 0].to(torch.uint8)  # (B|1, Tq, Tk)
+                q_pos = n_keys - 1 - rows.flip(-1).argmax(-1)  # (B|1, Tq): the last True of each row
+                base = mask  # (B|1, 1, Tq, Tk)
+            allowed = layout.rows_mask(q_pos).permute(1, 0, 2, 3)  # (B|1, Hl, Tq, Tk)
+            self._mask_key, self._src_mask, self._mask = key, mask, allowed & base
+        return sdpa_attention(q, k, v, causal=False, mask=self._mask)
+
+
+class BlockSparseAttention(LayoutAttention):
+    def __init__(self, config: "BlockSparse"):
+        super().__init__(config)
+        self.backend = config.backend
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None or q.shape[2] != k.shape[2]:
+            return self.masked(q, k, v, causal, mask)
+        layout = self.layout(q.shape[2], causal, q.device)
+        if self.backend == "triton" or (self.backend == "auto" and q.device.type == "cuda"):
+            # imported on first use: TRITON_INTERPRET is read when the kernels are defined
+            from infermatrix.kernels.block_sparse_triton import block_sparse_attention_triton
+
+            return block_sparse_attention_triton(q, k, v, layout)
+        from infermatrix.kernels.block_sparse_cpu import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, layout)
+
+
+@register_variant("block_sparse")
+@dataclass(frozen=True)
+class BlockSparse(LayoutConfig):
+    axis = "attention"
+    description = ("block-sparse attention on a layout (pattern=causal|sliding|strided|fixed|bigbird|longformer): "
+                   "only active blocks computed; CPU kernel, Triton on CUDA")
+    backend: str = "auto"  # auto: the CPU kernel on the CPU, Triton on CUDA; torch | triton to force one
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        super().__post_init__()
+
+    def apply(self, model: Transformer) -> Transformer:
+        return with_attention(model, BlockSparseAttention(self))
+

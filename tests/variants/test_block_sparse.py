@@ -1,0 +1,154 @@
+"""block_sparse and flex variants: spec parsing and its errors, the model through
+them against the reference with the layout's mask, KV-cache decoding against
+full recomputation, the Triton backend (interpreter) against the CPU kernel,
+FlexAttention agreement, and what the attention workload reports."""
+
+import pytest
+import torch
+
+from infermatrix.errors import UserError
+from infermatrix.kernels import block_sparse_layout as L
+from infermatrix.model import GreedyDecoder, math_attention
+from infermatrix.reports.html_report import render_html
+from infermatrix.reports.record import Record
+from infermatrix.variants import apply_variants, canonical_spec, parse_spec, with_attention
+from infermatrix.variants.block_sparse import BlockSparseAttention
+from infermatrix.variants.flex import FlexAttention, to_flex_block_mask
+from infermatrix.weights import load_model
+
+FP32 = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny").model  # 4 heads, 2 KV heads, head dim 16, context 512
+
+
+def layout_masked(layout):
+    """The reference's own math with the layout's element mask: what block_sparse must compute."""
+    def attention(q, k, v, *, causal, mask=None):
+        return math_attention(q, k, v, causal=False, mask=layout.dense_mask()[None])
+    return attention
+
+
+def test_spec_round_trip_and_defaults():
+    (v,) = parse_spec("block_sparse(pattern=bigbird,window=128,n_random=2,seed=3)")
+    assert (v.pattern, v.window, v.n_random, v.seed, v.n_global) == ("bigbird", 128, 2, 3, None)
+    assert canonical_spec((v,)) == "block_sparse(pattern=bigbird,window=128,n_random=2,seed=3)"
+    assert parse_spec("flex(pattern=longformer,window=64,global_tokens=0;100)")[0].layout_params() == {
+        "window": 64, "global_tokens": [0, 100]}
+    assert canonical_spec(parse_spec("kv_cache+block_sparse")) == "block_sparse+kv_cache"
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("block_sparse(pattern=sliding,stride=128)", "pattern 'sliding' has no parameter 'stride'; its parameters: window"),
+    ("block_sparse(pattern=sliding,window=100)", "window=100 is not a multiple of block_size=64"),
+    ("block_sparse(pattern=sliding,window=96,block=64)", "window=96 is not a multiple of block_size=64"),
+    ("block_sparse(pattern=sliding)", "needs 'window'"),
+    ("block_sparse(pattern=diagonal)", "unknown pattern 'diagonal'"),
+    ("block_sparse(backend=cuda)", "backend must be one of auto, torch, triton"),
+    ("flex(pattern=strided,stride=64,windw=3)", "has no parameter 'windw'"),
+    ("block_sparse(pattern=longformer,window=64,global_tokens=a)", "global_tokens='a' must be token positions"),
+])
+def test_bad_specs_are_user_errors_naming_the_field(spec, match):
+    with pytest.raises(UserError, match=match):
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec, layout", [
+    ("block_sparse(pattern=causal,block=32)", lambda t: L.causal(t, 32)),
+    ("block_sparse(pattern=sliding,window=64,block=32)", lambda t: L.sliding_window(t, 32, 64)),
+    ("block_sparse(pattern=bigbird,window=32,n_random=1,seed=4,block=32)", lambda t: L.bigbird(t, 32, 32, 1, 1, 4)),
+])
+def test_model_logits_match_the_reference_with_the_layout_mask(tiny, spec, layout):
+    tokens = torch.randint(0, tiny.config.vocab_size, (2, 150))  # 150: a short last block
+    sparse = apply_variants(tiny, parse_spec(spec))
+    masked = with_attention(tiny, layout_masked(layout(150)))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(tokens), masked(tokens), **FP32)
+
+
+def test_causal_pattern_is_exactly_dense_causal_attention(tiny):
+    tokens = torch.randint(0, tiny.config.vocab_size, (1, 128))
+    with torch.no_grad():
+        torch.testing.assert_close(apply_variants(tiny, parse_spec("block_sparse"))(tokens), tiny(tokens), **FP32)
+
+
+@pytest.mark.parametrize("spec", ["block_sparse(pattern=sliding,window=64,block=32)",
+                                  "block_sparse(pattern=bigbird,window=32,n_random=2,seed=1,block=32)",
+                                  "block_sparse(pattern=strided,stride=64,block=32)"])
+def test_cached_decode_attends_the_layout_rows_like_full_recompute(tiny, spec):
+    """Each decode step's new query sees only the key blocks its row allows: the
+    same logits as recomputing the whole prefix through the layout."""
+    sparse = apply_variants(tiny, parse_spec(spec))
+    cached = apply_variants(tiny, parse_spec("kv_cache+" + spec))
+    tokens = torch.randint(0, tiny.config.vocab_size, (2, 120))
+    cache = cached.new_cache(2, 120)
+    with torch.no_grad():
+        torch.testing.assert_close(cached(tokens[:, :70], torch.arange(70), cache), sparse(tokens[:, :70]), **FP32)
+        for t in range(70, 120, 7):  # steps into earlier blocks' rows and across block edges
+            cached(tokens[:, t - 6:t], torch.arange(t - 6, t), cache)  # fill the positions skipped
+            step = cached(tokens[:, t:t + 1], torch.tensor([t]), cache)[:, -1]
+            torch.testing.assert_close(step, sparse(tokens[:, :t + 1])[:, -1], **FP32)
+
+
+def test_cached_greedy_generation_matches_recompute(tiny):
+    spec = "block_sparse(pattern=sliding,window=32,block=16)"
+    prompt = torch.randint(0, tiny.config.vocab_size, (2, 40))
+    runs = []
+    for full in (spec, "kv_cache+" + spec):
+        decoder = GreedyDecoder(apply_variants(tiny, parse_spec(full)), prompt, 30)
+        with torch.no_grad():
+            runs.append(torch.cat([decoder.step() for _ in range(30)], dim=1))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_triton_backend_through_the_interpreter_matches_the_cpu_kernel(tiny):
+    from infermatrix.kernels.attention_triton import interpreting
+
+    if not interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)")
+    q, k, v = torch.randn(1, 4, 192, 16), torch.randn(1, 2, 192, 16), torch.randn(1, 2, 192, 16)
+    spec = "pattern=bigbird,window=32,n_random=1,block=32"
+    triton_out = BlockSparseAttention(parse_spec(f"block_sparse({spec},backend=triton)")[0])(q, k, v, causal=True)
+    cpu_out = BlockSparseAttention(parse_spec(f"block_sparse({spec})")[0])(q, k, v, causal=True)
+    torch.testing.assert_close(triton_out, cpu_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def flex_shapes():
+    """One shape for every FlexAttention test: each new shape is a compile (seconds)."""
+    torch.manual_seed(0)
+    return torch.randn(1, 4, 256, 16), torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", ["pattern=sliding,window=64", "pattern=bigbird,window=32,n_random=2,seed=5",
+                                    "pattern=longformer,window=32,global_tokens=100", "pattern=fixed,stride=128"])
+def test_flex_agrees_with_block_sparse_on_the_same_layout(flex_shapes, params):
+    q, k, v = flex_shapes
+    spec = f"{params},block=32"
+    ours = BlockSparseAttention(parse_spec(f"block_sparse({spec})")[0])
+    flex = FlexAttention(parse_spec(f"flex({spec})")[0])
+    with torch.no_grad():
+        torch.testing.assert_close(flex(q, k, v, causal=True), ours(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_has_the_layout_blocks():
+    layout = L.bigbird(256, 32, 32, n_global=1, n_random=2, seed=5)
+    block_mask = to_flex_block_mask(layout, "cpu")
+    dense = block_mask.to_dense()[0, 0].bool()  # partial and full blocks together
+    assert torch.equal(dense, layout.block_mask()[0])
+    assert torch.equal(block_mask.kv_num_blocks[0, 0], torch.ones(8, dtype=torch.int32))  # only the diagonal masked
+
+
+def test_attention_workload_reports_density_and_a_picture():
+    (variant,) = parse_spec("block_sparse(pattern=sliding,window=128)")
+    metrics = variant.layout_metrics(512, True, "cpu")
+    assert metrics["attention_density"] == pytest.approx(15 / 64)
+    grid = metrics["attention_layout"]
+    assert grid.split("/")[1] == "ff000000"
+    record = Record(case_id="m/block_sparse/attention", case={"variant": "block_sparse", "workload": "attention",
+                                                              "prompt_len": 512}, status="ok", metrics=metrics)
+    page = render_html([record])
+    assert 'data-chart="layout"' in page and "density 23.4%" in page and page.count("<rect x=") == 15
