@@ -253,12 +253,22 @@ class Transformer(nn.Module):
     @property
     def weight_bytes(self) -> int:
         """Bytes of distinct parameter and buffer storage (tied weights counted once)."""
-        seen, total = set(), 0
-        for t in list(self.parameters()) + list(self.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+        return storage_bytes(self)
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes of a module's distinct parameter and buffer storage (shared tensors once)."""
+    seen, total = set(), 0
+    pending = list(module.parameters()) + list(module.buffers())
+    while pending:
+        t = pending.pop()
+        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            pending += [getattr(t, name) for name in t.__tensor_flatten__()[0]]  # a wrapper (e.g. torchao's
+            continue  # int8 weight) has no storage of its own: count the tensors inside it
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 class GreedyDecoder:

@@ -36,7 +36,7 @@ from infermatrix.bench.stats import summarize
 from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.bench.timing import TimerConfig, measure, time_once
 from infermatrix.errors import UserError
-from infermatrix.model import GreedyDecoder, Transformer, generate_greedy, math_attention
+from infermatrix.model import GreedyDecoder, Transformer, generate_greedy, math_attention, storage_bytes
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 
@@ -121,7 +121,8 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     cfg = model.config
     cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=DTYPES[case.dtype].itemsize,
                                  weight_bytes=model.weight_bytes, kv_cache=False)
-    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0)
+    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0,
+                   weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
     return metrics, {"latency_ms": m.samples_ms}
 
 
@@ -165,7 +166,8 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
         cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
                                                 kv_cache=cache is not None, weight_bytes=model.weight_bytes)
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
-                   kv_cache_bytes=cache.nbytes if cache is not None else 0)
+                   kv_cache_bytes=cache.nbytes if cache is not None else 0,
+                   weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
     return metrics, {"generation_ms": m.samples_ms, "tpot_ms": steps, "ttft_ms": ttft}
 
 
@@ -206,6 +208,7 @@ def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     metrics["greedy_match_len"] = greedy_match_length(ref_tokens["tokens"], tokens)
     metrics["greedy_tokens"] = case.new_tokens
     metrics["eval_tokens"] = int(targets.numel())
+    metrics.update(weight_bytes=model.weight_bytes, weight_bytes_dense=loaded.model.weight_bytes)
     return metrics, {}
 
 
@@ -242,6 +245,10 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measuremen
     metrics = _timing_metrics(m)
     metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
                    head_dim=head_dim)
+    for variant in parse_spec(case.variant):  # a sparse layout's density and picture, for the reports
+        layout_metrics = getattr(variant, "layout_metrics", None)
+        if layout_metrics is not None:
+            metrics.update(layout_metrics(case.prompt_len, case.causal, case.device))
     return metrics, {"latency_ms": m.samples_ms}
 
 
@@ -255,7 +262,7 @@ def _linear_op(case: Case, ctx: RunContext) -> tuple[Callable[[], object], int]:
     holder.attention = math_attention  # so attention variants in the spec (the `reference` baseline) apply
     layer = apply_variants(holder, _op_variants(case, "linear"))
     x = torch.randn(m_dim, k_dim, device=device).to(dtype)
-    weight_bytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    weight_bytes = storage_bytes(layer)  # distinct storage; a tensor subclass (torchao) by its inner tensors
     return (lambda: layer[0](x)), weight_bytes
 
 

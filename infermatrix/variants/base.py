@@ -225,6 +225,7 @@ _REQUIREMENTS: dict[str, typing.Callable[[torch.device], str | None]] = {
     "cuda": _cuda_missing,
     "triton": _package_missing("triton"),
     "bitsandbytes": _package_missing("bitsandbytes"),
+    "torchao": _package_missing("torchao"),
     "triton_device": _triton_device_missing,
 }
 
