@@ -9,6 +9,7 @@ from infermatrix.bench.runner import run_matrix
 from infermatrix.bench.shard import shard_matrix
 from infermatrix.cli import main
 from infermatrix.reports.compare import compare_runs
+from infermatrix.reports.merge import matrix_sha256
 from infermatrix.reports.record import read_records
 from infermatrix.reports.run import load_run
 
@@ -108,8 +109,9 @@ def test_a_missing_shard_is_reported(shards, tmp_path, capsys):
 def test_runs_of_different_matrix_files_need_force(shards, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()
-    (other / "matrix.toml").write_text(MATRIX.replace("max_time_s = 0.2", "max_time_s = 0.3"))
-    (other / "records.jsonl").write_text((shards / "shard2" / "records.jsonl").read_text())
+    other_text = MATRIX.replace("max_time_s = 0.2", "max_time_s = 0.3")
+    (other / "matrix.toml").write_text(other_text)
+    (other / "records.jsonl").write_text(restamped(shards / "shard2", matrix_sha256(other_text)))
     args = ["merge", str(shards / "shard1"), str(other), "--out", str(tmp_path / "m")]
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -123,12 +125,28 @@ def test_runs_of_different_matrix_files_need_force(shards, tmp_path, capsys):
     assert (tmp_path / "m" / "matrix.toml").read_text() == MATRIX  # the first run's matrix
 
 
+def restamped(run, sha):
+    """A run's records as if made from the matrix file whose hash is `sha`."""
+    lines = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    return "".join(json.dumps({**r, "env": {**r["env"], "matrix_sha256": sha}}) + "\n" for r in lines)
+
+
+def test_a_run_holding_records_of_two_matrix_versions_needs_force(shards, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "matrix.toml").write_text(MATRIX)
+    (mixed / "records.jsonl").write_text((shards / "shard2" / "records.jsonl").read_text()
+                                         + restamped(shards / "shard3", "0" * 64))
+    assert main(["merge", str(shards / "shard1"), str(mixed), "--out", str(tmp_path / "m")]) == 2
+    assert "records from several versions of the file" in capsys.readouterr().err
+
+
 def test_a_records_file_without_a_matrix_needs_force(shards, tmp_path, capsys):
     bare = tmp_path / "old.jsonl"  # records written before runs stamped their matrix
     lines = [json.loads(line) for line in (shards / "shard2" / "records.jsonl").read_text().splitlines()]
     bare.write_text("".join(json.dumps({**r, "env": {}}) + "\n" for r in lines))
     assert main(["merge", str(shards / "shard1"), str(bare), "--out", str(tmp_path / "m")]) == 2
-    assert "does not say which matrix it ran" in capsys.readouterr().err
+    assert "does not say which one matrix it ran" in capsys.readouterr().err
     # its own records' matrix_sha256 is enough, without the folder's matrix.toml
     stamped = tmp_path / "stamped.jsonl"
     stamped.write_text((shards / "shard2" / "records.jsonl").read_text())

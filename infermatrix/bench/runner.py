@@ -11,7 +11,6 @@ continues a run folder, skipping cases that already have a record.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import resource
 import signal
 import time
@@ -31,7 +30,7 @@ from infermatrix.errors import UserError
 from infermatrix.reports.merge import matrix_sha256
 from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
 from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
-from infermatrix.variants import parse_spec, unmet_requirements
+from infermatrix.variants import parse_spec, runs_in_triton_interpreter, unmet_requirements
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_config
 
 
@@ -124,8 +123,7 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
     try:
         with torch.inference_mode():  # no autograd graphs in any timed call
             metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
-        if os.environ.get("TRITON_INTERPRET") == "1" and any(
-                "triton_device" in v.requires for v in parse_spec(case.variant)):
+        if runs_in_triton_interpreter(parse_spec(case.variant), device):
             metrics["triton_interpreted"] = True  # CPU interpreter: correct numbers, meaningless timings
         if device.type == "cuda":
             metrics["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -267,7 +265,7 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
         if not resume:
             raise UserError(f"--out {out_dir} already holds {RECORDS_FILE}; choose a new folder or pass --resume")
         done = read_records(records_path)
-        _check_same_shard(done, matrix, out_dir)
+        _check_resumable(done, matrix, out_dir)
     check_eval_text(matrix, eval_text)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path.touch()  # a shard with no cases is still a run folder that merge can read
@@ -317,15 +315,24 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
     return records
 
 
-def _check_same_shard(done: list[Record], matrix: Matrix, out_dir: Path) -> None:
-    """--resume must continue the same share of the matrix the folder began with."""
-    before = next((r.env.get("shard") for r in done if r.env), None)
-    if before is None or matrix.shard is None:
+def _check_resumable(done: list[Record], matrix: Matrix, out_dir: Path) -> None:
+    """--resume must continue the same matrix file and the same share of it (a whole
+    matrix counts as its own share) that the folder began with."""
+    first = next((r.env for r in done if r.env), None)
+    if first is None:
         return
-    was, now = f"{before['index']}/{before['count']}", f"{matrix.shard.index}/{matrix.shard.count}"
-    if was != now:
-        raise UserError(f"--shard {now}: {out_dir} holds shard {was}; resume it with --shard {was} "
+    sha = matrix_sha256(matrix.text) if matrix.text is not None else None
+    if first.get("matrix_sha256") and sha and first["matrix_sha256"] != sha:
+        raise UserError(f"{out_dir} was run from another version of the matrix file (sha256 "
+                        f"{first['matrix_sha256'][:12]}, now {sha[:12]}); resume with the file it began with, "
                         "or choose a new --out folder")
+    before = first.get("shard")
+    was = f"{before['index']}/{before['count']}" if before else "the whole matrix"
+    now = f"{matrix.shard.index}/{matrix.shard.count}" if matrix.shard else "the whole matrix"
+    if was != now:
+        fix = f"resume it with --shard {was}" if before else "resume it without --shard"
+        raise UserError(f"--resume with {'--shard ' + now if matrix.shard else 'no --shard'}: {out_dir} holds "
+                        f"{'shard ' + was if before else was}; {fix}, or choose a new --out folder")
 
 
 def todo_cases(matrix: Matrix, done: list[Record]) -> list[Case]:

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from infermatrix.kernels import interpreting
+
 # A row's running max may lag its true max by up to 2**RESCALE_LOG2 before the
 # accumulator is rescaled (lazy rescaling): p = exp2(s - m) stays <= 256, far
 # from overflow even in fp16, and most key blocks skip the rescale entirely.
@@ -36,11 +38,6 @@ NEG_BIG = tl.constexpr(-1.0e30)
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 256)  # smallest and largest head dim the kernels take
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (correctness only)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -215,6 +212,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def refuse_interpreted_bfloat16(dtype: torch.dtype, name: str) -> None:
+    """Triton's interpreter has no bfloat16: it would return garbage, so refuse it."""
+    if dtype == torch.bfloat16 and interpreting():
+        raise ValueError(f"{name} is bfloat16, which Triton's CPU interpreter (TRITON_INTERPRET=1) cannot compute; "
+                         f"use float16 or float32 there, or run on CUDA")
+
+
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_len_name: str = "Tq") -> None:
     """Refuse, with the shapes in the message, what the kernels cannot take."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -223,6 +227,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims (batch, heads, {length}, head_dim)")
         if t.dtype not in DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 or float32")
+        refuse_interpreted_bfloat16(t.dtype, name)
         if t.stride(-1) != 1:
             raise ValueError(f"{name} of shape {tuple(t.shape)} has head-dim stride {t.stride(-1)}; the kernels "
                              f"need the head dim contiguous (call .contiguous() first)")
@@ -245,8 +250,9 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          f"before importing them to run on the CPU (correctness only)")
 
 
-def check_bounds(bounds, batch: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi), each (batch or 1, rows) integers, to contiguous (batch, rows) int32 on `device`."""
+def check_bounds(bounds, batch: int, rows: int, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (batch or 1, rows) integers, to contiguous (batch, rows) int32 on
+    `device`, clamped to the keys that exist, [0, n_keys]: never a read outside k, v."""
     lo, hi = bounds
     for name, t in (("lo", lo), ("hi", hi)):
         if t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != rows:
@@ -254,7 +260,7 @@ def check_bounds(bounds, batch: int, rows: int, device) -> tuple[torch.Tensor, t
         if t.dtype.is_floating_point:
             raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be integers")
     # one row per sequence, so the kernels index them without broadcasting strides
-    return tuple(t.to(device, torch.int32).expand(batch, rows).contiguous() for t in (lo, hi))
+    return tuple(t.to(device).clamp(0, n_keys).to(torch.int32).expand(batch, rows).contiguous() for t in (lo, hi))
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -277,7 +283,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if n_q == 0:
         return out
     if kv_bounds is not None:
-        lo, hi = check_bounds(kv_bounds, batch, n_q, q.device)
+        lo, hi = check_bounds(kv_bounds, batch, n_q, n_keys, q.device)
         mode = BOUNDS_TENSOR
     else:
         lo = hi = out  # unused pointer arguments

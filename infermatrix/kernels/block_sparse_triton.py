@@ -22,12 +22,13 @@ import triton.language as tl
 
 from infermatrix.kernels.attention_triton import (
     LOG2E,
-    NEG_BIG,
     attend_block,
     check_attention_inputs,
     dot_precision,
+    empty_state,
     interpreting,
     load_query_tile,
+    store_rows,
 )
 from infermatrix.kernels.block_sparse_layout import BlockLayout
 
@@ -58,9 +59,7 @@ def _block_sparse_kernel(Q, K, V, Out, KvNum, KvIdx, qk_scale,
     q = load_query_tile(Q + batch * stride_qb + head * stride_qh, stride_qm, rows, row_ok, HEAD_DIM, BLOCK_D)
     k_base = K + batch * stride_kb + kv_head * stride_kh
     v_base = V + batch * stride_vb + kv_head * stride_vh
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK], dtype=tl.float32) + NEG_BIG
+    acc, l_i, m_i = empty_state(BLOCK, BLOCK_D)
     count = tl.load(KvNum + layout_row)
     for t in range(0, count):
         start_n = tl.load(KvIdx + layout_row * idx_width + t) * BLOCK
@@ -73,10 +72,7 @@ def _block_sparse_kernel(Q, K, V, Out, KvNum, KvIdx, qk_scale,
         else:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys,
                                          row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK, False, DOT_PRECISION)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no key gives zeros, not NaN
-    offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = Out + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    store_rows(Out + batch * stride_ob + head * stride_oh, stride_om, offs_m, row_ok, acc, l_i, HEAD_DIM, BLOCK_D)
 
 
 def _device_layout(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -120,7 +120,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     split_len = triton.cdiv(triton.cdiv(max(n_keys, 1), num_splits), BLOCK_N) * BLOCK_N
     num_splits = triton.cdiv(max(n_keys, 1), split_len)  # no split left empty by the rounding
     if kv_bounds is not None:
-        lo, hi = check_bounds(kv_bounds, batch, 1, q.device)
+        lo, hi = check_bounds(kv_bounds, batch, 1, n_keys, q.device)
     else:
         lo = hi = q  # unused pointer arguments
     group = heads // kv_heads

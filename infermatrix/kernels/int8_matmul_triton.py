@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from infermatrix.kernels.attention_triton import refuse_interpreted_bfloat16
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -61,6 +63,7 @@ def check_operands(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; the int8 Triton matmul takes float16, bfloat16 or float32 "
                          "activations: cast the model to one of them")
+    refuse_interpreted_bfloat16(x.dtype, "x")
     if q.dtype != torch.int8 or q.dim() != 2:
         raise ValueError(f"q must be a 2-D int8 weight (N, K), got {q.dim()}-D {q.dtype}; quantize the weight first")
     if x.shape[-1] != q.shape[1]:

@@ -38,9 +38,10 @@ class Merged:
 
 
 def _matrix_id(run: Run) -> str | None:
+    """The matrix a run ran: its records' hash (all must agree) or its matrix.toml's."""
+    ids = {r.env.get("matrix_sha256") for r in run.records} - {None}
     if run.matrix_text is not None:
-        return matrix_sha256(run.matrix_text)
-    ids = {r.env.get("matrix_sha256") for r in run.records}
+        ids.add(matrix_sha256(run.matrix_text))
     return ids.pop() if len(ids) == 1 else None
 
 
@@ -54,8 +55,9 @@ def merge_runs(runs: list[Run], *, force: bool = False) -> Merged:
     first = next(((run, sha) for run, sha in ids if sha is not None), None)
     for run, sha in ids:
         if sha is None:
-            problem = (f"{run.source} does not say which matrix it ran (no {MATRIX_COPY}, no matrix_sha256 in its "
-                       "records), so it cannot be checked to come from the same matrix file as the others")
+            problem = (f"{run.source} does not say which one matrix it ran (no {MATRIX_COPY} nor matrix_sha256 in "
+                       "its records, or records from several versions of the file), so it cannot be checked to "
+                       "come from the same matrix file as the others")
         elif first is not None and sha != first[1]:
             problem = (f"{run.source} ran a different matrix file than {first[0].source} ({MATRIX_COPY} sha256 "
                        f"{sha[:12]} vs {first[1][:12]}); merge only the shards of one matrix")

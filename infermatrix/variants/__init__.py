@@ -18,6 +18,7 @@ from infermatrix.variants.base import (
     parse_spec,
     register_variant,
     registered_variants,
+    runs_in_triton_interpreter,
     unmet_requirements,
     variant_class,
     with_attention,
@@ -25,5 +26,6 @@ from infermatrix.variants.base import (
 
 __all__ = [
     "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements", "parse_spec",
-    "register_variant", "registered_variants", "unmet_requirements", "variant_class", "with_attention",
+    "register_variant", "registered_variants", "runs_in_triton_interpreter", "unmet_requirements", "variant_class",
+    "with_attention",
 ]

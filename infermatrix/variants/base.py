@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import importlib.metadata
 import importlib.util
-import os
 import re
 import typing
 import warnings
@@ -22,11 +21,14 @@ from typing import ClassVar
 import torch
 
 from infermatrix.errors import UserError
+from infermatrix.kernels import interpreting
 from infermatrix.model import Transformer
 
 # Axes in the order variants are applied: weights first, the graph last.
 AXES = ("linear", "attention", "cache", "graph")
 ENTRY_POINT_GROUP = "infermatrix.variants"
+# What running our Triton kernels needs: the package, and CUDA (or the CPU interpreter).
+TRITON_KERNELS = frozenset({"triton", "triton_device"})
 
 
 class Variant:
@@ -39,6 +41,10 @@ class Variant:
 
     def apply(self, model: Transformer) -> Transformer:
         raise NotImplementedError
+
+    def requirements(self) -> frozenset[str]:
+        """What this configuration needs: `requires`, unless a parameter (a backend) adds to it."""
+        return self.requires
 
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""
@@ -211,7 +217,7 @@ def _cuda_missing(device: torch.device) -> str | None:
 def _triton_device_missing(device: torch.device) -> str | None:
     """Triton kernels run on CUDA, or on the CPU through Triton's interpreter when
     TRITON_INTERPRET=1 asks for it (correctness only)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
+    if interpreting() and device.type == "cpu":
         return None
     return _cuda_missing(device)
 
@@ -246,8 +252,15 @@ def unmet_requirements(variants: tuple[Variant, ...], device: str | torch.device
     """A human-readable skip reason for a case, or None when it can run on `device`."""
     device = torch.device(device)
     reasons = missing_requirements({"cuda"} if device.type == "cuda" else (), device)
-    reasons += [f"{v.name} {r}" for v in variants for r in missing_requirements(v.requires, device)]
+    reasons += [f"{v.name} {r}" for v in variants for r in missing_requirements(v.requirements(), device)]
     return "; ".join(reasons) or None
+
+
+def runs_in_triton_interpreter(variants: tuple[Variant, ...], device: str | torch.device) -> bool:
+    """True when a case's Triton kernels run through the CPU interpreter: its numbers
+    are right (fp32/fp16) but its timings mean nothing."""
+    return (interpreting() and torch.device(device).type == "cpu"
+            and any("triton_device" in v.requirements() for v in variants))
 
 
 def apply_variants(model: Transformer, variants: tuple[Variant, ...]) -> Transformer:

@@ -28,7 +28,7 @@ from infermatrix.kernels.block_sparse_layout import (
     pattern_params,
 )
 from infermatrix.model import Transformer, causal_mask
-from infermatrix.variants.base import Variant, register_variant, with_attention
+from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, with_attention
 from infermatrix.variants.sdpa import sdpa_attention
 
 # variant fields that are layout parameters (None: not given)
@@ -63,6 +63,8 @@ class LayoutConfig(Variant):
         # build a small layout now, so bad sizes fail when the spec is parsed, not mid-run
         block = self.block or default_block_size("cpu")
         probe = 4 * max([block] + [v for v in (self.window, self.stride, self.summary) if isinstance(v, int)])
+        last_global = max(self.layout_params().get("global_tokens", [0]), default=0)
+        probe = max(probe, (last_global // block + 1) * block)  # long enough to hold every global token
         self.build(probe, causal=True, block=block)
 
     def layout_params(self) -> dict:
@@ -164,6 +166,9 @@ class BlockSparse(LayoutConfig):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         super().__post_init__()
+
+    def requirements(self) -> frozenset[str]:
+        return self.requires | (TRITON_KERNELS if self.backend == "triton" else frozenset())
 
     def apply(self, model: Transformer) -> Transformer:
         return with_attention(model, BlockSparseAttention(self))

@@ -20,7 +20,6 @@ embedding table stays dense beside the head's int8 copy, and `weight_bytes` coun
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infermatrix.errors import UserError
-from infermatrix.variants.base import Variant, register_variant, shared_copy
+from infermatrix.kernels import interpreting
+from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, shared_copy
 
 QMAX = 127  # symmetric: [-127, 127], so -x quantizes to -q and 0 is exact
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -124,10 +124,6 @@ WEIGHT_ONLY_BACKENDS = ("auto", "triton", "int8pack", "dequant")
 DEQUANT_CHUNK_BYTES = 1 << 20  # fp32 rows dequantized per step of the `dequant` path: stays in L2
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def weight_only_backend(requested: str, device: torch.device, dtype: torch.dtype, in_features: int) -> str:
     """The path one layer takes, or a UserError naming the field and the fix.
 
@@ -142,7 +138,7 @@ def weight_only_backend(requested: str, device: torch.device, dtype: torch.dtype
     if requested == "triton":
         if importlib.util.find_spec("triton") is None:
             raise UserError("int8_weight_only(backend=triton) needs the triton package; pip install triton")
-        if device.type != "cuda" and not _interpreting():
+        if device.type != "cuda" and not interpreting():
             raise UserError("int8_weight_only(backend=triton) runs on CUDA (or on the CPU with TRITON_INTERPRET=1, "
                             "for correctness only); use backend=auto on the CPU")
     if requested == "int8pack":
@@ -199,6 +195,9 @@ class Int8WeightOnly(Variant):
     def __post_init__(self) -> None:
         if self.backend not in WEIGHT_ONLY_BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not valid; valid: {', '.join(WEIGHT_ONLY_BACKENDS)}")
+
+    def requirements(self) -> frozenset[str]:
+        return self.requires | (TRITON_KERNELS if self.backend == "triton" else frozenset())
 
     def apply(self, model: nn.Module) -> nn.Module:
         def make(name: str, linear: nn.Linear) -> nn.Module:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from infermatrix.model import Transformer
-from infermatrix.variants.base import Variant, register_variant, with_attention
+from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, with_attention
 
 
 def mask_bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ class TritonAttention:
 @dataclass(frozen=True)
 class Triton(Variant):
     axis = "attention"
-    requires = frozenset({"triton", "triton_device"})
+    requires = TRITON_KERNELS
     description = "our fused Triton kernels: FlashAttention-2 style prefill, split-KV flash-decoding"
 
     def apply(self, model: Transformer) -> Transformer:

@@ -125,8 +125,21 @@ def test_a_shard_run_records_its_shard_and_resumes_only_as_the_same_shard(tmp_pa
         assert r.env["matrix_sha256"] == hashlib.sha256(b"# op workloads: quick\n").hexdigest()
     with pytest.raises(UserError, match=r"--shard 2/2: .* holds shard 1/2; resume it with --shard 1/2"):
         run_matrix(shard_matrix(m, 2, 2), tmp_path, resume=True, log=lambda line: None)
+    with pytest.raises(UserError, match=r"no --shard: .* holds shard 1/2; resume it with --shard 1/2"):
+        run_matrix(m, tmp_path, resume=True, log=lambda line: None)
+    edited = shard_matrix(dataclasses.replace(m, text="# op workloads: edited\n"), 1, 2)
+    with pytest.raises(UserError, match="another version of the matrix file"):
+        run_matrix(edited, tmp_path, resume=True, log=lambda line: None)
     again = run_matrix(first, tmp_path, resume=True, log=lambda line: None)
     assert len(again) == len(records)
+
+
+def test_a_whole_run_is_not_resumed_as_a_shard(tmp_path):
+    m = dataclasses.replace(matrix([{"model": "tiny", "variant": "sdpa", "workload": "attention",
+                                     "prompt_len": 16}]), text="# one case\n")
+    run_matrix(m, tmp_path, log=lambda line: None)
+    with pytest.raises(UserError, match=r"--shard 1/2: .* holds the whole matrix; resume it without --shard"):
+        run_matrix(shard_matrix(m, 1, 2), tmp_path, resume=True, log=lambda line: None)
 
 
 def test_an_empty_shard_still_writes_a_run_folder(tmp_path):

@@ -136,3 +136,17 @@ def test_bad_bounds_are_refused():
         flash_attention(q, k, v, kv_bounds=(torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 8, dtype=torch.long)))
     with pytest.raises(ValueError, match="must be integers"):
         flash_attention(q, k, v, kv_bounds=(torch.zeros(2, 8), torch.ones(2, 8)))
+
+
+def test_bounds_past_the_keys_are_clamped_to_them():
+    """A range reaching past Tk (or below 0) means the keys that exist: never a read outside k, v."""
+    q, k, v = qkv(1, 2, 2, 4, 40, 32)
+    wide = flash_attention(q, k, v, kv_bounds=(torch.full((1, 4), -9), torch.full((1, 4), 100)))
+    torch.testing.assert_close(wide, oracle(q, k, v, causal=False), **TOL[torch.float32])
+
+
+@pytest.mark.skipif(not interpreting(), reason="the refusal concerns Triton's CPU interpreter only")
+def test_bfloat16_is_refused_by_the_interpreter():
+    """The interpreter has no bfloat16 and would return garbage; it must say so instead."""
+    with pytest.raises(ValueError, match="q is bfloat16, which Triton's CPU interpreter"):
+        flash_attention(*qkv(1, 2, 2, 8, 8, 32, torch.bfloat16), causal=True)

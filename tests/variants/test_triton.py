@@ -58,13 +58,23 @@ def test_without_cuda_or_interpreter_the_case_is_skipped_with_its_reason(monkeyp
     assert unmet_requirements(parse_spec("triton"), "cpu") == "triton needs CUDA (device is cpu)"
 
 
+@pytest.mark.parametrize("spec", ["triton", "block_sparse(backend=triton)", "int8_weight_only(backend=triton)"])
+def test_every_forced_triton_backend_needs_cuda_or_the_interpreter(spec, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    name = spec.split("(")[0]
+    assert unmet_requirements(parse_spec(spec), "cpu") == f"{name} needs CUDA (device is cpu)"
+    assert unmet_requirements(parse_spec(name), "cpu") == (None if name != "triton" else
+                                                           "triton needs CUDA (device is cpu)")
+
+
 def test_interpreted_records_are_marked(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA, where the interpreter runs the kernel")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     matrix = parse_matrix({"run": {"warmup": 0, "min_runs": 2, "max_runs": 2, "isolate": False},
-                           "cases": [{"model": "tiny", "variant": ["sdpa", "triton"], "workload": "attention",
-                                      "prompt_len": 16}]})
-    sdpa, triton = run_matrix(matrix, tmp_path, log=lambda line: None)
-    assert triton.status == "ok", triton.reason
-    assert triton.metrics["triton_interpreted"] is True and "triton_interpreted" not in sdpa.metrics
+                           "cases": [{"model": "tiny", "variant": ["sdpa", "triton", "block_sparse(backend=triton,block=16)"],
+                                      "workload": "attention", "prompt_len": 32}]})
+    sdpa, triton, sparse = run_matrix(matrix, tmp_path, log=lambda line: None)
+    assert triton.status == sparse.status == "ok", (triton.reason, sparse.reason)
+    assert triton.metrics["triton_interpreted"] is True and sparse.metrics["triton_interpreted"] is True
+    assert "triton_interpreted" not in sdpa.metrics
