@@ -152,3 +152,9 @@ def test_attention_workload_reports_density_and_a_picture():
                                                               "prompt_len": 512}, status="ok", metrics=metrics)
     page = render_html([record])
     assert 'data-chart="layout"' in page and "density 23.4%" in page and page.count("<rect x=") == 15
+
+
+def test_a_longformer_spec_with_far_global_tokens_parses():
+    """The spec is probed at parse time on a layout long enough for its global tokens."""
+    (variant,) = parse_spec("block_sparse(pattern=longformer,window=128,global_tokens=0;512)")
+    assert variant.layout_params()["global_tokens"] == [0, 512]
