@@ -118,6 +118,7 @@ class Shard:
     index: int  # K, from 1
     count: int  # N
     matrix_cases: int  # cases of the whole matrix, for checking a merge is complete
+    device_dtypes: tuple[tuple[str, str], ...] = ()  # (device type, dtype) of the whole matrix's cases
 
 
 @dataclass(frozen=True)

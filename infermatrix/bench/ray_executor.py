@@ -50,7 +50,7 @@ def _gpus_needed(case: Case) -> int:
 _worker_state: dict = {"peaks": {}}  # per worker process: its env, peaks and loaded model, kept across tasks
 
 
-def _worker_context(ctx: RunContext, case: Case, cases: list[Case]) -> RunContext:
+def _worker_context(ctx: RunContext, case: Case) -> RunContext:
     """The run's context with this worker's machine: its env and its measured peaks
     (for the dtypes of all the matrix's cases of this device type: one cache key)."""
     from infermatrix.bench.env import capture_env
@@ -58,18 +58,18 @@ def _worker_context(ctx: RunContext, case: Case, cases: list[Case]) -> RunContex
     if "env" not in _worker_state:
         _worker_state["env"] = capture_env()
     peaks = _worker_state["peaks"]
-    peaks.update(measure_peaks([c for c in [case] if c.device.split(":")[0] not in peaks], cases,
+    peaks.update(measure_peaks([c for c in [case] if c.device.split(":")[0] not in peaks], ctx.peak_dtypes,
                                log=lambda line: None))
     env = {**_worker_state["env"], **{k: ctx.env[k] for k in _RUN_KEYS if k in ctx.env},
            "peaks": {kind: p.to_dict() for kind, p in peaks.items()}, "executor": "ray"}
     return replace(ctx, env=env, peaks=dict(peaks))
 
 
-def _run_on_worker(case: Case, ctx: RunContext, cases: list[Case]) -> Record:
+def _run_on_worker(case: Case, ctx: RunContext) -> Record:
     from infermatrix.bench.runner import ModelCache
 
     models = _worker_state.setdefault("models", ModelCache(ctx.settings.seed))  # isolate = false reuses it
-    return execute_case(case, _worker_context(ctx, case, cases), models)
+    return execute_case(case, _worker_context(ctx, case), models)
 
 
 def _check_reachable(address: str | None) -> None:
@@ -139,14 +139,12 @@ class RayExecutor:
             self.log(f"ray: {len(nodes)} nodes, {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs")
             task = ray.remote(max_retries=0)(_run_on_worker)
             ctx_ref = ray.put(ctx)
-            dtype_ref = ray.put(list(cases))  # each worker measures peaks for the dtypes of its device types
             for case in cases:
                 options = self._resources(case, nodes)
                 if isinstance(options, str):
                     yield _record(case, ctx, "skipped", options)
                     continue
-                pending[task.options(**options, name=f"infermatrix {case.case_id}").remote(case, ctx_ref,
-                                                                                            dtype_ref)] = case
+                pending[task.options(**options, name=f"infermatrix {case.case_id}").remote(case, ctx_ref)] = case
             while pending:  # as each task finishes, in whatever order
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:

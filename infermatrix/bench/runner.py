@@ -15,7 +15,7 @@ import resource
 import signal
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,6 +42,9 @@ class RunContext:
     env: dict
     eval_text_path: str | None = None  # None: the standard library's pydoc topics
     peaks: dict[str, Peaks] | None = None  # device type -> measured peaks, for % of the limit
+    # device type -> the dtypes of the whole matrix's cases on it (a shard's too): the peaks'
+    # cache key, so every shard and Ray worker on one machine reads the same peaks
+    peak_dtypes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class ModelCache:
@@ -241,15 +244,21 @@ def execute_local(cases: list[Case], ctx: RunContext, on_start: Callable[[Case],
         yield execute_case(case, ctx, models)
 
 
-def measure_peaks(todo, cases, log: Callable[[str], None] = print) -> dict[str, Peaks]:
-    """This machine's peaks for each device type the cases to do use, over the dtypes of
-    all the matrix's cases of that type (one cache key, whatever share runs here)."""
+def peak_dtypes(matrix: Matrix) -> dict[str, tuple[str, ...]]:
+    """Device type -> the dtypes of the whole matrix's cases on it, a shard's included."""
+    pairs = (matrix.shard.device_dtypes if matrix.shard else ()) or {(torch.device(c.device).type, c.dtype)
+                                                                       for c in matrix.cases}
+    return {kind: tuple(sorted(d for k, d in pairs if k == kind)) for kind in sorted({k for k, _ in pairs})}
+
+
+def measure_peaks(todo, dtypes: dict[str, tuple[str, ...]], log: Callable[[str], None] = print) -> dict[str, Peaks]:
+    """This machine's peaks for each device type the cases to do use, over `dtypes`, the
+    dtypes of all the matrix's cases of that type (one cache key, whatever share runs here)."""
     peaks = {}
     for kind in sorted({torch.device(c.device).type for c in todo}):
         if kind == "cpu" or torch.cuda.is_available():
-            dtypes = tuple(sorted({c.dtype for c in cases if torch.device(c.device).type == kind}))
-            log(f"machine peaks ({kind}, {', '.join(dtypes)}): measured once per machine, then cached")
-            peaks[kind] = load_or_measure_peaks(kind, dtypes)
+            log(f"machine peaks ({kind}, {', '.join(dtypes[kind])}): measured once per machine, then cached")
+            peaks[kind] = load_or_measure_peaks(kind, dtypes[kind])
     return peaks
 
 
@@ -280,9 +289,10 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
         env["shard"] = asdict(matrix.shard)
     todo = todo_cases(matrix, done)
     # a remote executor's workers measure their own machines' peaks
-    peaks = measure_peaks(todo, matrix.cases, log) if executor is None else {}
+    dtypes = peak_dtypes(matrix)
+    peaks = measure_peaks(todo, dtypes, log) if executor is None else {}
     env["peaks"] = {kind: p.to_dict() for kind, p in peaks.items()}
-    ctx = RunContext(matrix.settings, env, eval_text, peaks)
+    ctx = RunContext(matrix.settings, env, eval_text, peaks, dtypes)
     if done:
         log(f"resuming: {len(done)} cases already recorded, {len(todo)} to run")
     records = list(done)

@@ -142,7 +142,9 @@ def split_settings(matrix: Matrix) -> RunSettings:
 def shard_matrix(matrix: Matrix, k: int, n: int) -> Matrix:
     """The matrix with only the K-th of N shards' cases (K from 1), in the file's order."""
     shards = assign_shards(matrix.cases, n, split_settings(matrix))
-    return dataclasses.replace(matrix, cases=tuple(shards[k - 1]), shard=Shard(k, n, len(matrix.cases)))
+    device_dtypes = tuple(sorted({(c.device.split(":")[0], c.dtype) for c in matrix.cases}))
+    return dataclasses.replace(matrix, cases=tuple(shards[k - 1]),
+                               shard=Shard(k, n, len(matrix.cases), device_dtypes))
 
 
 def shard_costs(matrix: Matrix, n: int) -> list[float]:

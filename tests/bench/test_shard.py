@@ -4,7 +4,7 @@ import hashlib
 import pytest
 
 from infermatrix.bench.matrix import Case, load_matrix, parse_matrix
-from infermatrix.bench.runner import run_matrix
+from infermatrix.bench.runner import peak_dtypes, run_matrix
 from infermatrix.bench.shard import (assign_shards, estimate_cost, parse_shard, shard_costs, shard_matrix,
                                      split_settings)
 from infermatrix.errors import UserError
@@ -121,7 +121,8 @@ def test_a_shard_run_records_its_shard_and_resumes_only_as_the_same_shard(tmp_pa
     records = run_matrix(first, tmp_path, log=lambda line: None)
     assert sorted(r.case_id for r in records) == sorted(ids(first.cases))
     for r in read_records(tmp_path):
-        assert r.env["shard"] == {"index": 1, "count": 2, "matrix_cases": len(m.cases)}
+        assert r.env["shard"] == {"index": 1, "count": 2, "matrix_cases": len(m.cases),
+                                  "device_dtypes": [["cpu", "float32"]]}
         assert r.env["matrix_sha256"] == hashlib.sha256(b"# op workloads: quick\n").hexdigest()
     with pytest.raises(UserError, match=r"--shard 2/2: .* holds shard 1/2; resume it with --shard 1/2"):
         run_matrix(shard_matrix(m, 2, 2), tmp_path, resume=True, log=lambda line: None)
@@ -176,3 +177,14 @@ def test_cli_runs_one_shard(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"infermatrix: {len(expected)} cases (shard 2/2 of 6, 50% of the estimated cost) from {path}" in out
     assert sorted(r.case_id for r in read_records(tmp_path / "run")) == sorted(ids(expected))
+
+
+def test_every_shard_measures_peaks_for_the_whole_matrix_dtypes():
+    """The peaks' cache key is the dtypes of the whole matrix, so shards on one machine
+    share one measurement and one % of the limit, whichever dtypes each shard drew."""
+    m = matrix([{"model": "tiny", "variant": "sdpa", "workload": "attention", "prompt_len": [16, 32, 64],
+                 "dtype": ["float32", "bfloat16"]}])
+    whole = peak_dtypes(m)
+    assert whole == {"cpu": ("bfloat16", "float32")}
+    for k in (1, 2, 3, 4, 5, 6):
+        assert peak_dtypes(shard_matrix(m, k, 6)) == whole
