@@ -129,9 +129,13 @@ def attention_cost(
     *,
     causal: bool,
     dtype_bytes: float,
+    density: float | None = None,
 ) -> Cost:
-    """softmax(Q Kᵀ / √D) V: two matmuls over the visible pairs; read Q, K, V, write O."""
+    """softmax(Q Kᵀ / √D) V: two matmuls over the visible pairs; read Q, K, V, write O.
+    density: the share of (query, key) pairs a sparse layout computes, when it has one."""
     pairs = causal_pairs(q_len, k_len) if causal else q_len * k_len
+    if density is not None:
+        pairs = density * q_len * k_len
     q_and_o = 2 * batch * heads * q_len * head_dim
     k_and_v = 2 * batch * kv_heads * k_len * head_dim
     return Cost(flops=4.0 * batch * heads * pairs * head_dim, bytes=dtype_bytes * (q_and_o + k_and_v))

@@ -240,15 +240,18 @@ def _attention_op(case: Case, ctx: RunContext) -> Callable[[], object]:
 def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     heads, kv_heads, head_dim = attention_shape(case)
     m = timed(_attention_op(case, ctx), case, ctx)
-    cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
-                                   causal=case.causal, dtype_bytes=DTYPES[case.dtype].itemsize)
-    metrics = _timing_metrics(m)
-    metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
-                   head_dim=head_dim)
+    layout = {}
     for variant in parse_spec(case.variant):  # a sparse layout's density and picture, for the reports
         layout_metrics = getattr(variant, "layout_metrics", None)
         if layout_metrics is not None:
-            metrics.update(layout_metrics(case.prompt_len, case.causal, case.device))
+            layout = layout_metrics(case.prompt_len, case.causal, case.device)
+    # a sparse layout is credited with the pairs it computes, not the dense count
+    cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
+                                   causal=case.causal, dtype_bytes=DTYPES[case.dtype].itemsize,
+                                   density=layout.get("attention_density"))
+    metrics = _timing_metrics(m)
+    metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
+                   head_dim=head_dim, **layout)
     return metrics, {"latency_ms": m.samples_ms}
 
 

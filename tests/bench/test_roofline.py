@@ -180,3 +180,10 @@ def test_measure_peaks_cpu_quick():
     peaks = measure_peaks("cpu", ("float32",), budget_s=0.5)
     assert time.perf_counter() - start < 5
     assert peaks.device == "cpu" and peaks.bandwidth_gbs > 0 and peaks.gemm_tflops["float32"] > 0
+
+
+def test_a_sparse_layout_is_credited_with_the_pairs_it_computes():
+    dense = attention_cost(1, 8, 8, 1024, 1024, 64, causal=True, dtype_bytes=4)
+    sparse = attention_cost(1, 8, 8, 1024, 1024, 64, causal=True, dtype_bytes=4, density=0.125)
+    assert sparse.flops == 4.0 * 8 * 0.125 * 1024 * 1024 * 64 and sparse.flops < dense.flops / 3
+    assert sparse.bytes == dense.bytes  # Q, K, V and O are still read and written once
