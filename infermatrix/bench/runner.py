@@ -326,16 +326,18 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
 
 
 def _check_resumable(done: list[Record], matrix: Matrix, out_dir: Path) -> None:
-    """--resume must continue the same matrix file and the same share of it (a whole
-    matrix counts as its own share) that the folder began with."""
+    """--resume must continue the same share of the matrix (a whole matrix counts as its
+    own share) that the folder began with, and a shard the same matrix file: an edited
+    file splits differently. A whole run may resume from an edited file (to add cases)."""
     first = next((r.env for r in done if r.env), None)
     if first is None:
         return
     sha = matrix_sha256(matrix.text) if matrix.text is not None else None
-    if first.get("matrix_sha256") and sha and first["matrix_sha256"] != sha:
-        raise UserError(f"{out_dir} was run from another version of the matrix file (sha256 "
-                        f"{first['matrix_sha256'][:12]}, now {sha[:12]}); resume with the file it began with, "
-                        "or choose a new --out folder")
+    sharded = first.get("shard") or matrix.shard
+    if sharded and first.get("matrix_sha256") and sha and first["matrix_sha256"] != sha:
+        raise UserError(f"{out_dir} holds a shard run from another version of the matrix file (sha256 "
+                        f"{first['matrix_sha256'][:12]}, now {sha[:12]}), which splits differently; resume with "
+                        "the file it began with, or choose a new --out folder")
     before = first.get("shard")
     was = f"{before['index']}/{before['count']}" if before else "the whole matrix"
     now = f"{matrix.shard.index}/{matrix.shard.count}" if matrix.shard else "the whole matrix"
