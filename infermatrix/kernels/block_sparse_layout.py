@@ -139,11 +139,16 @@ def from_block_mask(blocks: torch.Tensor, seq_len: int, block_size: int, *, caus
         raise ValueError(f"block layout {pattern!r}: query block {qb} (positions {qb * block_size}.."
                          f"{min((qb + 1) * block_size, seq_len) - 1}, head {h}) attends to no key block; "
                          f"{len(empty)} such row(s). Every query must see at least one key")
-    # ascending active indices first: a stable sort of (inactive, index)
-    order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices
-    width = int(counts.max())
-    return BlockLayout(seq_len, block_size, counts.to(torch.int32).contiguous(),
-                       order[..., :width].to(torch.int32).contiguous(), causal, pattern)
+    counts, order = compress_blocks(blocks)
+    return BlockLayout(seq_len, block_size, counts, order[..., :int(counts.max())].contiguous(), causal, pattern)
+
+
+def compress_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., nq, nk) bool -> per query block its count of active key blocks and their
+    indices, ascending, then the inactive ones (a stable sort of (inactive, index)); int32."""
+    counts = blocks.sum(-1).to(torch.int32)
+    order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return counts.contiguous(), order.contiguous()
 
 
 def _check_sizes(seq_len: int, block_size: int) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infermatrix.kernels.block_sparse_layout import BlockLayout
+from infermatrix.kernels.block_sparse_layout import BlockLayout, compress_blocks
 from infermatrix.model import Transformer
 from infermatrix.variants.base import register_variant, with_attention
 from infermatrix.variants.block_sparse import LayoutAttention, LayoutConfig
@@ -32,13 +32,6 @@ def compiled_flex_attention():
 
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
-
-
-def _compress(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H, nq, nk) bool -> (1, H, nq) counts and (1, H, nq, nk) ascending indices, int32."""
-    counts = blocks.sum(-1).to(torch.int32)
-    order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
-    return counts[None].contiguous(), order[None].contiguous()
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,8 +60,8 @@ def to_flex_block_mask(layout: BlockLayout, device: torch.device | str):
     partial = blocks & partial
     full = blocks & ~partial
     mask_mod = _mask_mod(seq_len, layout.causal)
-    counts, indices = _compress(partial)
-    full_counts, full_indices = _compress(full)
+    counts, indices = compress_blocks(partial[None])  # (1, H, nq), (1, H, nq, nk): batch 1
+    full_counts, full_indices = compress_blocks(full[None])
     return BlockMask.from_kv_blocks(counts.to(device), indices.to(device), full_counts.to(device),
                                     full_indices.to(device), BLOCK_SIZE=layout.block_size, mask_mod=mask_mod,
                                     seq_lengths=(seq_len, seq_len))
