@@ -299,6 +299,11 @@ def _check_shape(case: Case, where: str) -> None:
             raise UserError(f"{where}: head_dim must be even, got {head_dim}")
 
 
+def device_dtypes(cases) -> tuple[tuple[str, str], ...]:
+    """The sorted (device type, dtype) pairs of `cases`: what the machine peaks are measured for."""
+    return tuple(sorted({(c.device.split(":")[0], c.dtype) for c in cases}))
+
+
 def attention_shape(case: Case) -> tuple[int, int, int]:
     """(heads, kv_heads, head_dim) of an attention case; unset fields come from the
     model: its shape, or with only `heads` given, dim / heads and no grouping."""

@@ -58,8 +58,8 @@ def _worker_context(ctx: RunContext, case: Case) -> RunContext:
     if "env" not in _worker_state:
         _worker_state["env"] = capture_env()
     peaks = _worker_state["peaks"]
-    peaks.update(measure_peaks([c for c in [case] if c.device.split(":")[0] not in peaks], ctx.peak_dtypes,
-                               log=lambda line: None))
+    if case.device.split(":")[0] not in peaks:
+        peaks.update(measure_peaks([case], ctx.peak_dtypes, log=lambda line: None))
     env = {**_worker_state["env"], **{k: ctx.env[k] for k in _RUN_KEYS if k in ctx.env},
            "peaks": {kind: p.to_dict() for kind, p in peaks.items()}, "executor": "ray"}
     return replace(ctx, env=env, peaks=dict(peaks))

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from infermatrix.bench.env import capture_env
-from infermatrix.bench.matrix import Case, Matrix, RunSettings
+from infermatrix.bench.matrix import Case, Matrix, RunSettings, device_dtypes
 from infermatrix.bench.roofline import Peaks, load_or_measure_peaks
 from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.errors import UserError
@@ -246,8 +246,7 @@ def execute_local(cases: list[Case], ctx: RunContext, on_start: Callable[[Case],
 
 def peak_dtypes(matrix: Matrix) -> dict[str, tuple[str, ...]]:
     """Device type -> the dtypes of the whole matrix's cases on it, a shard's included."""
-    pairs = (matrix.shard.device_dtypes if matrix.shard else ()) or {(torch.device(c.device).type, c.dtype)
-                                                                       for c in matrix.cases}
+    pairs = (matrix.shard.device_dtypes if matrix.shard else ()) or device_dtypes(matrix.cases)
     return {kind: tuple(sorted(d for k, d in pairs if k == kind)) for kind in sorted({k for k, _ in pairs})}
 
 
@@ -339,12 +338,13 @@ def _check_resumable(done: list[Record], matrix: Matrix, out_dir: Path) -> None:
                         f"{first['matrix_sha256'][:12]}, now {sha[:12]}), which splits differently; resume with "
                         "the file it began with, or choose a new --out folder")
     before = first.get("shard")
-    was = f"{before['index']}/{before['count']}" if before else "the whole matrix"
-    now = f"{matrix.shard.index}/{matrix.shard.count}" if matrix.shard else "the whole matrix"
+    was = f"{before['index']}/{before['count']}" if before else None
+    now = f"{matrix.shard.index}/{matrix.shard.count}" if matrix.shard else None
     if was != now:
-        fix = f"resume it with --shard {was}" if before else "resume it without --shard"
-        raise UserError(f"--resume with {'--shard ' + now if matrix.shard else 'no --shard'}: {out_dir} holds "
-                        f"{'shard ' + was if before else was}; {fix}, or choose a new --out folder")
+        asked = f"--shard {now}" if now else "no --shard"
+        held, fix = (f"shard {was}", f"with --shard {was}") if was else ("the whole matrix", "without --shard")
+        raise UserError(f"--resume with {asked}: {out_dir} holds {held}; resume it {fix}, "
+                        "or choose a new --out folder")
 
 
 def todo_cases(matrix: Matrix, done: list[Record]) -> list[Case]:

@@ -20,8 +20,8 @@ import heapq
 import re
 
 from infermatrix.bench import roofline
-from infermatrix.bench.matrix import (Case, Matrix, RunSettings, Shard, _parse_settings, attention_shape, linear_shape,
-                                      tomllib)
+from infermatrix.bench.matrix import (Case, Matrix, RunSettings, Shard, _parse_settings, attention_shape,
+                                      device_dtypes, linear_shape, tomllib)
 from infermatrix.errors import UserError
 from infermatrix.weights import DTYPES, model_config
 
@@ -142,9 +142,8 @@ def split_settings(matrix: Matrix) -> RunSettings:
 def shard_matrix(matrix: Matrix, k: int, n: int) -> Matrix:
     """The matrix with only the K-th of N shards' cases (K from 1), in the file's order."""
     shards = assign_shards(matrix.cases, n, split_settings(matrix))
-    device_dtypes = tuple(sorted({(c.device.split(":")[0], c.dtype) for c in matrix.cases}))
     return dataclasses.replace(matrix, cases=tuple(shards[k - 1]),
-                               shard=Shard(k, n, len(matrix.cases), device_dtypes))
+                               shard=Shard(k, n, len(matrix.cases), device_dtypes(matrix.cases)))
 
 
 def shard_costs(matrix: Matrix, n: int) -> list[float]:
