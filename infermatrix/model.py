@@ -111,6 +111,14 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return k_pos <= q_pos  # (Tq, Tk)
 
 
+def last_visible_key(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (B|1, 1, Tq, Tk), True = attend -> (B|1, Tq): the last key each
+    query row may see (a KV cache's mask: the query's own position); Tk - 1 for a row
+    that sees none."""
+    rows = mask[:, 0].to(torch.uint8)  # (B|1, Tq, Tk)
+    return mask.shape[-1] - 1 - rows.flip(-1).argmax(-1)  # argmax returns the first maximum
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(Q Kᵀ / √d_k) V, the reference. q (B, H, Tq, D); k, v (B, Hkv, Tk, D);

@@ -27,7 +27,7 @@ from infermatrix.kernels.block_sparse_layout import (
     make_layout,
     pattern_params,
 )
-from infermatrix.model import Transformer, causal_mask
+from infermatrix.model import Transformer, causal_mask, last_visible_key
 from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, with_attention
 from infermatrix.variants.sdpa import sdpa_attention
 
@@ -126,8 +126,7 @@ class LayoutAttention:
                 base = causal_mask(n_q, n_keys, q.device) if causal else torch.ones(n_q, n_keys, dtype=torch.bool,
                                                                                     device=q.device)
             else:
-                rows = mask[:, 0].to(torch.uint8)  # (B|1, Tq, Tk)
-                q_pos = n_keys - 1 - rows.flip(-1).argmax(-1)  # (B|1, Tq): the last True of each row
+                q_pos = last_visible_key(mask)  # (B|1, Tq)
                 base = mask  # (B|1, 1, Tq, Tk)
             allowed = layout.rows_mask(q_pos).permute(1, 0, 2, 3)  # (B|1, Hl, Tq, Tk)
             self._mask_key, self._src_mask, self._mask = key, mask, allowed & base

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infermatrix.model import Transformer
+from infermatrix.model import Transformer, last_visible_key
 from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, with_attention
 
 
@@ -28,10 +28,9 @@ def mask_bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"attention mask of shape {tuple(mask.shape)} and dtype {mask.dtype}: the triton "
                          f"variant takes a boolean (B or 1, 1, Tq, Tk) mask")
     rows = mask[:, 0].to(torch.uint8)  # (B, Tq, Tk)
-    n_keys = rows.shape[-1]
     seen = rows.sum(-1, dtype=torch.int32)  # (B, Tq)
     lo = rows.argmax(-1).to(torch.int32)  # first True (argmax returns the first maximum)
-    hi = (n_keys - rows.flip(-1).argmax(-1)).to(torch.int32)  # one past the last True
+    hi = (last_visible_key(mask) + 1).to(torch.int32)  # one past the last True
     lo, hi = torch.where(seen > 0, lo, 0), torch.where(seen > 0, hi, 0)
     contiguous = (hi - lo == seen).all()
     if rows.device.type == "cuda":
