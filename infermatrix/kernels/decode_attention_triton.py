@@ -13,6 +13,7 @@ batch hold sequences of different lengths (and left padding).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -91,9 +92,15 @@ BLOCK_N = 64
 MIN_SPLIT_KEYS = 256  # a split shorter than this costs more in the combine than it saves
 
 
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere): read once, not every decode step."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def choose_splits(batch: int, kv_heads: int, n_keys: int, device: torch.device) -> int:
     """Enough programs to fill the GPU about twice over, no split under MIN_SPLIT_KEYS."""
-    programs = 2 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
+    programs = 2 * _processors(device)
     wanted = triton.cdiv(programs, batch * kv_heads)
     return max(1, min(wanted, triton.cdiv(n_keys, MIN_SPLIT_KEYS)))
 
