@@ -3,16 +3,24 @@
 At decode time a (batch, head) has a single query row, far too little work to
 fill a GPU if one program walked the whole cache. So the keys are split into
 chunks across programs (split-KV): each writes its chunk's normalized partial
-output and log-sum-exp, and a second small kernel combines the partials.
+output and log-sum-exp, and the partials are then merged by their weights.
 
 Each program serves all query heads of one KV head (GQA): the group's queries
 form the rows of one tile, so each K/V block is loaded once per group and the
 scores are a real matrix product. Per-sequence key ranges [lo, hi) let one
 batch hold sequences of different lengths (and left padding).
+
+The merge runs in the same launch by default: each program counts itself done
+on a per-(sequence, KV head) counter, and the last one merges the group's
+partials and resets the counter. That saves a second launch and the gap before
+it: on an H200, about 10 us of host time per call, and at batch 1 with a 16k
+cache the fused kernel ran 31.5-32 us against 33-41 us for the two kernels.
+`DecodeConfig(fuse_combine=False)` merges in a second small kernel instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -24,7 +32,6 @@ from infermatrix.kernels.attention_triton import (
     LOG2E,
     attend_range,
     check_attention_inputs,
-    check_bounds,
     dot_precision,
     empty_state,
     interpreting,
@@ -33,20 +40,58 @@ from infermatrix.kernels.attention_triton import (
 
 
 @triton.jit
-def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, qk_scale,
+def combine_group(PartOut, PartLse, out_base, stride_oh, first_row, first_head, n_splits,
+                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """Merge the n_splits partials of GROUP consecutive heads (partial rows first_row...,
+    output heads first_head...), each partial weighted by exp2 of its log-sum-exp.
+
+    All heads' partials of BLOCK_S splits are loaded as one (G, S, D) tile, so the
+    loads are in flight together instead of one head after another. They are read
+    through L2 (.cg): other programs of the same launch may have just written them.
+    """
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    head_ok = offs_g < GROUP
+    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(0, n_splits, BLOCK_S):
+        part = (first_row + offs_g[:, None]) * n_splits + start + offs_s[None, :]  # (G, S)
+        ok = head_ok[:, None] & (start + offs_s[None, :] < n_splits)
+        lse = tl.load(PartLse + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        parts = tl.load(PartOut + part[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None],
+                        other=0.0, cache_modifier=".cg")  # (G, S, D)
+        new_top = tl.maximum(top, tl.max(lse, 1))
+        safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)  # no keys yet: all weights 0
+        rescale = tl.math.exp2(top - safe_top)
+        weight = tl.math.exp2(lse - safe_top[:, None])  # (G, S)
+        total = total * rescale + tl.sum(weight, 1)
+        acc = acc * rescale[:, None] + tl.sum(parts * weight[:, :, None], 1)
+        top = new_top
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # a sequence with no keys: zeros
+    tl.store(out_base + (first_head + offs_g[:, None]) * stride_oh + offs_d[None, :],
+             out.to(out_base.dtype.element_ty), mask=head_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit(do_not_specialize=["stride_bounds", "n_keys", "split_len", "n_splits"])  # one compile for all lengths
+def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, Out, Counters, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  n_keys, split_len, n_splits,
+                  stride_ob, stride_oh, stride_bounds, n_keys, split_len, n_splits,
                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HAS_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HAS_BOUNDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  FUSE_COMBINE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     batch = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    n_heads = tl.num_programs(1) * GROUP
     offs_h = tl.arange(0, BLOCK_H)
     head_ok = offs_h < GROUP  # the tile is padded to >= 16 rows for tl.dot
     heads = kv_head * GROUP + tl.minimum(offs_h, GROUP - 1)
     if HAS_BOUNDS:
-        seq_lo = tl.load(Lo + batch)
-        seq_hi = tl.load(Hi + batch)
+        seq_lo = tl.maximum(tl.load(Lo + batch * stride_bounds).to(tl.int32), 0)
+        seq_hi = tl.minimum(tl.load(Hi + batch * stride_bounds).to(tl.int32), n_keys)
     else:
         seq_lo = 0
         seq_hi = n_keys
@@ -62,34 +107,54 @@ def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, qk_scale,
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
-    row = (batch * tl.num_programs(1) * GROUP + heads) * n_splits + split  # PartLse is (B, H, splits)
+    row = (batch * n_heads + heads) * n_splits + split  # PartLse is (B, H, splits)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(PartOut + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=head_ok[:, None])
     tl.store(PartLse + row, lse, mask=head_ok)
+    if FUSE_COMBINE:
+        tl.debug_barrier()  # all of this program's partial stores are issued before it counts itself done
+        counter = Counters + batch * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:  # the last split merges
+            tl.atomic_xchg(counter, 0)  # ready for the next call
+            combine_group(PartOut, PartLse, Out + batch * stride_ob, stride_oh, batch * n_heads + kv_head * GROUP,
+                          kv_head * GROUP, n_splits, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
-@triton.jit
-def _combine_kernel(PartOut, PartLse, Out, stride_ob, stride_oh, n_heads, n_splits,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    pid = tl.program_id(0)  # one (batch, head)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    split_ok = offs_s < n_splits
-    lse = tl.load(PartLse + pid * n_splits + offs_s, mask=split_ok, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # a sequence with no keys: all weights 0
-    weight = tl.math.exp2(lse - top)  # (S,)
-    parts = tl.load(PartOut + (pid * n_splits + offs_s[:, None]) * BLOCK_D + offs_d[None, :],
-                    mask=split_ok[:, None], other=0.0)  # (S, D)
-    total = tl.sum(weight, 0)
-    out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    batch, head = pid // n_heads, pid % n_heads
-    tl.store(Out + batch * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+@triton.jit(do_not_specialize=["n_splits"])
+def _combine_kernel(PartOut, PartLse, Out, stride_ob, stride_oh, n_splits,
+                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_S: tl.constexpr):
+    batch = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    first_head = kv_head * GROUP
+    combine_group(PartOut, PartLse, Out + batch * stride_ob, stride_oh, batch * tl.num_programs(1) * GROUP
+                  + first_head, first_head, n_splits, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S)
 
 
-BLOCK_N = 64
-MIN_SPLIT_KEYS = 256  # a split shorter than this costs more in the combine than it saves
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How the decode kernel tiles, splits and merges. The defaults won a sweep of
+    324 configs on an H200 (scripts/gpu_decode_sweep.py; 32/8 heads, head dim 128,
+    batch 1 and 8, caches of 4k-64k keys) and a head-to-head of the best six."""
+
+    block_n: int = 64  # keys per loop step
+    num_warps: int = 4
+    num_stages: int = 2  # software-pipelined K/V loads in flight
+    programs_per_sm: int = 3  # split the keys until the grid has about this many programs per SM
+    min_split_keys: int = 256  # a split shorter than this costs more in the merge than it saves
+    fuse_combine: bool = True  # merge the partials in the same launch (see the module docstring)
+    merge_rows: int = 128  # (head, split) partials merged per step: all in flight at once, in registers
+
+
+DEFAULT_CONFIG = DecodeConfig()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain Python: triton.cdiv is a JIT function, slow to call on every decode step
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,22 +163,57 @@ def _processors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def choose_splits(batch: int, kv_heads: int, n_keys: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU about twice over, no split under MIN_SPLIT_KEYS."""
-    programs = 2 * _processors(device)
-    wanted = triton.cdiv(programs, batch * kv_heads)
-    return max(1, min(wanted, triton.cdiv(n_keys, MIN_SPLIT_KEYS)))
+def choose_splits(batch: int, kv_heads: int, n_keys: int, device: torch.device,
+                  config: DecodeConfig = DEFAULT_CONFIG) -> int:
+    """Enough programs to fill the GPU config.programs_per_sm times over, no split
+    shorter than config.min_split_keys."""
+    programs = config.programs_per_sm * _processors(device)
+    wanted = _cdiv(programs, batch * kv_heads)
+    return max(1, min(wanted, _cdiv(n_keys, config.min_split_keys)))
+
+
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def _done_counters(n: int, device: torch.device) -> torch.Tensor:
+    """n zeroed int32 counters for the fused merge, kept per (device, stream): every call
+    leaves them at zero again, so they are allocated once, not cleared on every step."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < n:
+        counters = _counters[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
+def _sequence_bounds(kv_bounds, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(lo, hi, stride): each (B or 1, 1) integer tensor on `device` as given; the kernel
+    reads sequence b's bound at b * stride and clamps it to the keys that exist."""
+    lo, hi = kv_bounds
+    for name, t in (("lo", lo), ("hi", hi)):
+        if t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != 1:
+            raise ValueError(f"kv_bounds {name} has shape {tuple(t.shape)}; expected ({batch} or 1, 1)")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be int32 or int64")
+    if lo.shape != hi.shape or lo.dtype != hi.dtype or lo.stride() != hi.stride():
+        lo, hi = (t.to(torch.int64).expand(batch, 1).contiguous() for t in (lo, hi))
+    if lo.device != device:
+        lo, hi = lo.to(device), hi.to(device)
+    return lo, hi, lo.stride(0) if lo.shape[0] > 1 else 0
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      kv_bounds: tuple[torch.Tensor, torch.Tensor] | None = None, num_splits: int | None = None,
-                     sm_scale: float | None = None) -> torch.Tensor:
+                     sm_scale: float | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
     """One query per sequence: q (B, H, 1, D), k and v (B, Hkv, Tk, D) -> (B, H, 1, D).
 
-    kv_bounds: (lo, hi), each (B, 1) or (1, 1): sequence b sees keys [lo, hi)
-    (its length in a shared cache, after its left padding); default all Tk.
-    num_splits: how many chunks the keys are split into (default: by occupancy).
+    kv_bounds: (lo, hi), integer tensors each (B, 1) or (1, 1): sequence b sees
+    keys [lo, hi) (its length in a shared cache, after its left padding), clamped
+    to [0, Tk]; default all Tk. num_splits: how many chunks the keys are split
+    into (default: by occupancy). Python work is kept small: at batch 1 it is a
+    visible part of each decode step.
     """
+    config = config or DEFAULT_CONFIG
     check_attention_inputs(q, k, v, q_len_name="1")
     batch, heads, n_q, head_dim = q.shape
     if n_q != 1:
@@ -121,31 +221,39 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          f"(use flash_attention for {n_q} queries)")
     kv_heads, n_keys = k.shape[1], k.shape[2]
     if num_splits is None:
-        num_splits = choose_splits(batch, kv_heads, n_keys, q.device)
+        num_splits = choose_splits(batch, kv_heads, n_keys, q.device, config)
     if num_splits < 1:
         raise ValueError(f"num_splits={num_splits}; give at least 1")
-    split_len = triton.cdiv(triton.cdiv(max(n_keys, 1), num_splits), BLOCK_N) * BLOCK_N
-    num_splits = triton.cdiv(max(n_keys, 1), split_len)  # no split left empty by the rounding
+    interpreted = interpreting()
+    block_n = 32 if interpreted else config.block_n
+    split_len = _cdiv(_cdiv(max(n_keys, 1), num_splits), block_n) * block_n
+    num_splits = _cdiv(max(n_keys, 1), split_len)  # no split left empty by the rounding
     if kv_bounds is not None:
-        lo, hi = check_bounds(kv_bounds, batch, 1, n_keys, q.device)
+        lo, hi, bounds_stride = _sequence_bounds(kv_bounds, batch, q.device)
     else:
         lo = hi = q  # unused pointer arguments
+        bounds_stride = 0
     group = heads // kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = _pow2_at_least(head_dim, 16)
+    block_g = _pow2_at_least(group, 1)
+    block_s = max(1, min(_pow2_at_least(num_splits, 1), config.merge_rows // block_g))
     part_out = torch.empty(batch, heads, num_splits, block_d, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    counters = _done_counters(batch * kv_heads, q.device) if config.fuse_combine else out
     scale = (1.0 / math.sqrt(head_dim)) if sm_scale is None else sm_scale
     _split_kernel[(batch, kv_heads, num_splits)](
-        q, k, v, part_out, part_lse, lo, hi, scale * LOG2E,
-        q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], n_keys, split_len, num_splits,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N if not interpreting() else 32, HAS_BOUNDS=kv_bounds is not None,
-        DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=1 if interpreting() else 3,
+        q, k, v, part_out, part_lse, lo, hi, out, counters, scale * LOG2E,
+        q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], out.stride(0), out.stride(1),
+        bounds_stride, n_keys, split_len, num_splits,
+        GROUP=group, BLOCK_H=_pow2_at_least(group, 16), HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_N=block_n, HAS_BOUNDS=kv_bounds is not None, DOT_PRECISION=dot_precision(q.dtype),
+        FUSE_COMBINE=config.fuse_combine, BLOCK_G=block_g, BLOCK_S=block_s,
+        num_warps=config.num_warps, num_stages=1 if interpreted else config.num_stages,
     )
-    out = torch.empty_like(q)
-    _combine_kernel[(batch * heads,)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), heads, num_splits,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
-    )
+    if not config.fuse_combine:
+        _combine_kernel[(batch, kv_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
+        )
     return out

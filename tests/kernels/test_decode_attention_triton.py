@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from infermatrix.kernels.attention_triton import interpreting
-from infermatrix.kernels.decode_attention_triton import decode_attention
+from infermatrix.kernels.decode_attention_triton import DecodeConfig, decode_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
@@ -34,13 +34,17 @@ def oracle(q, k, v, lo=None, hi=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+FUSED, SEPARATE = DecodeConfig(fuse_combine=True), DecodeConfig(fuse_combine=False)
+
+
+@pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 @pytest.mark.parametrize("group", [1, 3, 4])
-def test_batch_of_different_lengths_matches_sdpa(group, num_splits):
+def test_batch_of_different_lengths_matches_sdpa(group, num_splits, config):
     """Three sequences in one 300-slot cache: full, a left-padded middle, a single key."""
     q, k, v = cache(3, 2 * group, 2, 300, 64)
     lo, hi = torch.tensor([[0], [5], [40]]), torch.tensor([[300], [77], [41]])
-    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=num_splits)
+    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=num_splits, config=config)
     torch.testing.assert_close(out, oracle(q, k, v, lo, hi), **TOL[torch.float32])
 
 
@@ -58,14 +62,32 @@ def test_half_precision(dtype):
     torch.testing.assert_close(out.float(), oracle(q, k, v), **TOL[dtype])
 
 
-def test_splits_that_see_no_key_drop_out_of_the_combine():
+@pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
+def test_splits_that_see_no_key_drop_out_of_the_combine(config):
     """With 5 splits over 320 slots, a sequence of 10 keys leaves 4 splits empty; a
     sequence with no keys at all gives zeros, not NaN."""
     q, k, v = cache(2, 2, 2, 320, 32)
     lo, hi = torch.tensor([[100], [7]]), torch.tensor([[110], [7]])
-    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=5)
+    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=5, config=config)
     torch.testing.assert_close(out[:1], oracle(q[:1], k[:1], v[:1], lo[:1], hi[:1]), **TOL[torch.float32])
     assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
+def test_more_splits_than_one_merge_step(config):
+    """70 splits take three steps of the merge loop (32 splits each)."""
+    q, k, v = cache(1, 4, 2, 70 * 32, 32)
+    out = decode_attention(q, k, v, num_splits=70, config=config)
+    torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
+
+
+def test_fused_merge_leaves_its_counters_ready_for_the_next_call():
+    """The last split resets the per-(sequence, KV head) counter, so repeated calls,
+    with other split counts, still merge at the right moment."""
+    for splits in (3, 5, 2):
+        q, k, v = cache(2, 4, 2, 200, 32)
+        out = decode_attention(q, k, v, num_splits=splits, config=FUSED)
+        torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
 
 
 def test_more_than_one_query_is_refused():
