@@ -19,6 +19,7 @@ Pure functions on tensors; nothing here knows about models or variants.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -135,17 +136,25 @@ def store_rows(o_base, stride_om, offs_m, row_ok, acc, l_i, HEAD_DIM: tl.constex
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+# INFERMATRIX_TRITON_AUTOTUNE=0: the first config that fits, no timing (fast first calls, untuned tiles)
+AUTOTUNE = os.environ.get("INFERMATRIX_TRITON_AUTOTUNE") != "0"
+
 # Bounds modes: every row sees all keys; causal with the queries at the end of
 # the keys; explicit per-row [lo, hi) tensors.
 BOUNDS_NONE, BOUNDS_CAUSAL, BOUNDS_TENSOR = 0, 1, 2
+
+
+# when no listed config fits: the first of these that does (the last takes 64 KiB at head dim 256 in fp32)
+_FALLBACK_CONFIGS = (triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+                     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
 def _prefill_configs() -> list[triton.Config]:
     if interpreting():  # one small tile: the interpreter is for correctness, not tuning
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     default = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)
-    if os.environ.get("INFERMATRIX_TRITON_AUTOTUNE") == "0":  # fast first calls (tests), untuned tiles
-        return [default]
+    if not AUTOTUNE:  # the default, and fallbacks: with one config Triton would not prune it to fit
+        return [default, *_FALLBACK_CONFIGS]
     return [default] + [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bm, bn, warps, stages in ((128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2), (64, 64, 4, 3),
@@ -153,14 +162,33 @@ def _prefill_configs() -> list[triton.Config]:
     ]
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one program may take on `device` (the opt-in maximum)."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no such limit
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 101376)  # sm_86's, the smallest of recent GPUs
+
+
+def _shared_bytes(config: triton.Config, block_d: int, elem_size: int) -> int:
+    """Shared memory of a prefill config: the Q tile plus num_stages K and V tiles
+    (within 1 KiB of the compiler's figure on sm_90, see scripts/compile_kernels.py)."""
+    return elem_size * block_d * (config.kwargs["BLOCK_M"] + 2 * config.num_stages * config.kwargs["BLOCK_N"])
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Big tiles with head dim > 128 exceed shared memory; short queries waste big M tiles."""
+    """Drop configs that need more shared memory than the GPU has (big tiles at head
+    dim 256), and big M tiles for short queries, which would waste most rows."""
     args = {**named_args, **kwargs}
-    head_dim, n_q = args["BLOCK_D"], args["n_q"]
-    kept = [c for c in configs
-            if not (head_dim > 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
-            and not (n_q <= 64 and c.kwargs["BLOCK_M"] > 64)]
-    return kept or configs[-1:]
+    q = args["Q"]
+    limit = _shared_memory_limit(q.device)
+    fitting = [c for c in configs if _shared_bytes(c, args["BLOCK_D"], q.element_size()) <= limit]
+    kept = [c for c in fitting if not (args["n_q"] <= 64 and c.kwargs["BLOCK_M"] > 64)]
+    if kept or fitting:
+        return (kept or fitting[-1:])[:None if AUTOTUNE else 1]
+    return [next((c for c in _FALLBACK_CONFIGS if _shared_bytes(c, args["BLOCK_D"], q.element_size()) <= limit),
+                 _FALLBACK_CONFIGS[-1])]
 
 
 @triton.autotune(configs=_prefill_configs(), key=["n_q_bucket", "n_k_bucket", "HEAD_DIM", "BOUNDS", "GROUP"],

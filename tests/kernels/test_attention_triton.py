@@ -150,3 +150,34 @@ def test_bfloat16_is_refused_by_the_interpreter():
     """The interpreter has no bfloat16 and would return garbage; it must say so instead."""
     with pytest.raises(ValueError, match="q is bfloat16, which Triton's CPU interpreter"):
         flash_attention(*qkv(1, 2, 2, 8, 8, 32, torch.bfloat16), causal=True)
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(256, torch.float16), (256, torch.float32), (128, torch.float16)])
+def test_autotune_keeps_only_tiles_that_fit_shared_memory(monkeypatch, head_dim, dtype):
+    """An H200 gives a program 227 KiB of shared memory. The default tile at head dim 256
+    needs 257 KiB (what the GPU refused, out of resources, before this pruning); pruning
+    must leave only configs that fit, also untuned (INFERMATRIX_TRITON_AUTOTUNE=0), where
+    it leaves exactly one: Triton prunes nothing from a list of one. The estimate matches the compiler's figures, which
+    scripts/compile_kernels.py prints."""
+    import triton
+
+    from infermatrix.kernels import attention_triton as at
+
+    monkeypatch.setattr(at, "_shared_memory_limit", lambda device: 232448)
+    q = torch.empty(1, 1, 4096, head_dim, dtype=dtype)
+    default = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)
+    listed = [default, *(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=8, num_stages=s)
+                         for m, n, s in ((128, 128, 2), (128, 64, 2), (64, 64, 3), (64, 32, 2)))]
+    assert at._shared_bytes(default, 256, 2) == 262144  # the compiler said 263168
+    for configs in (listed, [default]):
+        kept = at._prune_configs(configs, {"Q": q, "BLOCK_D": head_dim, "n_q": 4096})
+        assert kept
+        assert all(at._shared_bytes(c, head_dim, q.element_size()) <= 232448 for c in kept)
+    if head_dim == 128 and dtype == torch.float16:  # everything listed fits at head dim 128
+        assert at._prune_configs(listed, {"Q": q, "BLOCK_D": 128, "n_q": 4096}) == listed
+    short = at._prune_configs(listed, {"Q": q, "BLOCK_D": head_dim, "n_q": 32})
+    assert all(c.kwargs["BLOCK_M"] <= 64 for c in short)  # no 128-row tile for 32 queries
+    monkeypatch.setattr(at, "AUTOTUNE", False)  # untuned: exactly one config, the first that fits
+    (only,) = at._prune_configs([default, *at._FALLBACK_CONFIGS], {"Q": q, "BLOCK_D": head_dim, "n_q": 4096})
+    assert at._shared_bytes(only, head_dim, q.element_size()) <= 232448
+    assert (only is default) == (head_dim == 128)
