@@ -9,7 +9,9 @@
    heads, head dim 128, caches of 1k to 64k keys, batch 1 and 8. Target: faster
    than SDPA at long caches.
 
-    python scripts/gpu_attention_benchmark.py [--quick] [--json out.json]
+    python scripts/gpu_attention_benchmark.py [--quick] [--json out.json] [--head-dims 64 128]
+        [--decode-config best.json]   # a DecodeConfig from scripts/gpu_decode_sweep.py --best
+        [--parts checks,prefill,decode]
 
 Timings are medians of triton.testing.do_bench (CUDA events, L2 cleared between
 runs); the ratio is ours over theirs in throughput (> 1 means we are faster).
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from infermatrix.kernels.attention_triton import flash_attention
-from infermatrix.kernels.decode_attention_triton import decode_attention
+from infermatrix.kernels.decode_attention_triton import DecodeConfig, decode_attention
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # see tests/kernels/test_attention_triton.py
 
@@ -73,10 +75,10 @@ def bench(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")  # ms
 
 
-def prefill_table(quick: bool) -> list[dict]:
+def prefill_table(quick: bool, head_dims: list[int]) -> list[dict]:
     rows = []
     lengths = (1024, 4096) if quick else (1024, 2048, 4096, 8192, 16384)
-    for head_dim in (64, 128):
+    for head_dim in head_dims:
         for causal in (False, True):
             for n in lengths:
                 q, k, v = (rand(4, 32, n, head_dim, dtype=torch.float16) for _ in range(3))
@@ -91,14 +93,14 @@ def prefill_table(quick: bool) -> list[dict]:
     return rows
 
 
-def decode_table(quick: bool) -> list[dict]:
+def decode_table(quick: bool, config: DecodeConfig) -> list[dict]:
     rows = []
     lengths = (1024, 16384) if quick else (1024, 4096, 16384, 65536)
     for batch in (1, 8):
         for n in lengths:
             q = rand(batch, 32, 1, 128, dtype=torch.float16)
             k, v = rand(batch, 8, n, 128, dtype=torch.float16), rand(batch, 8, n, 128, dtype=torch.float16)
-            ours = bench(lambda: decode_attention(q, k, v))
+            ours = bench(lambda: decode_attention(q, k, v, config=config))
             theirs = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             gbytes = 2 * k.numel() * k.element_size() / 1e9  # K and V read once
             rows.append({"batch": batch, "cache_len": n, "ours_us": ours * 1e3, "sdpa_us": theirs * 1e3,
@@ -112,22 +114,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer lengths (about one minute)")
     parser.add_argument("--json", help="also write the tables to this file")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128], help="prefill head dims")
+    parser.add_argument("--decode-config", help="a JSON DecodeConfig for the decode kernel (default: its own)")
+    parser.add_argument("--parts", default="checks,prefill,decode",
+                        help="comma-separated: checks, prefill, decode (default all; split them to run the "
+                             "checks with INFERMATRIX_TRITON_AUTOTUNE=0, which compiles far fewer kernels)")
     args = parser.parse_args()
+    config = DecodeConfig()
+    if args.decode_config:
+        with open(args.decode_config, encoding="utf-8") as f:
+            config = DecodeConfig(**json.load(f))
     if not torch.cuda.is_available():
         print("needs a CUDA GPU; the kernels' CPU checks are the interpreter tests (pytest tests/kernels)")
         return 2
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton "
           f"{__import__('triton').__version__}")
-    print("correctness (fp16, bf16 against SDPA in fp32):")
-    failures = check_correctness()
-    print("prefill forward, batch 4, 32 heads, fp16:")
-    prefill = prefill_table(args.quick)
-    print("decode, 32 query heads over 8 KV heads, head dim 128, fp16:")
-    decode = decode_table(args.quick)
-    worst = min(r["ratio"] for r in prefill)
-    long_decode = [r["ratio"] for r in decode if r["cache_len"] >= 16384]
-    print(f"prefill: worst ratio {worst:.2f} (target >= 0.90); decode at >= 16k keys: "
-          f"speedups {', '.join(f'{r:.2f}' for r in long_decode)} (target > 1)")
+    parts = set(args.parts.split(","))
+    failures, prefill, decode = [], [], []
+    if "checks" in parts:
+        print("correctness (fp16, bf16 against SDPA in fp32):")
+        failures = check_correctness()
+    if "prefill" in parts:
+        print("prefill forward, batch 4, 32 heads, fp16:")
+        prefill = prefill_table(args.quick, args.head_dims)
+        print(f"prefill: worst ratio {min(r['ratio'] for r in prefill):.2f} (target >= 0.90)")
+    if "decode" in parts:
+        print(f"decode, 32 query heads over 8 KV heads, head dim 128, fp16, {config}:")
+        decode = decode_table(args.quick, config)
+        long_decode = [r["ratio"] for r in decode if r["cache_len"] >= 16384]
+        print(f"decode at >= 16k keys: speedups {', '.join(f'{r:.2f}' for r in long_decode)} (target > 1)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"failures": failures, "prefill": prefill, "decode": decode}, f, indent=1)
