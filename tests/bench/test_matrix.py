@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from infermatrix.bench.matrix import Case, load_matrix, parse_matrix
+from infermatrix.bench.matrix import Case, builtin_matrices, load_matrix, parse_matrix
 from infermatrix.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,6 +38,12 @@ def test_shipped_matrices_parse_by_name_and_by_path():
     assert len(ci.cases) == 16 and {c.model for c in ci.cases} == {"tiny"} and ci.settings.isolate is False
     assert load_matrix(REPO / "benchmarks" / "ci.toml").cases == ci.cases
     assert load_matrix("ci", {"isolate": True}).settings.isolate is True  # command-line overrides
+
+
+@pytest.mark.parametrize("name", sorted(builtin_matrices()))
+def test_every_shipped_matrix_expands(name):
+    """Matrices meant for other machines (gpu, gpu-quick, int8) must still parse here."""
+    assert load_matrix(name).cases
 
 
 @pytest.mark.parametrize(
