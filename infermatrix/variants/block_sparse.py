@@ -61,11 +61,22 @@ class LayoutConfig(Variant):
                 raise ValueError(f"pattern {self.pattern!r} has no parameter {name!r}; its parameters: "
                                  f"{', '.join(valid) or 'none'}")
         # build a small layout now, so bad sizes fail when the spec is parsed, not mid-run
-        block = self.block or default_block_size("cpu")
+        self.check_device(torch.device("cpu"))
+
+    def check_device(self, device: torch.device) -> None:
+        """Build a small layout with the block size used on `device`: sizes that do not
+        divide it (a window of 64 with CUDA's default block of 128) fail here."""
+        block = self.block_for(device)
         probe = 4 * max([block] + [v for v in (self.window, self.stride, self.summary) if isinstance(v, int)])
         last_global = max(self.layout_params().get("global_tokens", [0]), default=0)
         probe = max(probe, (last_global // block + 1) * block)  # long enough to hold every global token
-        self.build(probe, causal=True, block=block)
+        try:
+            self.build(probe, causal=True, block=block)
+        except ValueError as exc:
+            if self.block or device.type == "cpu":
+                raise
+            raise ValueError(f"{exc} (block_size is {block}, the default on {device.type}; give block=... "
+                             f"to choose another)") from None
 
     def layout_params(self) -> dict:
         params = {name: getattr(self, name) for name in LAYOUT_FIELDS if getattr(self, name) is not None}

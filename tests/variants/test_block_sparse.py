@@ -55,6 +55,19 @@ def test_bad_specs_are_user_errors_naming_the_field(spec, match):
         parse_spec(spec)
 
 
+def test_a_window_that_fits_the_cpu_block_but_not_cudas_fails_when_the_matrix_is_read():
+    """window=64 suits the CPU's default block (64) but not CUDA's (128): a CUDA case
+    must fail when the matrix file is read, naming the fix, not hours into the run."""
+    from infermatrix.bench.matrix import parse_matrix
+
+    spec = "block_sparse(pattern=sliding,window=64)"
+    assert parse_matrix({"cases": [{"model": "tiny", "variant": spec, "device": "cpu"}]}).cases
+    with pytest.raises(UserError, match=r"on cuda: .*window=64 is not a multiple of block_size=128.*give block="):
+        parse_matrix({"cases": [{"model": "tiny", "variant": spec, "device": "cuda"}]})
+    assert parse_matrix({"cases": [{"model": "tiny", "variant": spec.replace(")", ",block=64)"),
+                                    "device": "cuda"}]}).cases
+
+
 @pytest.mark.parametrize("spec, layout", [
     ("block_sparse(pattern=causal,block=32)", lambda t: L.causal(t, 32)),
     ("block_sparse(pattern=sliding,window=64,block=32)", lambda t: L.sliding_window(t, 32, 64)),
