@@ -5,6 +5,8 @@ ranges. Tolerances as in test_attention_triton.py, plus the combine of partial
 results (fp32, exact up to rounding).
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,8 +77,10 @@ def test_splits_that_see_no_key_drop_out_of_the_combine(config):
 
 @pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
 def test_more_splits_than_one_merge_step(config):
-    """70 splits take three steps of the merge loop (32 splits each)."""
+    """With 32 merge rows and a group of 2 heads, a merge step takes 16 splits: 70
+    splits take five steps, the last one partial."""
     q, k, v = cache(1, 4, 2, 70 * 32, 32)
+    config = dataclasses.replace(config, merge_rows=32)
     out = decode_attention(q, k, v, num_splits=70, config=config)
     torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
 
