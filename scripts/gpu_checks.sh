@@ -3,9 +3,9 @@
 # has its own time limit so a slow one cannot starve the rest. Logs and JSON go
 # to $OUT (default ./gpu-out).
 #
-#     bash scripts/gpu_checks.sh            # full (~3 minutes on an H200): the decode
-#         sweep (correctness first), the prefill and decode tables with the decode
-#         config the sweep chose, the block-sparse kernel on CUDA, head dim 64 prefill
+#     bash scripts/gpu_checks.sh            # full (~4 minutes on an H200): correctness
+#         of both kernels, the decode sweep, the prefill and decode tables with the
+#         decode config the sweep chose, the block-sparse kernel on CUDA, head dim 64
 #     bash scripts/gpu_checks.sh candidates # ~2 minutes: the decode candidates against
 #         SDPA and the read roofline, then benchmarks/gpu-quick.toml through the harness
 set -u
@@ -23,12 +23,14 @@ step() {  # step SECONDS NAME COMMAND...
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/log.txt"
 if [ "${1:-full}" = candidates ]; then
     step 150 "decode candidates" $PY scripts/gpu_decode_sweep.py --candidates --out "$OUT/candidates.json"
-    step 150 "harness: gpu-quick matrix" $PY -c "from infermatrix.cli import main; main()" run \
+    step 150 "harness: gpu-quick matrix" $PY -c "import sys; from infermatrix.cli import main; sys.exit(main())" run \
         benchmarks/gpu-quick.toml --out /tmp/gpu-quick --no-isolate -q
     cp /tmp/gpu-quick/results.csv "$OUT/gpu-quick.csv" 2>/dev/null
     exit 0
 fi
-step 170 "decode sweep" $PY scripts/gpu_decode_sweep.py --out "$OUT/sweep.json" --best "$OUT/best.json"
+step 100 "correctness of both kernels (untuned tiles)" env INFERMATRIX_TRITON_AUTOTUNE=0 $PY \
+    scripts/gpu_attention_benchmark.py --parts checks --json "$OUT/checks.json"
+step 240 "decode sweep" $PY scripts/gpu_decode_sweep.py --out "$OUT/sweep.json" --best "$OUT/best.json"
 best=()
 [ -f "$OUT/best.json" ] && best=(--decode-config "$OUT/best.json")
 step 170 "prefill D128 (autotuned) and decode tables" $PY scripts/gpu_attention_benchmark.py --parts prefill,decode \

@@ -90,8 +90,9 @@ def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, Out, Counters, qk_scale,
     head_ok = offs_h < GROUP  # the tile is padded to >= 16 rows for tl.dot
     heads = kv_head * GROUP + tl.minimum(offs_h, GROUP - 1)
     if HAS_BOUNDS:
-        seq_lo = tl.maximum(tl.load(Lo + batch * stride_bounds).to(tl.int32), 0)
-        seq_hi = tl.minimum(tl.load(Hi + batch * stride_bounds).to(tl.int32), n_keys)
+        # clamp to the keys that exist at the bounds' own width (int64 bounds past 2**31 too), then narrow
+        seq_lo = tl.minimum(tl.maximum(tl.load(Lo + batch * stride_bounds), 0), n_keys).to(tl.int32)
+        seq_hi = tl.minimum(tl.maximum(tl.load(Hi + batch * stride_bounds), 0), n_keys).to(tl.int32)
     else:
         seq_lo = 0
         seq_hi = n_keys
@@ -145,6 +146,16 @@ class DecodeConfig:
     fuse_combine: bool = True  # merge the partials in the same launch (see the module docstring)
     merge_rows: int = 128  # (head, split) partials merged per step: all in flight at once, in registers
 
+    def __post_init__(self) -> None:
+        for name in ("block_n", "merge_rows", "num_warps"):  # tile sizes: Triton takes powers of two
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise ValueError(f"DecodeConfig {name}={value!r}; give a power of two")
+        for name in ("num_stages", "programs_per_sm", "min_split_keys"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecodeConfig {name}={value!r}; give a positive integer")
+
 
 DEFAULT_CONFIG = DecodeConfig()
 
@@ -177,7 +188,11 @@ _counters: dict[tuple, torch.Tensor] = {}
 
 def _done_counters(n: int, device: torch.device) -> torch.Tensor:
     """n zeroed int32 counters for the fused merge, kept per (device, stream): every call
-    leaves them at zero again, so they are allocated once, not cleared on every step."""
+    leaves them at zero again, so they are allocated once, not cleared on every step.
+    Under CUDA-graph capture each call gets its own, zeroed by the graph itself: a cached
+    tensor from one graph's memory pool would never be zeroed for another graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device, stream)
     counters = _counters.get(key)
@@ -197,8 +212,7 @@ def _sequence_bounds(kv_bounds, batch: int, device: torch.device) -> tuple[torch
             raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be int32 or int64")
     if lo.shape != hi.shape or lo.dtype != hi.dtype or lo.stride() != hi.stride():
         lo, hi = (t.to(torch.int64).expand(batch, 1).contiguous() for t in (lo, hi))
-    if lo.device != device:
-        lo, hi = lo.to(device), hi.to(device)
+    lo, hi = (t if t.device == device else t.to(device) for t in (lo, hi))
     return lo, hi, lo.stride(0) if lo.shape[0] > 1 else 0
 
 

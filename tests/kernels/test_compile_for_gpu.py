@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 REPRESENTATIVES = "|".join([
     r"prefill fp16 D128 bounds=1 M128 N64 w4 s3",  # the untuned default tile
-    r"prefill fp16 D256 bounds=2",  # the tile pruned to fit shared memory
+    r"prefill fp16 D256 bounds=2 M128 N64",  # the biggest tile the pruner keeps at head dim 256
     r"decode split bf16 N64 w4 s2 fused=True",  # the default decode config
     r"decode combine fp16",
     r"block-sparse bf16 block 256",  # the biggest block-sparse tile

@@ -94,6 +94,25 @@ def test_fused_merge_leaves_its_counters_ready_for_the_next_call():
         torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
 
 
+def test_bounds_are_clamped_at_full_width_and_may_differ_in_dtype_and_shape():
+    """int64 bounds beyond the keys (past 2**32 too) mean "to the end", negative ones
+    "from the start"; lo and hi may differ in dtype and in (1, 1) against (B, 1)."""
+    q, k, v = cache(2, 4, 2, 100, 32)
+    lo, hi = torch.tensor([[-5]]), torch.tensor([[2**32 + 5], [2**40]])  # int64
+    out = decode_attention(q, k, v, kv_bounds=(lo, hi), config=FUSED)
+    torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
+    lo32, hi64 = torch.tensor([[0], [30]], dtype=torch.int32), torch.tensor([[60]])
+    out = decode_attention(q, k, v, kv_bounds=(lo32, hi64), config=FUSED)
+    expected = oracle(q, k, v, torch.tensor([[0], [30]]), torch.tensor([[60], [60]]))
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("field, value", [("merge_rows", 48), ("block_n", 0), ("num_stages", 0)])
+def test_bad_decode_configs_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"DecodeConfig {field}={value}"):
+        DecodeConfig(**{field: value})
+
+
 def test_more_than_one_query_is_refused():
     q, k, v = cache(1, 2, 2, 16, 32)
     with pytest.raises(ValueError, match=r"one query per sequence; q has shape \(1, 2, 2, 32\)"):
