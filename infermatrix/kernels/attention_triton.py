@@ -280,15 +280,24 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                          f"before importing them to run on the CPU (correctness only)")
 
 
-def check_bounds(bounds, batch: int, rows: int, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi), each (batch or 1, rows) integers, to contiguous (batch, rows) int32 on
-    `device`, clamped to the keys that exist, [0, n_keys]: never a read outside k, v."""
+def check_bounds_shapes(bounds, batch: int, rows: int, *, int32_or_int64: bool = False):
+    """Refuse (lo, hi) that are not each (batch or 1, rows) integer tensors; int32_or_int64:
+    only those two (for a kernel that reads the bounds as given)."""
     lo, hi = bounds
     for name, t in (("lo", lo), ("hi", hi)):
         if t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != rows:
             raise ValueError(f"kv_bounds {name} has shape {tuple(t.shape)}; expected ({batch} or 1, {rows})")
+        if int32_or_int64 and t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be int32 or int64")
         if t.dtype.is_floating_point:
             raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be integers")
+    return lo, hi
+
+
+def check_bounds(bounds, batch: int, rows: int, n_keys: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), each (batch or 1, rows) integers, to contiguous (batch, rows) int32 on
+    `device`, clamped to the keys that exist, [0, n_keys]: never a read outside k, v."""
+    lo, hi = check_bounds_shapes(bounds, batch, rows)
     # one row per sequence, so the kernels index them without broadcasting strides
     return tuple(t.to(device).clamp(0, n_keys).to(torch.int32).expand(batch, rows).contiguous() for t in (lo, hi))
 

@@ -32,6 +32,7 @@ from infermatrix.kernels.attention_triton import (
     LOG2E,
     attend_range,
     check_attention_inputs,
+    check_bounds_shapes,
     dot_precision,
     empty_state,
     interpreting,
@@ -204,12 +205,7 @@ def _done_counters(n: int, device: torch.device) -> torch.Tensor:
 def _sequence_bounds(kv_bounds, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(lo, hi, stride): each (B or 1, 1) integer tensor on `device` as given; the kernel
     reads sequence b's bound at b * stride and clamps it to the keys that exist."""
-    lo, hi = kv_bounds
-    for name, t in (("lo", lo), ("hi", hi)):
-        if t.dim() != 2 or t.shape[0] not in (1, batch) or t.shape[1] != 1:
-            raise ValueError(f"kv_bounds {name} has shape {tuple(t.shape)}; expected ({batch} or 1, 1)")
-        if t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"kv_bounds {name} has dtype {t.dtype}; key positions must be int32 or int64")
+    lo, hi = check_bounds_shapes(kv_bounds, batch, 1, int32_or_int64=True)
     if lo.shape != hi.shape or lo.dtype != hi.dtype or lo.stride() != hi.stride():
         lo, hi = (t.to(torch.int64).expand(batch, 1).contiguous() for t in (lo, hi))
     lo, hi = (t if t.device == device else t.to(device) for t in (lo, hi))
