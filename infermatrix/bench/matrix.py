@@ -282,11 +282,10 @@ def _normalize(case: Case) -> Case:
 def _check_shape(case: Case, where: str) -> None:
     cfg = model_config(case.model)
     for variant in parse_spec(case.variant):
-        if hasattr(variant, "check_device"):  # layouts whose default block size depends on the device
-            try:
-                variant.check_device(torch.device(case.device))
-            except ValueError as exc:
-                raise UserError(f"{where}: {case.variant} on {case.device}: {exc}") from None
+        try:
+            variant.check_device(torch.device(case.device))
+        except ValueError as exc:
+            raise UserError(f"{where}: {case.variant} on {case.device}: {exc}") from None
     if case.workload in ("decode", "generate") and case.new_tokens < 2:
         raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
     if case.workload in ("prefill", "decode", "generate", "drift"):

@@ -46,6 +46,10 @@ class Variant:
         """What this configuration needs: `requires`, unless a parameter (a backend) adds to it."""
         return self.requires
 
+    def check_device(self, device: torch.device) -> None:
+        """Refuse, with a ValueError naming the fix, settings that cannot run on `device`
+        (called when a matrix is read, so a case fails then, not mid-run)."""
+
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""
         params = [
