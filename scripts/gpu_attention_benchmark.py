@@ -37,11 +37,21 @@ def rand(*shape, dtype):
     return torch.randn(*shape, device="cuda", dtype=dtype)
 
 
-def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> bool:
-    """torch.testing's rule, |out - ref| <= atol + rtol * |ref|, with atol = rtol = TOL."""
+def within_tolerance(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
+    """torch.testing's rule, |out - ref| <= atol + rtol * |ref|, with atol = rtol = TOL;
+    and the max abs error."""
     err = (out.float() - ref).abs()
-    ok = bool((err <= TOL[dtype] * (1 + ref.abs())).all())
-    print(f"  {name}: max abs err {err.max().item():.2e} {'ok' if ok else 'FAIL'}")
+    return bool((err <= TOL[dtype] * (1 + ref.abs())).all()), err.max().item()
+
+
+def write_json(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str) -> bool:
+    ok, worst = within_tolerance(out, ref, dtype)
+    print(f"  {name}: max abs err {worst:.2e} {'ok' if ok else 'FAIL'}")
     return ok
 
 
@@ -144,8 +154,7 @@ def main() -> int:
         long_decode = [r["ratio"] for r in decode if r["cache_len"] >= 16384]
         print(f"decode at >= 16k keys: speedups {', '.join(f'{r:.2f}' for r in long_decode)} (target > 1)")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"failures": failures, "prefill": prefill, "decode": decode}, f, indent=1)
+        write_json(args.json, {"failures": failures, "prefill": prefill, "decode": decode})
     if failures:
         print("FAILED: " + "; ".join(failures))
         return 1

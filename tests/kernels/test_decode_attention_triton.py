@@ -37,9 +37,10 @@ def oracle(q, k, v, lo=None, hi=None):
 
 
 FUSED, SEPARATE = DecodeConfig(fuse_combine=True), DecodeConfig(fuse_combine=False)
+both_merges = pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
 
 
-@pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
+@both_merges
 @pytest.mark.parametrize("num_splits", [1, 3, None])
 @pytest.mark.parametrize("group", [1, 3, 4])
 def test_batch_of_different_lengths_matches_sdpa(group, num_splits, config):
@@ -64,7 +65,7 @@ def test_half_precision(dtype):
     torch.testing.assert_close(out.float(), oracle(q, k, v), **TOL[dtype])
 
 
-@pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
+@both_merges
 def test_splits_that_see_no_key_drop_out_of_the_combine(config):
     """With 5 splits over 320 slots, a sequence of 10 keys leaves 4 splits empty; a
     sequence with no keys at all gives zeros, not NaN."""
@@ -75,7 +76,7 @@ def test_splits_that_see_no_key_drop_out_of_the_combine(config):
     assert (out[1] == 0).all()
 
 
-@pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
+@both_merges
 def test_more_splits_than_one_merge_step(config):
     """With 32 merge rows and a group of 2 heads, a merge step takes 16 splits: 70
     splits take five steps, the last one partial."""
