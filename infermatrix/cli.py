@@ -170,13 +170,82 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+def _ab_settings(args: argparse.Namespace):
+    from infermatrix.bench.ab import AbSettings
+
+    given = {key: getattr(args, key) for key in ("turn_s", "min_rounds", "max_rounds", "target_ci", "max_time_s",
+                                                 "seed") if getattr(args, key) is not None}
+    return AbSettings(**given)
+
+
+def _run_ab(base: str, new: str, args: argparse.Namespace, out: Path, rules: list[str]):
+    """Run an interleaved A/B and judge it; returns (the run, its result)."""
+    from infermatrix.bench.ab import run_ab, write_ab_reports
+    from infermatrix.reports.ab import evaluate_ab
+    from infermatrix.reports.gate import RuleError, parse_rule
+
+    try:
+        parsed = [parse_rule(rule) for rule in rules]
+    except RuleError as exc:
+        raise UserError(f"rule: {exc}") from None
+    if not 0 < args.alpha < 1:
+        raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
+    overrides = {"timeout_s": args.timeout} if args.timeout is not None else {}
+    run = run_ab(base, new, args.matrix, out, settings=_ab_settings(args), repo=args.repo,
+                 eval_text=args.eval_text, overrides=overrides, only=args.only,
+                 log=lambda line: print(line, flush=True))
+    result = evaluate_ab(run.records["base"], run.records["new"], parsed, alpha=args.alpha)
+    write_ab_reports(run, result)
+    return run, result
+
+
+def _cmd_ab(args: argparse.Namespace) -> int:
+    import os
+
+    from infermatrix.bench.ab import ab_header
+    from infermatrix.reports.ab import AB_DEFAULT_RULES, render_ab_html, render_ab_markdown, render_ab_text
+
+    if args.shard is not None:
+        raise UserError("ab does not take --shard: both sides of a case must run on one machine, moments apart; "
+                        "split the matrix into smaller files and run ab on each instead")
+    rules = list(args.fail or [])
+    if args.rules:
+        rules += _rules_file(Path(args.rules))
+    origin = "command line" if rules else "A/B defaults"
+    rules = rules or list(AB_DEFAULT_RULES)
+    out = Path(args.out) if args.out else Path("results") / ("ab-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    run, result = _run_ab(args.base, args.new, args, out, rules)
+    print()
+    print(render_ab_text(result, f"{ab_header(run)} · {len(rules)} rules from {origin}"))
+    for option, render in ((args.md, render_ab_markdown), (args.html, render_ab_html)):
+        if option:
+            Path(option).write_text(render(result, ab_header(run)), encoding="utf-8")
+            print(f"wrote {option}")
+    print(f"wrote {out / 'base'}, {out / 'new'} (run folders) and {out / 'ab.md'}, {out / 'ab.html'}, "
+          f"{out / 'ab.json'}")
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(render_ab_markdown(result, ab_header(run)) + "\n")
+    return 0 if result.passed else 1
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from infermatrix.bench.matrix import load_matrix
     from infermatrix.bench.runner import run_matrix
     from infermatrix.reports.gate import calibrate, render_calibration
 
-    matrix = load_matrix(args.matrix)
     out = Path(args.out) if args.out else Path("results") / ("calibrate-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if args.interleaved:  # the same code on both sides, interleaved: the paired noise floor
+        import infermatrix
+        from infermatrix.reports.ab import render_ab_calibration
+
+        source = str(Path(infermatrix.__file__).resolve().parent.parent)
+        args.repo, args.eval_text, args.timeout, args.alpha = None, None, None, 0.05
+        _, result = _run_ab(source, source, args, out, ["latency_ms_p50:+5%"])
+        print(render_ab_calibration(result))
+        return 0
+    matrix = load_matrix(args.matrix)
     runs = []
     for name in ("a", "b"):  # the same matrix twice: every difference is noise
         print(f"infermatrix: A/A run {name} of {len(matrix.cases)} cases -> {out / name}", flush=True)
@@ -242,6 +311,24 @@ def _cmd_list(args: argparse.Namespace) -> int:
               f"{params * 2 / 2**30:.2f} GiB in bfloat16")
     print("  PATH.gguf / DIR      a Llama GGUF file or a Hugging Face Llama checkpoint folder")
     return 0
+
+
+def _ab_options(parser: argparse.ArgumentParser) -> None:
+    """How long `ab` (and `calibrate --interleaved`) interleave each case."""
+    parser.add_argument("--turn", dest="turn_s", type=float, metavar="S",
+                        help="seconds of sampling per turn, each in a fresh case process (default 0.3; at "
+                             "least one sample)")
+    parser.add_argument("--min-rounds", type=int, metavar="N", help="rounds before stopping (default 8)")
+    parser.add_argument("--max-rounds", type=int, metavar="N", help="rounds at most (default 20)")
+    parser.add_argument("--target-ci", type=float, metavar="F",
+                        help="stop once the paired ratio's 95%% interval is within ±F (default 0.02)")
+    parser.add_argument("--max-time", dest="max_time_s", type=float, metavar="S",
+                        help="seconds of turns per side and case after --min-rounds (default: the matrix's "
+                             "max_time_s)")
+    parser.add_argument("--seed", type=int, help="seed of the starting sides (default: drawn and recorded)")
+    parser.add_argument("--only", metavar="FILTER", action="append",
+                        help="only the cases matching field=glob[,field=glob...] (repeatable: any of them), "
+                             "e.g. --only workload=prefill --only workload=attention")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -340,6 +427,38 @@ def build_parser() -> argparse.ArgumentParser:
                            "and suggested thresholds instead of a verdict")
     gate.set_defaults(func=_cmd_gate)
 
+    ab = sub.add_parser(
+        "ab", help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
+        description="Run every case of MATRIX for BASE and NEW alternately, in rounds of short turns (ABBA order, "
+                    "the starting side drawn at random), each side in its own case processes forked from a server "
+                    "that imported that side's code. BASE and NEW are git refs (checked out into temporary "
+                    "worktrees) or source folders, of infermatrix itself or of a variant plugin package. Speed "
+                    "rules are judged on the paired per-round ratios (Hodges-Lehmann interval, Benjamini-Hochberg "
+                    "across cases): regression, improvement, unchanged or inconclusive; other rules and case "
+                    "statuses as in `gate`. Writes OUT/base and OUT/new (run folders) and OUT/ab.{json,md,html}. "
+                    "Exit 0 pass, 1 regression or a case failing on one side, 2 bad input.",
+        epilog="Examples: infermatrix ab HEAD~1 HEAD; infermatrix ab origin/main . ci --fail latency_ms_p50:+3%%; "
+               "infermatrix ab ../plugin-main ../plugin-pr my.toml",
+    )
+    ab.add_argument("base", metavar="BASE", help="git ref (branch, tag, commit, HEAD~1) or source folder")
+    ab.add_argument("new", metavar="NEW", help="git ref or source folder ('.' is the working tree)")
+    ab.add_argument("matrix", nargs="?", help="matrix TOML file, or a built-in name each side reads its own of "
+                                              "(default: default)")
+    ab.add_argument("--out", metavar="DIR", help="new folder for the A/B run (default: results/ab-<time>)")
+    ab.add_argument("--fail", metavar="RULE", action="append",
+                    help="a gate rule (repeatable); default: latency_ms_p50:+5%%, tokens_per_s:-5%% and the gate's "
+                         "accuracy bounds")
+    ab.add_argument("--rules", metavar="FILE", help="rules file, as for gate")
+    ab.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate (default 0.05)")
+    ab.add_argument("--repo", metavar="DIR", help="git repository the refs belong to (default: the current one)")
+    ab.add_argument("--eval-text", metavar="FILE", help="UTF-8 text for prompts and drift, as for run")
+    ab.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take on one side")
+    ab.add_argument("--md", metavar="OUT", help="also write the verdict as Markdown here")
+    ab.add_argument("--html", metavar="OUT", help="also write the verdict as HTML here")
+    ab.add_argument("--shard", metavar="K/N", help=argparse.SUPPRESS)  # refused with a reason
+    _ab_options(ab)
+    ab.set_defaults(func=_cmd_ab)
+
     cal = sub.add_parser(
         "calibrate", help="run a matrix twice (A/A) and suggest gate thresholds from this machine's noise",
         description="Run the same matrix twice and compare the runs: every difference is noise. Prints each "
@@ -347,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("matrix", nargs="?", help="matrix TOML file or built-in name (default: default)")
     cal.add_argument("--out", metavar="DIR", help="folder for the two runs (default: results/calibrate-<time>)")
+    cal.add_argument("--interleaved", action="store_true",
+                     help="A/A the way `ab` measures: this code on both sides, interleaved in rounds; prints the "
+                          "change each case could detect")
+    _ab_options(cal)
     cal.set_defaults(func=_cmd_calibrate)
 
     env = sub.add_parser(

@@ -1,28 +1,16 @@
 #!/usr/bin/env bash
-# Benchmark BASE_REF and the working tree with the same matrix on this machine,
-# in one job, then gate NEW against BASE. Used by .github/workflows/bench-gate.yml;
-# runs the same way locally:  scripts/gate_pr.sh origin/main ci results/pr
-#
-# Both runs use the installed environment; the base code is put first on
-# PYTHONPATH from a git worktree, so only the code under test differs.
+# Gate a change on benchmark regressions: BASE_REF and the working tree measured
+# interleaved on this machine (`infermatrix ab`: case by case, alternating turns, each
+# side importing its own code), judged on the paired per-round ratios. Used by
+# .github/workflows/bench-gate.yml; runs the same way locally:
+#   scripts/gate_pr.sh origin/main ci results/pr [ab options, e.g. --fail latency_ms_p50:+3%]
+# Exit 0 pass, 1 regression (or a case failing in NEW only), 2 bad input.
 set -euo pipefail
-base_ref=${1:?usage: gate_pr.sh BASE_REF [MATRIX] [OUT_DIR] [gate options...]}
+base_ref=${1:?usage: gate_pr.sh BASE_REF [MATRIX] [OUT_DIR] [ab options...]}
 matrix=${2:-ci}
 out=${3:-results/gate-$(date +%Y%m%d-%H%M%S)}
 shift $(( $# < 3 ? $# : 3 ))
 python=${PYTHON:-python}
-
-worktree=$(mktemp -d)
-trap 'git worktree remove --force "$worktree" >/dev/null 2>&1 || true' EXIT
-git worktree add --quiet --detach "$worktree" "$base_ref"
-
-mkdir -p "$out"
-out=$(realpath "$out")
-# The matrix file may exist only in the head: resolve it once, run both with it.
+# A matrix file may exist only in the working tree: both sides read that one file.
 if [ -f "$matrix" ]; then matrix=$(realpath "$matrix"); fi
-echo "== base ($base_ref)"
-(cd "$worktree" && PYTHONPATH="$worktree" "$python" -m infermatrix.cli run "$matrix" --out "$out/base" -q)
-echo "== head"
-"$python" -m infermatrix.cli run "$matrix" --out "$out/head" -q
-echo "== gate"
-"$python" -m infermatrix.cli gate "$out/base" "$out/head" "$@"
+exec "$python" -m infermatrix.cli ab "$base_ref" . "$matrix" --out "$out" "$@"

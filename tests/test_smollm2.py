@@ -42,3 +42,13 @@ def test_perplexity_on_stdlib_text_is_sane(smollm2):
         logits = smollm2.model(ids)
     ppl = math.exp(F.cross_entropy(logits[0, :-1], ids[0, 1:]).item())
     assert 8 < ppl < 20, ppl
+
+
+@pytest.mark.parametrize("count", [1, 64, 1000, 5000])
+def test_prompt_ids_from_a_prefix_equal_the_whole_texts(smollm2, count):
+    """Workloads encode only a prefix of the eval text; its first tokens must be the
+    whole text's, a word cut at the prefix's end notwithstanding."""
+    from infermatrix.bench.workloads import _text_ids
+
+    whole = smollm2.tokenizer.encode(default_text()).ids
+    assert list(_text_ids(smollm2.tokenizer, None, count)) == whole[:count]

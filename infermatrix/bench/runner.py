@@ -158,7 +158,8 @@ def _process_context():
     global _mp_context
     if _mp_context is None:
         _mp_context = multiprocessing.get_context("forkserver")
-        _mp_context.set_forkserver_preload(["torch", "infermatrix.bench.workloads"])
+        # torch._dynamo: imported lazily by the first model construction, 1.7 s per process otherwise
+        _mp_context.set_forkserver_preload(["torch", "torch._dynamo", "infermatrix.bench.workloads"])
     return _mp_context
 
 
@@ -261,6 +262,23 @@ def measure_peaks(todo, dtypes: dict[str, tuple[str, ...]], log: Callable[[str],
     return peaks
 
 
+def run_context(matrix: Matrix, todo: list[Case], eval_text: str | None, log: Callable[[str], None] = print,
+                *, local_peaks: bool = True) -> RunContext:
+    """What the cases to do share: the environment (with the eval text, the [run]
+    settings, the matrix's hash and shard) and, when they run here, this machine's peaks."""
+    env = capture_env()
+    env["eval_text"] = {"path": eval_text or "pydoc_data.topics", "sha256": text_sha256(load_text(eval_text))}
+    env["settings"] = asdict(matrix.settings)  # timing rules, isolation and the seed of every case
+    if matrix.text is not None:  # `infermatrix merge` checks that shards ran the same matrix
+        env["matrix_sha256"] = matrix_sha256(matrix.text)
+    if matrix.shard is not None:
+        env["shard"] = asdict(matrix.shard)
+    dtypes = peak_dtypes(matrix)
+    peaks = measure_peaks(todo, dtypes, log) if local_peaks else {}
+    env["peaks"] = {kind: p.to_dict() for kind, p in peaks.items()}
+    return RunContext(matrix.settings, env, eval_text, peaks, dtypes)
+
+
 def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text: str | None = None,
                log: Callable[[str], None] = print, progress: bool = False,
                executor: Executor | None = None) -> list[Record]:
@@ -279,19 +297,10 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
     records_path.touch()  # a shard with no cases is still a run folder that merge can read
     if matrix.text is not None and not (out_dir / MATRIX_COPY).exists():
         (out_dir / MATRIX_COPY).write_text(matrix.text, encoding="utf-8")
-    env = capture_env()
-    env["eval_text"] = {"path": eval_text or "pydoc_data.topics", "sha256": text_sha256(load_text(eval_text))}
-    env["settings"] = asdict(matrix.settings)  # timing rules, isolation and the seed of every case
-    if matrix.text is not None:  # `infermatrix merge` checks that shards ran the same matrix
-        env["matrix_sha256"] = matrix_sha256(matrix.text)
-    if matrix.shard is not None:
-        env["shard"] = asdict(matrix.shard)
     todo = todo_cases(matrix, done)
     # a remote executor's workers measure their own machines' peaks
-    dtypes = peak_dtypes(matrix)
-    peaks = measure_peaks(todo, dtypes, log) if executor is None else {}
-    env["peaks"] = {kind: p.to_dict() for kind, p in peaks.items()}
-    ctx = RunContext(matrix.settings, env, eval_text, peaks, dtypes)
+    ctx = run_context(matrix, todo, eval_text, log, local_peaks=executor is None)
+    env = ctx.env
     if done:
         log(f"resuming: {len(done)} cases already recorded, {len(todo)} to run")
     records = list(done)

@@ -12,6 +12,12 @@ sample) and the CI ranks of the median are cached per n (`stats.median_ci_rank`)
 one check of the stopping rule is a few list look-ups. It runs after every sample up
 to 64 samples and then every n // 32 samples (at most ~3% extra samples past the
 point where the rule first holds). Nothing of this runs inside the timed region.
+
+Interleaved A/B (`infermatrix ab`): a case process of one side installs a `Turns`
+controller with `interleave_with`; measure() then warms up as configured and, instead
+of its own stopping rule, samples in turns the controller grants (the A/B driver
+alternates the two sides' turns) until it is told to stop. The samples of all turns
+form the Measurement, as usual; `Turns.sizes` says how many each turn took.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -92,8 +98,28 @@ class TimerConfig:
 class Measurement:
     samples_ms: list[float]  # every timed sample, in the order taken
     warmup_runs: int  # untimed calls actually made (warmup_s may add to the configured count)
-    stopped_by: str  # "ci" | "max_runs" | "max_time"
+    stopped_by: str  # "ci" | "max_runs" | "max_time" | "turns" (interleaved A/B)
     summary: Summary
+
+
+class Turns(Protocol):
+    """Who decides when an interleaved measurement samples (bench/ab_side.py)."""
+
+    def wait_turn(self) -> float | None:
+        """Block until this side may sample; the seconds of sampling granted, or None: stop."""
+
+    def end_turn(self, samples_ms: list[float]) -> None:
+        """The samples of the turn just taken."""
+
+
+_turns: Turns | None = None
+
+
+def interleave_with(turns: Turns | None) -> None:
+    """Install (or, with None, remove) the controller of this process's next measurement.
+    It serves one measurement: measure() removes it when it starts using it."""
+    global _turns
+    _turns = turns
 
 
 def _ci_is_tight(ordered: list[float], target: float) -> bool:
@@ -213,6 +239,12 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
         spent_s = time.perf_counter() - t_start
 
         sample = _sampler(fn if self_timed else call, device, config, self_timed)
+        if _turns is not None:
+            turns, samples = _take_turns(sample), []
+            for turn in turns:
+                samples += turn
+            return Measurement(samples_ms=samples, warmup_runs=warmed, stopped_by="turns",
+                               summary=summarize(samples))
         first_check = max(config.min_runs, min_samples_for_ci(CI_CONFIDENCE))
         next_check = first_check
         samples: list[float] = []
@@ -236,3 +268,22 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
                 stopped_by = "max_time"
                 break
     return Measurement(samples_ms=samples, warmup_runs=warmed, stopped_by=stopped_by, summary=summarize(samples))
+
+
+def _take_turns(sample: Callable[[], tuple[float, float]]) -> list[list[float]]:
+    """Sample in the turns the installed controller grants: each turn at least one
+    sample, then on until its seconds are spent. Returns the samples of each turn."""
+    global _turns
+    turns, _turns = _turns, None  # one measurement per controller
+    taken: list[list[float]] = []
+    while (budget_s := turns.wait_turn()) is not None:
+        spent_s, turn = 0.0, []
+        while not turn or spent_s < budget_s:
+            ms, cost_s = sample()
+            turn.append(ms)
+            spent_s += cost_s
+        turns.end_turn(turn)
+        taken.append(turn)
+    if not taken:
+        raise RuntimeError("the interleaved measurement was stopped before its first turn")
+    return taken

@@ -120,19 +120,42 @@ class Rule:
         return self.relative is not None
 
     def matches(self, case_id: str, case: dict) -> bool:
-        for name, glob in self.filters:
-            value = case_id if name == "case_id" else case.get(name)
-            if value is None:
-                return False
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            if not fnmatchcase(text, glob):
-                return False
-        return True
+        return filter_matches(self.filters, case_id, case)
 
     def limit(self) -> float:
         """Relative rule: the ratio new/base beyond which NEW is worse than allowed."""
         assert self.relative is not None
         return 1 + self.relative if DIRECTION[self.metric] == LOWER else 1 - self.relative
+
+
+def filter_matches(filters: tuple[tuple[str, str], ...], case_id: str, case: dict) -> bool:
+    """Whether a case matches every (field, glob) pair of a filter."""
+    for name, glob in filters:
+        value = case_id if name == "case_id" else case.get(name)
+        if value is None:
+            return False
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if not fnmatchcase(text, glob):
+            return False
+    return True
+
+
+def parse_filter(text: str) -> tuple[tuple[str, str], ...]:
+    """`field=glob[,field=glob...]` as (field, glob) pairs; raises ValueError naming the problem."""
+    filters = []
+    for item in _split_filters(text):
+        key, sep, glob = item.partition("=")
+        key, glob = key.strip(), glob.strip()
+        if not sep or not key:
+            raise ValueError(f"filter {item.strip()!r} is not field=glob")
+        if key not in CASE_FIELDS:
+            close = difflib.get_close_matches(key, CASE_FIELDS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown case field {key!r} in the filter{hint}; fields: {', '.join(CASE_FIELDS)}")
+        if not glob:
+            raise ValueError(f"empty glob for {key!r} in the filter")
+        filters.append((key, glob))
+    return tuple(filters)
 
 
 def _error(text: str, problem: str) -> RuleError:
@@ -174,21 +197,12 @@ def parse_rule(text: str) -> Rule:
     if len(parts) == 3 and "=" not in filter_text:
         raise _error(raw, f"filter {filter_text!r} is not field=glob")
 
-    filters = []
+    filters: tuple[tuple[str, str], ...] = ()
     if len(parts) == 3:
-        for item in _split_filters(filter_text):
-            key, sep, glob = item.partition("=")
-            key, glob = key.strip(), glob.strip()
-            if not sep or not key:
-                raise _error(raw, f"filter {item.strip()!r} is not field=glob")
-            if key not in CASE_FIELDS:
-                close = difflib.get_close_matches(key, CASE_FIELDS, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise _error(raw, f"unknown case field {key!r} in the filter{hint}; "
-                                  f"fields: {', '.join(CASE_FIELDS)}")
-            if not glob:
-                raise _error(raw, f"empty glob for {key!r} in the filter")
-            filters.append((key, glob))
+        try:
+            filters = parse_filter(filter_text)
+        except ValueError as exc:
+            raise _error(raw, str(exc)) from None
 
     if not name:
         raise _error(raw, "missing metric")
@@ -217,7 +231,7 @@ def parse_rule(text: str) -> Rule:
                               f"{sign}{m.group(2)}% would demand an improvement")
         if direction == HIGHER and amount >= 100:
             raise _error(raw, f"a higher-is-better metric cannot drop by {amount:g}% or more")
-        return Rule(raw, metric, tuple(filters), relative=amount / 100)
+        return Rule(raw, metric, filters, relative=amount / 100)
 
     if m := _ABS_RE.match(bound_text):
         op, value, pct = m.group(1), float(m.group(2)), m.group(3)
@@ -226,7 +240,7 @@ def parse_rule(text: str) -> Rule:
                               f"write {metric}:{op}{m.group(2)}")
         if not math.isfinite(value):
             raise _error(raw, "the bound must be a finite number")
-        return Rule(raw, metric, tuple(filters), op=op, bound=value)
+        return Rule(raw, metric, filters, op=op, bound=value)
 
     if re.match(r"^(==?|!=|=>|=<)", bound_text):
         raise _error(raw, f"comparison {bound_text!r} is not supported (use >=, <=, > or <)")

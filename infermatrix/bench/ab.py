@@ -1,0 +1,512 @@
+"""Interleaved A/B runs: two versions of the code under test measured case by case on
+this machine, in alternating turns, seconds apart (`infermatrix ab BASE NEW [MATRIX]`).
+
+A side is a git ref (checked out into a temporary worktree, removed afterwards) or a
+source folder. It holds either infermatrix itself (an `infermatrix/` package) or a
+user's plugin package whose variants register through the `infermatrix.variants`
+entry-point group (declared in its pyproject.toml). Each side gets a server process
+(bench/ab_side.py) started with that side's folder first on the import path, and that
+side's plugin entry points, so everything it imports and forks is that side's code.
+
+Per case, both sides fork the case's process; each loads the model, applies the
+variants and warms up, then waits inside the timer. The driver grants turns of a few
+hundred milliseconds in ABBA order (the side that starts is drawn at random and
+recorded): BASE, NEW, NEW, BASE, ... Each pair of adjacent turns is a round, and each
+round gives a ratio NEW/BASE of the turns' medians. Rounds go on until the interval of
+the typical paired ratio (reports/paired.py) is narrow enough, or a side's turns have
+taken the time cap (the matrix's max_time_s). Both sides' records, every sample kept and the turns marked,
+go to two ordinary run folders (`report`, `compare` and `gate` read them), and the
+verdict (reports/ab.py) to ab.json, ab.md and ab.html beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Callable
+
+from infermatrix.errors import UserError
+from infermatrix.reports.record import RECORDS_FILE, Record, _finite, append_record
+
+SIDES = ("base", "new")
+PROTOCOL = 1  # bench/ab_side.py's; a side that speaks another is refused
+MATRIX_COPY = "matrix.toml"
+
+
+@dataclass(frozen=True)
+class AbSettings:
+    """How long each case is interleaved. The time cap counts each side's whole turns
+    (process start, loading, warm-up and samples), past the minimum of rounds."""
+
+    turn_s: float = 0.3  # sampling per turn (at least one sample), each turn a fresh case process
+    # 8: the fewest rounds whose smallest p-value (2/256) survives Benjamini-Hochberg over
+    # tens of tests (6 rounds, the fewest with a 95% interval at all, cannot: 2/64)
+    min_rounds: int = 8
+    max_rounds: int = 20
+    target_ci: float = 0.02  # stop when the paired ratio's 95% interval is within ±2% (log units)
+    max_time_s: float | None = None  # per side and case, after min_rounds; None: the matrix's max_time_s
+    seed: int | None = None  # of the start sides; None: drawn, and recorded
+
+    def __post_init__(self) -> None:
+        if not self.turn_s > 0:
+            raise UserError(f"--turn must be > 0 seconds, got {self.turn_s}")
+        if self.min_rounds < 1 or self.max_rounds < self.min_rounds:
+            raise UserError(f"rounds: need 1 <= --min-rounds ({self.min_rounds}) <= --max-rounds ({self.max_rounds})")
+        if not self.target_ci >= 0:
+            raise UserError(f"--target-ci must be >= 0, got {self.target_ci}")
+        if self.max_time_s is not None and not self.max_time_s > 0:
+            raise UserError(f"--max-time must be > 0 seconds, got {self.max_time_s}")
+
+
+# --------------------------------------------------------------------------- sides
+
+
+@dataclass
+class Side:
+    name: str  # base | new
+    given: str  # as the user wrote it
+    root: Path  # the folder put first on the import path
+    kind: str  # "infermatrix" | "plugin"
+    commit: str | None = None  # the ref's commit, when given a ref
+    worktree: Path | None = None  # ours to remove
+    metadata: Path | None = None  # a plugin's entry points as package metadata, ours to remove
+    repo: Path | None = None  # the git repository of the ref
+
+    @property
+    def label(self) -> str:
+        return f"{self.given} ({self.commit[:12]})" if self.commit else self.given
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+
+def _repo_root(repo: str | None) -> Path | None:
+    out = _git(Path(repo or "."), "rev-parse", "--show-toplevel")
+    return Path(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def _plugin_entry_points(folder: Path) -> tuple[str, dict[str, str]] | None:
+    """(project name, {entry name: target}) of a pyproject.toml's infermatrix.variants group."""
+    from infermatrix.bench.matrix import tomllib
+    from infermatrix.variants import ENTRY_POINT_GROUP
+
+    pyproject = folder / "pyproject.toml"
+    if not pyproject.is_file():
+        return None
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{pyproject}: invalid TOML: {exc}") from None
+    group = project.get("entry-points", {}).get(ENTRY_POINT_GROUP)
+    return (project.get("name", folder.name), dict(group)) if group else None
+
+
+def _identify(side: Side, folder: Path, scratch: Path) -> None:
+    """Set the side's import root and kind, or refuse a folder that is neither."""
+    for root in (folder, folder / "src"):
+        if (root / "infermatrix" / "__init__.py").is_file():
+            side.root, side.kind = root, "infermatrix"
+            return
+    plugin = _plugin_entry_points(folder)
+    if plugin is None:
+        raise UserError(f"{side.name.upper()} {side.given!r}: {folder} is not the package under test: it has no "
+                        "infermatrix/__init__.py (infermatrix itself) and no "
+                        "[project.entry-points.\"infermatrix.variants\"] in a pyproject.toml (a variant plugin)")
+    name, entries = plugin
+    side.root, side.kind = (folder / "src" if (folder / "src").is_dir() else folder), "plugin"
+    # The side's entry points as package metadata, first on its path: importlib.metadata
+    # takes the first distribution of a name, so they shadow an installed copy's.
+    dist = scratch / f"{side.name}-metadata" / f"{name.replace('-', '_')}-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0\n", encoding="utf-8")
+    lines = "".join(f"{key} = {value}\n" for key, value in entries.items())
+    (dist / "entry_points.txt").write_text(f"[infermatrix.variants]\n{lines}", encoding="utf-8")
+    side.metadata = dist.parent
+
+
+def resolve_side(name: str, given: str, repo: str | None, scratch: Path) -> Side:
+    """A source folder as it is, or a git ref checked out into a worktree under scratch."""
+    side = Side(name, given, Path(), "")
+    folder = Path(given)
+    if folder.is_dir():
+        _identify(side, folder.resolve(), scratch)
+        return side
+    root = _repo_root(repo)
+    if root is None:
+        raise UserError(f"{name.upper()} {given!r} is not a folder, and {Path(repo or '.').resolve()} is not in a "
+                        "git repository to read it as a ref from; pass a folder, or --repo DIR")
+    out = _git(root, "rev-parse", "--verify", "--quiet", f"{given}^{{commit}}")
+    if out.returncode != 0:
+        raise UserError(f"{name.upper()} {given!r} is neither a folder nor a git ref of {root} "
+                        "(a branch, tag, commit or HEAD~1)")
+    side.commit = out.stdout.strip()
+    side.worktree = scratch / f"{name}-worktree"
+    added = _git(root, "worktree", "add", "--detach", "--quiet", str(side.worktree), side.commit)
+    if added.returncode != 0:
+        side.worktree = None
+        raise UserError(f"{name.upper()} {given!r}: git worktree add failed: {added.stderr.strip()}")
+    side.repo = root
+    _identify(side, side.worktree, scratch)
+    return side
+
+
+def remove_side(side: Side) -> None:
+    if side.worktree is not None:
+        _git(side.repo, "worktree", "remove", "--force", str(side.worktree))
+        shutil.rmtree(side.worktree, ignore_errors=True)
+        _git(side.repo, "worktree", "prune")
+        side.worktree = None
+
+
+# --------------------------------------------------------------------------- side servers
+
+_BOOT = """\
+import os, sys
+first = {first!r}
+cwd = os.getcwd()
+sys.path[:] = first + [p for p in sys.path if p not in ('', cwd) and p not in first]
+from infermatrix.bench import ab_side
+sys.exit(ab_side.main(sys.argv[1:]))
+"""
+
+
+class SideServer:
+    """A side's server process and the connection to it."""
+
+    def __init__(self, side: Side, spec: dict, log: Callable[[str], None]) -> None:
+        self.side = side
+        first = [str(p) for p in (side.metadata, side.root) if p is not None]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(first + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        ours, theirs = socket.socketpair()
+        self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        boot = _BOOT.format(first=first)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", boot, str(theirs.fileno()), json.dumps({**spec, "name": side.name})],
+            pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.log = log
+
+    def receive(self, timeout: float) -> dict:
+        try:
+            if self.conn.poll(timeout):
+                return self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        words = self.last_words()
+        if "ab_side" in words and "Error" in words:
+            words = ("its infermatrix predates `infermatrix ab` (it has no infermatrix.bench.ab_side); "
+                     "compare a version that has it, or gate two stored runs with `infermatrix gate`")
+        raise UserError(f"{self.side.name.upper()} {self.side.label}: its side process "
+                        f"{'stopped answering' if self.proc.returncode == -9 else 'exited'}: {words}")
+
+    def request(self, message: dict, timeout: float) -> dict:
+        try:
+            self.conn.send(message)
+        except OSError:
+            pass  # receive() says why
+        return self.receive(timeout)
+
+    def last_words(self) -> str:
+        self.stderr.seek(0)
+        lines = [line.strip() for line in self.stderr.read().splitlines() if line.strip()]
+        return lines[-1] if lines else "no output"
+
+    def close(self) -> None:
+        try:
+            self.conn.send({"op": "quit"})
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.conn.close()
+        self.stderr.close()
+
+
+def _hello(server: SideServer, timeout: float) -> dict:
+    reply = server.receive(timeout)
+    who = f"{server.side.name.upper()} {server.side.label}"
+    if reply.get("op") == "error":
+        raise UserError(f"{who}: {reply['error']}")
+    if reply.get("op") != "hello" or reply.get("protocol") != PROTOCOL:
+        raise UserError(f"{who}: its A/B side speaks protocol {reply.get('protocol')}, this driver {PROTOCOL}; "
+                        "use the same infermatrix release on both sides")
+    return reply
+
+
+def parse_only(filters: list[str] | None) -> list[tuple[tuple[str, str], ...]]:
+    """--only FILTER (repeatable): a case runs when it matches any of them."""
+    from infermatrix.reports.gate import parse_filter
+
+    parsed = []
+    for text in filters or []:
+        try:
+            parsed.append(parse_filter(text))
+        except ValueError as exc:
+            raise UserError(f"--only {text!r}: {exc}") from None
+    return parsed
+
+
+def _selected(hello: dict, only: list[tuple[tuple[str, str], ...]]) -> list[str]:
+    from infermatrix.reports.gate import filter_matches
+
+    return [cid for cid, case in hello["cases"].items()
+            if not only or any(filter_matches(f, cid, case) for f in only)]
+
+
+def _check_same_cases(base: list[str], new: list[str]) -> None:
+    only_base = [c for c in base if c not in set(new)]
+    only_new = [c for c in new if c not in set(base)]
+    if only_base or only_new:
+        parts = [f"only in {name}: {', '.join(ids[:5])}{' and more' if len(ids) > 5 else ''}"
+                 for name, ids in (("BASE", only_base), ("NEW", only_new)) if ids]
+        raise UserError(f"the matrix expands to different cases on the two sides ({'; '.join(parts)}); "
+                        "A/B compares the same cases: pass a matrix file both sides read alike")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class AbRun:
+    out: Path
+    sides: dict[str, Side]
+    records: dict[str, list[Record]] = field(default_factory=lambda: {"base": [], "new": []})
+    seed: int = 0
+    wall_s: float = 0.0
+
+
+def _open_spec(matrix: str | None, eval_text: str | None, overrides: dict) -> dict:
+    """What each side server reads: a matrix file by absolute path (both read the same
+    file), or a built-in name (each side's own)."""
+    path = matrix
+    if matrix is not None and Path(matrix).is_file():
+        path = str(Path(matrix).resolve())
+    return {"matrix": path, "eval_text": str(Path(eval_text).resolve()) if eval_text else None,
+            "overrides": {**overrides, "isolate": True}}  # turns need each case in a process of its own
+
+
+def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSettings = AbSettings(),
+           repo: str | None = None, eval_text: str | None = None, overrides: dict | None = None,
+           only: list[str] | None = None, log: Callable[[str], None] = print) -> AbRun:
+    """Measure every case of the matrix for BASE and NEW, interleaved; write out/base and
+    out/new. Bad input (refs, folders, sides that do not import, case lists that differ)
+    is a UserError before anything is written, and leaves no worktree behind."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty; choose a new folder for the A/B run")
+    if eval_text is not None and not Path(eval_text).is_file():
+        raise UserError(f"--eval-text {eval_text} does not exist")
+    only_text, only = only or [], parse_only(only)
+    started = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="infermatrix-ab-"))
+    sides: dict[str, Side] = {}
+    servers: dict[str, SideServer] = {}
+    try:
+        for name, given in (("base", base), ("new", new)):
+            sides[name] = resolve_side(name, given, repo, scratch)
+        spec = _open_spec(matrix, eval_text, overrides or {})
+        for name in SIDES:
+            log(f"{name.upper()}: {sides[name].label} ({sides[name].kind}, from {sides[name].root})")
+            servers[name] = SideServer(sides[name], spec, log)
+        hellos = {name: _hello(servers[name], timeout=1800) for name in SIDES}  # peaks may be measured first
+        case_ids = {name: _selected(hellos[name], only) for name in SIDES}
+        _check_same_cases(case_ids["base"], case_ids["new"])
+        if not case_ids["new"]:
+            raise UserError("no case of the matrix matches --only " + " / ".join(only_text))
+        seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
+        run = AbRun(out, sides, seed=seed)
+        _measure_all(run, servers, hellos, case_ids["base"], settings, log)
+        run.wall_s = time.perf_counter() - started
+        return run
+    finally:
+        for server in servers.values():
+            server.close()
+        for side in sides.values():
+            remove_side(side)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _measure_all(run: AbRun, servers: dict[str, SideServer], hellos: dict[str, dict], case_ids: list[str],
+                 settings: AbSettings, log: Callable[[str], None]) -> None:
+    run_settings = hellos["new"]["settings"]
+    cap = settings.max_time_s or run_settings["max_time_s"]
+    timeout = run_settings["timeout_s"] + 60  # the side enforces the case timeout; this is for the side itself
+    rng = random.Random(run.seed)
+    folders = {}
+    for name in SIDES:  # only now, with both sides up and agreeing, is anything written
+        folders[name] = run.out / name
+        folders[name].mkdir(parents=True, exist_ok=True)
+        (folders[name] / RECORDS_FILE).touch()
+        if hellos[name].get("matrix_text") is not None:
+            (folders[name] / MATRIX_COPY).write_text(hellos[name]["matrix_text"], encoding="utf-8")
+    log(f"infermatrix ab: {len(case_ids)} cases, turns of {settings.turn_s:g} s, {settings.min_rounds}-"
+        f"{settings.max_rounds} rounds, cap {cap:g} s per side, start sides drawn with seed {run.seed}")
+    for i, case_id in enumerate(case_ids, 1):
+        first = rng.choice(SIDES)
+        records, line = _measure_case(case_id, first, servers, settings, cap, timeout)
+        for name in SIDES:
+            rec = records[name]
+            rec.env = {**rec.env, "ab": {"side": name, "source": run.sides[name].label, "first": first,
+                                         "seed": run.seed}}
+            append_record(folders[name] / RECORDS_FILE, rec)
+            run.records[name].append(rec)
+        log(f"[{i}/{len(case_ids)}] {case_id}: {line}")
+
+
+def _measure_case(case_id: str, first: str, servers: dict[str, SideServer], settings: AbSettings, cap: float,
+                  timeout: float) -> tuple[dict[str, Record], str]:
+    """Both sides' records of one case, and a line saying how its rounds went.
+
+    Every turn is a fresh case process (forked, loaded, warmed up, one turn, its record):
+    a process carries effects of its own (memory placement, thread layout: up to 1.7x
+    for the same code here), and only processes drawn anew for each turn let the rounds'
+    spread include them. Each side's turn records are merged into one at the end."""
+    from infermatrix.reports.paired import paired_ratio
+
+    second = "new" if first == "base" else "base"
+    turns: dict[str, list[Record]] = {"base": [], "new": []}
+    medians: dict[str, list[float]] = {"base": [], "new": []}
+    spent = {"base": 0.0, "new": 0.0}
+    stopped = "not timed"
+    while True:
+        order = (first, second) if len(medians[second]) % 2 == 0 else (second, first)  # ABBA
+        for name in order:
+            t0 = time.perf_counter()
+            record, samples = _one_turn(servers[name], case_id, settings.turn_s, timeout)
+            spent[name] += time.perf_counter() - t0  # the whole turn: process, load, warm-up, samples
+            turns[name].append(record)
+            if samples is None:  # not timed (drift), skipped, or failed: nothing to pair
+                break
+            medians[name].append(statistics.median(samples))
+        if any(r.status != "ok" or not r.samples.get("round_sizes") for r in turns[first] + turns[second]):
+            stopped = "not timed" if not medians[first] else "failed"
+            break
+        n = len(medians["new"])
+        if n >= settings.min_rounds:
+            if paired_ratio(medians["base"], medians["new"]).half_width <= settings.target_ci:
+                stopped = "ci"
+                break
+            if max(spent.values()) >= cap:
+                stopped = "max_time"
+                break
+        if n >= settings.max_rounds:
+            stopped = "max_rounds"
+            break
+    records = {}
+    for name in SIDES:
+        if not turns[name]:  # the other side ended the case before this one's first turn
+            turns[name].append(_one_turn(servers[name], case_id, settings.turn_s, timeout)[0])
+        records[name] = merge_turns(turns[name])
+    return records, _case_line(records, medians, stopped)
+
+
+def _one_turn(server: SideServer, case_id: str, seconds: float, timeout: float) -> tuple[Record, list[float] | None]:
+    """One case process of a side: open (load, warm up), one turn, stop. Returns its
+    record and the turn's samples (None when the case ended without a turn)."""
+    reply = server.request({"op": "open", "case_id": case_id}, timeout)
+    if reply["op"] == "record":
+        return Record.from_dict(reply["record"]), None
+    reply = server.request({"op": "turn", "seconds": seconds}, timeout)
+    samples = reply["samples"] if reply["op"] == "samples" else None
+    if samples is not None:
+        reply = server.request({"op": "stop"}, timeout)
+    return Record.from_dict(reply["record"]), samples
+
+
+def merge_turns(records: list[Record]) -> Record:
+    """One record of a side's turns at a case: every sample kept, in order, with the turn
+    sizes; the latency statistics recomputed over all of them, the throughputs derived
+    from the latency scaled to the merged median; a failed or skipped turn is the record.
+    Figures that do not depend on the samples (FLOPs, bytes, drift) are the first turn's."""
+    from infermatrix.bench.stats import summarize
+    from infermatrix.reports.compare import SAMPLE_METRICS, latency_samples
+
+    bad = next((r for r in records if r.status != "ok"), None)
+    if bad is not None or len(records) == 1:
+        return bad or records[0]
+    merged = Record.from_dict(records[0].__dict__ | {"metrics": dict(records[0].metrics), "samples": {}})
+    for key in records[0].samples:
+        merged.samples[key] = [x for r in records for x in r.samples.get(key, [])]
+    latency = latency_samples(merged)
+    old_p50 = records[0].metrics.get("latency_ms_p50")
+    m = merged.metrics
+    if latency is not None and latency.size:
+        m.update(summarize(latency.tolist()).as_metrics("latency_ms"))
+        for metric, (_, inverse) in SAMPLE_METRICS.items():  # throughputs: a constant over the latency
+            if inverse and isinstance(m.get(metric), (int, float)) and old_p50:
+                m[metric] = m[metric] * old_p50 / m["latency_ms_p50"]
+    for key, metric in (("ttft_ms", "ttft_ms_p50"), ("tpot_ms", "tpot_ms_p50")):
+        if merged.samples.get(key) and metric in m:
+            stats = summarize(merged.samples[key])
+            m[metric] = stats.median
+            if key == "tpot_ms":
+                m.update(tpot_ms_p90=stats.p90, tpot_ms_p99=stats.p99)
+    if records[0].case.get("workload") == "prefill" and "ttft_ms_p50" in m:
+        m["ttft_ms_p50"] = m["latency_ms_p50"]  # a prefill's TTFT is its latency
+    m["runs"] = sum(int(r.metrics.get("runs", 0)) for r in records)
+    m["warmup_runs"] = sum(int(r.metrics.get("warmup_runs", 0)) for r in records)
+    m["turns"] = len(records)
+    for key in ("peak_rss_bytes", "cuda_peak_allocated_bytes", "cuda_peak_reserved_bytes"):
+        if key in m:
+            m[key] = max(r.metrics.get(key, 0) for r in records)
+    merged.duration_s = round(sum(r.duration_s for r in records), 3)
+    return merged
+
+
+def _case_line(records: dict[str, Record], medians: dict[str, list[float]], stopped: str) -> str:
+    from infermatrix.reports.paired import paired_ratio
+
+    if records["base"].status != "ok" or records["new"].status != "ok":
+        return "; ".join(f"{n.upper()} {records[n].status}" + (f" ({records[n].reason})" if records[n].reason else "")
+                         for n in SIDES)
+    n = min(len(medians["base"]), len(medians["new"]))
+    if not n:
+        return "ok (not timed)"
+    pr = paired_ratio(medians["base"][:n], medians["new"][:n])
+    ci = f" [{pr.ci_low:.3f}, {pr.ci_high:.3f}]" if pr.ci_low is not None else ""
+    return f"{n} rounds ({stopped}), NEW/BASE {pr.ratio:.3f}x{ci}"
+
+
+def ab_header(run: AbRun) -> str:
+    return (f"BASE {run.sides['base'].label} · NEW {run.sides['new'].label} · {len(run.records['new'])} cases · "
+            f"start sides seeded {run.seed} · {run.wall_s:.0f} s")
+
+
+def write_ab_reports(run: AbRun, result, log: Callable[[str], None] = print) -> list[Path]:
+    """Both run folders' reports, then ab.json, ab.md and ab.html."""
+    from infermatrix.reports.ab import ab_json, render_ab_html, render_ab_markdown
+    from infermatrix.reports.run import load_run, write_reports
+
+    paths = []
+    for name in SIDES:
+        paths += write_reports(load_run(run.out / name), run.out / name)
+    header = ab_header(run)
+    data = {"base": run.sides["base"].label, "new": run.sides["new"].label, "seed": run.seed,
+            "wall_s": run.wall_s, **ab_json(result)}
+    files = {"ab.json": json.dumps(_finite(data), indent=2, allow_nan=False),
+             "ab.md": render_ab_markdown(result, header), "ab.html": render_ab_html(result, header)}
+    for file, text in files.items():
+        (run.out / file).write_text(text, encoding="utf-8")
+        paths.append(run.out / file)
+    return paths
