@@ -195,7 +195,8 @@ class SideServer:
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         boot = _BOOT.format(first=first)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", boot, str(theirs.fileno()), json.dumps({**spec, "name": side.name})],
+            [sys.executable, "-c", boot, str(theirs.fileno()),
+             json.dumps({**spec, "name": side.name, "root": str(side.root)})],
             pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=self.stderr, stderr=self.stderr)
         theirs.close()
         self.conn = Connection(ours.detach())

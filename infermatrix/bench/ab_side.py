@@ -81,6 +81,7 @@ class _SideServer:
         self.cases = {case.case_id: case for case in self.matrix.cases}
         self.ctx = run_context(self.matrix, list(self.matrix.cases), spec.get("eval_text"),
                                log=lambda line: print(f"[{spec['name']}] {line}", file=sys.stderr, flush=True))
+        _start_forkserver(spec["root"])
         self.proc = None  # the open case's process
         self.child: Connection | None = None
         self.case = None
@@ -181,6 +182,26 @@ class _SideServer:
         if self.child is not None:
             self.child.close()
         self.proc, self.child = None, None
+
+
+def _start_forkserver(root: str) -> None:
+    """Start the case processes' forkserver from the side's folder: Python 3.11's
+    forkserver imports its preloaded modules with the current directory first on its
+    path (it ignores the sys.path it is given), so started from a folder holding another
+    infermatrix it would import that one. Case processes still start in the user's
+    current directory, where relative paths in the matrix point."""
+    import os
+    from multiprocessing import forkserver
+
+    from infermatrix.bench.runner import _process_context
+
+    _process_context()  # the preload list
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.chdir(here)
 
 
 def _load_plugins() -> None:

@@ -4,6 +4,7 @@ fail, a crash on one side, and bad input that leaves nothing behind."""
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -223,8 +224,8 @@ def test_head_against_its_parent_in_a_fresh_clone(tmp_path):
     subprocess.run([*git, "commit", "--quiet", "-am", "slow sdpa down"], check=True)
     matrix = _matrix(tmp_path / "m.toml", ["sdpa", "reference"])
     out = tmp_path / "ab"
-    proc = subprocess.run([str(Path(shutil.which("infermatrix") or "infermatrix")), "ab", "HEAD~1", "HEAD",
-                           str(matrix), "--out", str(out), *FAST], cwd=clone, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "infermatrix.cli", "ab", "HEAD~1", "HEAD", str(matrix),
+                           "--out", str(out), *FAST], cwd=clone, capture_output=True, text=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     verdicts = {(c["case_id"], c["metric"]): c["verdict"] for c in json.loads((out / "ab.json").read_text())["paired"]}
     assert verdicts[("tiny/sdpa/prefill/float32/cpu/b2-p64", "latency_ms_p50")] == "regression"
