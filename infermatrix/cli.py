@@ -415,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Rules come from --fail/--rules, else the NEW run's matrix [gate] table, else the defaults. "
                     "A speed change fails only when beyond the threshold AND significant; accuracy bounds are "
                     "absolute; a case ok in BASE and failed or missing in NEW fails. Exit 0 pass, 1 regression, "
-                    "2 bad input; the verdict goes to $GITHUB_STEP_SUMMARY when set.",
+                    "2 bad input; the verdict goes to $GITHUB_STEP_SUMMARY when set. For stored runs (a nightly "
+                    "against today's); to gate a code change, `infermatrix ab` measures both versions interleaved "
+                    "and sees far smaller regressions than two runs made minutes apart.",
     )
     gate.add_argument("base", help="BASE run folder or records file")
     gate.add_argument("new", help="NEW run folder or records file")
@@ -430,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser(
         "ab", help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
         description="Run every case of MATRIX for BASE and NEW alternately, in rounds of short turns (ABBA order, "
-                    "the starting side drawn at random), each side in its own case processes forked from a server "
-                    "that imported that side's code. BASE and NEW are git refs (checked out into temporary "
+                    "the starting side drawn at random), each turn a fresh case process forked from a server that "
+                    "imported that side's code. BASE and NEW are git refs (checked out into temporary "
                     "worktrees) or source folders, of infermatrix itself or of a variant plugin package. Speed "
                     "rules are judged on the paired per-round ratios (Hodges-Lehmann interval, Benjamini-Hochberg "
                     "across cases): regression, improvement, unchanged or inconclusive; other rules and case "

@@ -58,10 +58,13 @@ def speed_matrix(out: Path) -> Path:
     return path
 
 
-def planted_copy(out: Path, plant: float) -> Path:
-    """A copy of the package whose `sdpa` variant is `plant` slower."""
-    side = out / f"planted-{plant:g}"
+def copy_side(out: Path, plant: float) -> Path:
+    """A copy of the package (both sides are copies, so neither is the installed one),
+    whose `sdpa` variant is `plant` slower when plant > 0."""
+    side = out / f"side-{plant:g}"
     shutil.copytree(ROOT / "infermatrix", side / "infermatrix", ignore=shutil.ignore_patterns("__pycache__"))
+    if not plant:
+        return side
     sdpa = side / "infermatrix" / "variants" / "sdpa.py"
     text = sdpa.read_text(encoding="utf-8")
     old = "\n    def apply(self, model: Transformer) -> Transformer:\n        return with_attention(model, sdpa_attention)\n"
@@ -88,13 +91,14 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=False)
     matrix = speed_matrix(out)
-    new = planted_copy(out, args.plant) if args.plant else ROOT
+    base = copy_side(out, 0.0)
+    new = copy_side(out, args.plant) if args.plant else base
     cli = [sys.executable, "-m", "infermatrix.cli"]
     rules = [x for rule in args.fail or [] for x in ("--fail", rule)]
     rows = []
     for rep in range(1, args.reps + 1):
         folder = out / f"rep{rep}"
-        wall = run([*cli, "ab", str(ROOT), str(new), str(matrix), "--out", str(folder), *rules])
+        wall = run([*cli, "ab", str(base), str(new), str(matrix), "--out", str(folder), *rules])
         result = json.loads((folder / "ab.json").read_text(encoding="utf-8"))
         flagged = {c["case_id"] for c in result["paired"] if c["verdict"] == "regression"}
         planted = {c["case_id"] for c in result["paired"] if PLANTED in c["case_id"].split("/")[1].split("+")}

@@ -6,17 +6,21 @@ source folder. It holds either infermatrix itself (an `infermatrix/` package) or
 user's plugin package whose variants register through the `infermatrix.variants`
 entry-point group (declared in its pyproject.toml). Each side gets a server process
 (bench/ab_side.py) started with that side's folder first on the import path, and that
-side's plugin entry points, so everything it imports and forks is that side's code.
+side's plugin entry points: it expands the matrix and prepares each case with that
+side's code.
 
-Per case, both sides fork the case's process; each loads the model, applies the
-variants and warms up, then waits inside the timer. The driver grants turns of a few
-hundred milliseconds in ABBA order (the side that starts is drawn at random and
-recorded): BASE, NEW, NEW, BASE, ... Each pair of adjacent turns is a round, and each
-round gives a ratio NEW/BASE of the turns' medians. Rounds go on until the interval of
-the typical paired ratio (reports/paired.py) is narrow enough, or a side's turns have
-taken the time cap (the matrix's max_time_s). Both sides' records, every sample kept and the turns marked,
-go to two ordinary run folders (`report`, `compare` and `gate` read them), and the
-verdict (reports/ab.py) to ab.json, ab.md and ab.html beside them.
+Every turn is a fresh case process, forked from one template process shared by both
+sides (it imports torch, nothing of either side); the child puts its side's folder
+first on its path, loads the model, applies the variants, makes its workload's cold
+first call and then waits inside the timer. The driver grants it a turn of a few
+hundred milliseconds, takes its samples and its record. Turns go in ABBA order (the
+side that starts is drawn at random and recorded): BASE, NEW, NEW, BASE, ... Each pair
+of adjacent turns is a round, and each round gives a ratio NEW/BASE of the turns'
+medians. Rounds go on until the interval of the typical paired ratio
+(reports/paired.py) is narrow enough, or a side's turns have taken the time cap (the
+matrix's max_time_s). Both sides' records, every sample kept and the turns marked, go
+to two ordinary run folders (`report`, `compare` and `gate` read them), and the verdict
+(reports/ab.py) to ab.json, ab.md and ab.html beside them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -37,11 +42,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable
 
+from infermatrix.bench.ab_side import PROTOCOL  # a side that speaks another version is refused
 from infermatrix.errors import UserError
 from infermatrix.reports.record import RECORDS_FILE, Record, _finite, append_record
 
 SIDES = ("base", "new")
-PROTOCOL = 1  # bench/ab_side.py's; a side that speaks another is refused
 MATRIX_COPY = "matrix.toml"
 
 
@@ -244,6 +249,124 @@ class SideServer:
         self.stderr.close()
 
 
+_TEMPLATE = """\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's
+sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]
+import torch, torch._dynamo  # what every case process needs, imported once, from no side's folder
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+path, pythonpath = list(sys.path), os.environ.get('PYTHONPATH', '')
+while True:
+    try:
+        job = conn.recv()
+    except EOFError:
+        break
+    if job['op'] == 'reap':
+        conn.send({'status': os.waitpid(job['pid'], 0)[1]})
+        continue
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            conn.close()
+            os.chdir(job['cwd'])
+            sys.path[:] = job['paths'] + path
+            os.environ['PYTHONPATH'] = os.pathsep.join(job['paths'] + ([pythonpath] if pythonpath else []))
+            from infermatrix.bench import ab_side
+            ab_side.case_main(job['socket'])
+            code = 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    conn.send({'pid': pid})
+"""
+
+
+class Template:
+    """The process every case process of both sides is forked from. It imports torch
+    and nothing of either side; a forked child puts its side's folder first on its path
+    and imports that side's code. What a child inherits from its parent is thereby the
+    same for both sides: children of two different template processes ran the same
+    attention op up to 1.8x apart here, children of one within 5%."""
+
+    def __init__(self, scratch: Path) -> None:
+        ours, theirs = socket.socketpair()
+        self.output = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
+        self.proc = subprocess.Popen([sys.executable, "-c", _TEMPLATE, str(theirs.fileno())], cwd=scratch,
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self.output,
+                                     stderr=self.output)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.socket_path = str(scratch / "turns.sock")
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.socket_path)  # in our private scratch folder (mode 0700)
+        self.listener.listen(1)
+
+    def _ask(self, message: dict) -> dict:
+        try:
+            self.conn.send(message)
+            if self.conn.poll(60):
+                return self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        self.output.seek(0)
+        lines = [line for line in self.output.read().splitlines() if line.strip()]
+        raise UserError(f"the A/B template process stopped: {lines[-1] if lines else 'no output'}")
+
+    def fork(self, side: Side, timeout: float) -> tuple[int, Connection | None]:
+        """A case process of `side`, and its connection (None: it never called back)."""
+        paths = [str(p) for p in (side.metadata, side.root) if p is not None]
+        pid = self._ask({"op": "fork", "paths": paths, "cwd": os.getcwd(), "socket": self.socket_path})["pid"]
+        self.listener.settimeout(0.5)
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline and _alive(pid):  # a child that fails to start never calls
+            try:
+                sock, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            sock.settimeout(None)
+            return pid, Connection(sock.detach())
+        return pid, None
+
+    def reap(self, pid: int, kill: bool = False) -> str | None:
+        """Wait for a case process to end; how it ended, when not cleanly."""
+        if kill:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        status = self._ask({"op": "reap", "pid": pid})["status"]
+        if os.WIFSIGNALED(status):
+            name = signal.Signals(os.WTERMSIG(status)).name
+            return f"case process crashed with {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+        code = os.WEXITSTATUS(status)
+        return None if code == 0 else f"case process exited with status {code} without a record"
+
+    def close(self) -> None:
+        self.conn.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.listener.close()
+        self.output.close()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a child of the template still runs (not ended, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _hello(server: SideServer, timeout: float) -> dict:
     reply = server.receive(timeout)
     who = f"{server.side.name.upper()} {server.side.label}"
@@ -323,6 +446,7 @@ def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSe
     scratch = Path(tempfile.mkdtemp(prefix="infermatrix-ab-"))
     sides: dict[str, Side] = {}
     servers: dict[str, SideServer] = {}
+    template = None
     try:
         for name, given in (("base", base), ("new", new)):
             sides[name] = resolve_side(name, given, repo, scratch)
@@ -330,6 +454,7 @@ def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSe
         for name in SIDES:
             log(f"{name.upper()}: {sides[name].label} ({sides[name].kind}, from {sides[name].root})")
             servers[name] = SideServer(sides[name], spec, log)
+        template = Template(scratch)
         hellos = {name: _hello(servers[name], timeout=1800) for name in SIDES}  # peaks may be measured first
         case_ids = {name: _selected(hellos[name], only) for name in SIDES}
         _check_same_cases(case_ids["base"], case_ids["new"])
@@ -337,10 +462,13 @@ def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSe
             raise UserError("no case of the matrix matches --only " + " / ".join(only_text))
         seed = settings.seed if settings.seed is not None else secrets.randbelow(2**31)
         run = AbRun(out, sides, seed=seed)
-        _measure_all(run, servers, hellos, case_ids["base"], settings, log)
+        cases = _CaseRunner(servers, template, sides, hellos)
+        _measure_all(run, cases, hellos, case_ids["base"], settings, log)
         run.wall_s = time.perf_counter() - started
         return run
     finally:
+        if template is not None:
+            template.close()
         for server in servers.values():
             server.close()
         for side in sides.values():
@@ -348,11 +476,9 @@ def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSe
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _measure_all(run: AbRun, servers: dict[str, SideServer], hellos: dict[str, dict], case_ids: list[str],
+def _measure_all(run: AbRun, cases: "_CaseRunner", hellos: dict[str, dict], case_ids: list[str],
                  settings: AbSettings, log: Callable[[str], None]) -> None:
-    run_settings = hellos["new"]["settings"]
-    cap = settings.max_time_s or run_settings["max_time_s"]
-    timeout = run_settings["timeout_s"] + 60  # the side enforces the case timeout; this is for the side itself
+    cap = settings.max_time_s or hellos["new"]["settings"]["max_time_s"]
     rng = random.Random(run.seed)
     folders = {}
     for name in SIDES:  # only now, with both sides up and agreeing, is anything written
@@ -365,7 +491,7 @@ def _measure_all(run: AbRun, servers: dict[str, SideServer], hellos: dict[str, d
         f"{settings.max_rounds} rounds, cap {cap:g} s per side, start sides drawn with seed {run.seed}")
     for i, case_id in enumerate(case_ids, 1):
         first = rng.choice(SIDES)
-        records, line = _measure_case(case_id, first, servers, settings, cap, timeout)
+        records, line = _measure_case(case_id, first, cases, settings, cap)
         for name in SIDES:
             rec = records[name]
             rec.env = {**rec.env, "ab": {"side": name, "source": run.sides[name].label, "first": first,
@@ -375,8 +501,8 @@ def _measure_all(run: AbRun, servers: dict[str, SideServer], hellos: dict[str, d
         log(f"[{i}/{len(case_ids)}] {case_id}: {line}")
 
 
-def _measure_case(case_id: str, first: str, servers: dict[str, SideServer], settings: AbSettings, cap: float,
-                  timeout: float) -> tuple[dict[str, Record], str]:
+def _measure_case(case_id: str, first: str, cases: "_CaseRunner", settings: AbSettings,
+                  cap: float) -> tuple[dict[str, Record], str]:
     """Both sides' records of one case, and a line saying how its rounds went.
 
     Every turn is a fresh case process (forked, loaded, warmed up, one turn, its record):
@@ -394,7 +520,7 @@ def _measure_case(case_id: str, first: str, servers: dict[str, SideServer], sett
         order = (first, second) if len(medians[second]) % 2 == 0 else (second, first)  # ABBA
         for name in order:
             t0 = time.perf_counter()
-            record, samples = _one_turn(servers[name], case_id, settings.turn_s, timeout)
+            record, samples = cases.turn(name, case_id, settings.turn_s)
             spent[name] += time.perf_counter() - t0  # the whole turn: process, load, warm-up, samples
             turns[name].append(record)
             if samples is None:  # not timed (drift), skipped, or failed: nothing to pair
@@ -417,22 +543,67 @@ def _measure_case(case_id: str, first: str, servers: dict[str, SideServer], sett
     records = {}
     for name in SIDES:
         if not turns[name]:  # the other side ended the case before this one's first turn
-            turns[name].append(_one_turn(servers[name], case_id, settings.turn_s, timeout)[0])
+            turns[name].append(cases.turn(name, case_id, settings.turn_s)[0])
         records[name] = merge_turns(turns[name])
     return records, _case_line(records, medians, stopped)
 
 
-def _one_turn(server: SideServer, case_id: str, seconds: float, timeout: float) -> tuple[Record, list[float] | None]:
-    """One case process of a side: open (load, warm up), one turn, stop. Returns its
-    record and the turn's samples (None when the case ended without a turn)."""
-    reply = server.request({"op": "open", "case_id": case_id}, timeout)
-    if reply["op"] == "record":
-        return Record.from_dict(reply["record"]), None
-    reply = server.request({"op": "turn", "seconds": seconds}, timeout)
-    samples = reply["samples"] if reply["op"] == "samples" else None
-    if samples is not None:
-        reply = server.request({"op": "stop"}, timeout)
-    return Record.from_dict(reply["record"]), samples
+class _CaseRunner:
+    """Runs one turn of a case on a side: a case process forked from the template,
+    given its job by the side's server; its crash or hang becomes the side's failed record."""
+
+    def __init__(self, servers: dict[str, SideServer], template: Template, sides: dict[str, Side],
+                 hellos: dict[str, dict]) -> None:
+        self.servers, self.template, self.sides, self.hellos = servers, template, sides, hellos
+        self.timeout = {name: hellos[name]["settings"]["timeout_s"] for name in SIDES}
+        self.jobs: dict[tuple[str, str], bytes] = {}
+
+    def _job(self, side: str, case_id: str) -> bytes:
+        if (side, case_id) not in self.jobs:
+            self.jobs = {k: v for k, v in self.jobs.items() if k[1] == case_id}  # one case at a time
+            reply = self.servers[side].request({"op": "job", "case_id": case_id}, timeout=600)
+            self.jobs[(side, case_id)] = reply["payload"]
+        return self.jobs[(side, case_id)]
+
+    def turn(self, side: str, case_id: str, seconds: float) -> tuple[Record, list[float] | None]:
+        """One case process: load, warm up, one turn of `seconds`, stop. Returns its record
+        and the turn's samples (None when the case ended without a turn)."""
+        skipped = self.hellos[side]["skipped"].get(case_id)
+        if skipped is not None:
+            return Record.from_dict(skipped), None
+        payload, timeout, t0 = self._job(side, case_id), self.timeout[side], time.perf_counter()
+        pid, conn = self.template.fork(self.sides[side], timeout)
+        samples, reply, why, hung = None, None, None, False
+        try:
+            if conn is not None:
+                conn.send_bytes(payload)
+                reply = self._receive(conn, timeout - (time.perf_counter() - t0))
+                if reply is not None and reply["op"] == "ready":
+                    conn.send({"op": "turn", "seconds": seconds})
+                    reply = self._receive(conn, timeout - (time.perf_counter() - t0))
+                    if reply is not None and reply["op"] == "samples":
+                        samples = reply["samples"]
+                        conn.send({"op": "stop"})
+                        reply = self._receive(conn, timeout - (time.perf_counter() - t0))
+            hung = reply is None and time.perf_counter() - t0 >= timeout
+            why = self.template.reap(pid, kill=reply is None or reply["op"] != "record")
+        finally:
+            if conn is not None:
+                conn.close()
+        if reply is not None and reply["op"] == "record":
+            return Record.from_dict(reply["record"]), samples
+        reason = f"timed out after {timeout:g} s (killed)" if hung else (why or "case process ended without a record")
+        failed = self.servers[side].request({"op": "failed", "case_id": case_id, "reason": reason,
+                                             "duration_s": round(time.perf_counter() - t0, 3)}, timeout=600)
+        return Record.from_dict(failed["record"]), None
+
+    @staticmethod
+    def _receive(conn: Connection, timeout: float) -> dict | None:
+        """The case process's next message; None when it ended or hung."""
+        try:
+            return conn.recv() if conn.poll(max(timeout, 0.0)) else None
+        except (EOFError, OSError):
+            return None
 
 
 def merge_turns(records: list[Record]) -> Record:

@@ -1,37 +1,45 @@
-"""One side of an interleaved A/B run (`infermatrix ab`): a server that imported this
-side's code, started by the A/B driver (bench/ab.py) with the side's folder first on
-the import path, and the case processes it forks.
+"""One side of an interleaved A/B run (`infermatrix ab`), in that side's own code.
 
-The driver talks to the server over a connection whose file descriptor it passes in;
-every message is a plain dict. The server reads the matrix with this side's code,
-says which cases it expands to, then serves, per case:
+Two entry points, both run with the side's folder first on the import path:
 
-    open    fork the case's process; it loads the model, applies the variants, warms up
-            and then waits in measure() for its first turn -> {"op": "ready"}, or it
-            finished without a timed measurement (drift, a skip, a failure) -> record
-    turn    the case process samples for the seconds given -> {"op": "samples", ...}
-    stop    measure() returns, the workload computes its metrics -> {"op": "record", ...}
+* `main`, the side's server, started by the A/B driver (bench/ab.py): it reads the
+  matrix with this side's code and answers, as plain dicts over a connection whose
+  file descriptor the driver passes in:
 
-A case process that crashes or hangs past the case timeout becomes a failed record of
-this side, as in `infermatrix run`. The case process is forked from this side's
-forkserver, so it runs this side's code only.
+      hello   the cases the matrix expands to (with this side's skip records), the
+              environment and settings
+      job     a case's (case, run context), pickled for its case process
+      failed  a failed record of a case (its process crashed or hung), this side's way
+
+* `case_main`, in a case process: the driver's template process (bench/ab.py) forks
+  it, puts this side's folder first on its path and calls it. It connects to the
+  driver, receives its job, runs the case with the timer taking the turns the driver
+  grants (`ready`, then `turn` -> `samples`, ..., `stop` -> `record`), and exits. Both
+  sides fork from one template, so whatever a forked process inherits from its parent
+  (measured here: the same attention op 1.8x apart between children of two template
+  processes, within 5% among children of one) is common to both sides.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import resource
+import socket
 import sys
-import time
 import traceback
 from dataclasses import asdict
 from multiprocessing.connection import Connection
 
-PROTOCOL = 1  # the driver refuses a side that speaks another version
+PROTOCOL = 2  # the driver refuses a side that speaks another version
+
+# Workloads whose first call is cold and untimed (compilation, lazy init): in a process
+# that serves one turn it is the warm-up, and the [run] warm-up runs are not repeated.
+WARMED_BY_FIRST_CALL = frozenset({"prefill", "decode", "generate"})
 
 
 class _PipeTurns:
-    """The case process's end of the turns: asks the side server (and so the driver)."""
+    """The case process's end of the turns: asks the driver."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -48,18 +56,17 @@ class _PipeTurns:
         self.conn.send({"op": "samples", "samples": samples_ms})
 
 
-# Workloads whose first call is cold and untimed (compilation, lazy init): in a process
-# that serves one turn it is the warm-up, and the [run] warm-up runs are not repeated.
-WARMED_BY_FIRST_CALL = frozenset({"prefill", "decode", "generate"})
-
-
-def _case_process(case, ctx, conn: Connection) -> None:
-    """Entry point of a case's process: run it with its timer taking turns, send the record."""
+def case_main(socket_path: str) -> None:
+    """A case process: connect to the driver, run the job it sends, send the record."""
     import dataclasses
 
     from infermatrix.bench import timing
     from infermatrix.bench.runner import ModelCache, run_case
 
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(socket_path)
+    conn = Connection(sock.detach())
+    case, ctx = pickle.loads(conn.recv_bytes())
     if case.workload in WARMED_BY_FIRST_CALL:
         ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, warmup=0, warmup_s=0.0))
     turns = _PipeTurns(conn)
@@ -74,134 +81,47 @@ def _case_process(case, ctx, conn: Connection) -> None:
 class _SideServer:
     def __init__(self, conn: Connection, spec: dict) -> None:
         from infermatrix.bench.matrix import load_matrix
-        from infermatrix.bench.runner import run_context
+        from infermatrix.bench.runner import check_eval_text, run_context
 
         self.conn = conn
         self.matrix = load_matrix(spec["matrix"], spec.get("overrides") or {})
         self.cases = {case.case_id: case for case in self.matrix.cases}
         self.ctx = run_context(self.matrix, list(self.matrix.cases), spec.get("eval_text"),
                                log=lambda line: print(f"[{spec['name']}] {line}", file=sys.stderr, flush=True))
-        _start_forkserver(spec["root"])
-        self.proc = None  # the open case's process
-        self.child: Connection | None = None
-        self.case = None
-        self.started = 0.0
+        check_eval_text(self.matrix, self.ctx.eval_text_path)
 
     def hello(self) -> dict:
-        from infermatrix.bench.runner import check_eval_text
+        from infermatrix.bench.runner import _record, skip_reason
 
-        check_eval_text(self.matrix, self.ctx.eval_text_path)
+        skipped = {}
+        for case_id, case in self.cases.items():
+            reason = skip_reason(case)
+            if reason:
+                skipped[case_id] = asdict(_record(case, self.ctx, "skipped", reason))
         return {"op": "hello", "protocol": PROTOCOL, "cases": {cid: c.to_dict() for cid, c in self.cases.items()},
-                "env": self.ctx.env,
-                "matrix_text": self.matrix.text, "settings": asdict(self.matrix.settings)}
+                "skipped": skipped, "env": self.ctx.env, "matrix_text": self.matrix.text,
+                "settings": asdict(self.matrix.settings)}
 
     def serve(self) -> None:
+        from infermatrix.bench.runner import _record
+
         while True:
             try:
                 message = self.conn.recv()
             except EOFError:  # the driver is gone
-                self._close_case()
                 return
             op = message["op"]
-            if op == "open":
-                reply = self._open(self.cases[message["case_id"]])
-            elif op == "turn":
-                reply = self._relay({"op": "turn", "seconds": message["seconds"]}, expect="samples")
-            elif op == "stop":
-                reply = self._relay({"op": "stop"}, expect="record")
+            if op == "job":
+                reply = {"op": "job", "payload": pickle.dumps((self.cases[message["case_id"]], self.ctx))}
+            elif op == "failed":
+                record = _record(self.cases[message["case_id"]], self.ctx, "failed", message["reason"],
+                                 duration_s=message["duration_s"])
+                reply = {"op": "record", "record": asdict(record)}
             elif op == "quit":
-                self._close_case()
                 return
             else:
                 reply = {"op": "error", "error": f"unknown request {op!r}"}
             self.conn.send(reply)
-
-    def _open(self, case) -> dict:
-        from infermatrix.bench.runner import _process_context, _record, skip_reason
-
-        self._close_case()
-        self.case, self.started = case, time.perf_counter()
-        reason = skip_reason(case)
-        if reason:
-            return self._record_reply(_record(case, self.ctx, "skipped", reason))
-        mp = _process_context()
-        self.child, child_end = mp.Pipe(duplex=True)
-        self.proc = mp.Process(target=_case_process, args=(case, self.ctx, child_end),
-                               name=f"infermatrix ab case {case.case_id}")
-        self.proc.start()
-        child_end.close()
-        return self._wait(expect="ready")
-
-    def _relay(self, message: dict, expect: str) -> dict:
-        if self.child is None:
-            return {"op": "error", "error": "no case is open"}
-        try:
-            self.child.send(message)
-        except OSError:
-            pass  # the process died: _wait reports how
-        return self._wait(expect)
-
-    def _wait(self, expect: str) -> dict:
-        """The case process's next message (`expect`, or its record when it ended early),
-        or a failed record when it crashed or timed out."""
-        from infermatrix.bench.runner import _record
-        from infermatrix.reports.record import Record
-
-        timeout = self.ctx.settings.timeout_s
-        left = timeout - (time.perf_counter() - self.started)
-        try:
-            ready = self.child.poll(max(left, 0.0))
-            message = self.child.recv() if ready else None
-        except (EOFError, OSError):
-            message, ready = None, True
-        if message is not None and message["op"] in (expect, "record"):
-            if message["op"] == "record":
-                self._close_case()
-                return self._record_reply(Record.from_dict(message["record"]))
-            return message
-        if not ready:
-            reason = f"timed out after {timeout:g} s (killed)"
-        else:
-            self.proc.join(timeout=30)
-            code = self.proc.exitcode
-            reason = (f"case process crashed with signal {-code}" if code is not None and code < 0 else
-                      f"case process exited with status {code} without a record")
-        self._close_case()
-        return self._record_reply(_record(self.case, self.ctx, "failed", reason,
-                                          duration_s=time.perf_counter() - self.started))
-
-    def _record_reply(self, record) -> dict:
-        return {"op": "record", "record": asdict(record)}
-
-    def _close_case(self) -> None:
-        if self.proc is not None:
-            self.proc.join(timeout=5)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join()
-        if self.child is not None:
-            self.child.close()
-        self.proc, self.child = None, None
-
-
-def _start_forkserver(root: str) -> None:
-    """Start the case processes' forkserver from the side's folder: Python 3.11's
-    forkserver imports its preloaded modules with the current directory first on its
-    path (it ignores the sys.path it is given), so started from a folder holding another
-    infermatrix it would import that one. Case processes still start in the user's
-    current directory, where relative paths in the matrix point."""
-    import os
-    from multiprocessing import forkserver
-
-    from infermatrix.bench.runner import _process_context
-
-    _process_context()  # the preload list
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        forkserver.ensure_running()
-    finally:
-        os.chdir(here)
 
 
 def _load_plugins() -> None:
@@ -222,6 +142,9 @@ def _load_plugins() -> None:
 
 
 def main(argv: list[str]) -> int:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it closes the sides
     conn = Connection(int(argv[0]))
     spec = json.loads(argv[1])
     try:

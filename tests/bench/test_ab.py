@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--turn", "0.05", "--min-rounds", "8", "--max-rounds", "8"]  # 8: the fewest rounds that survive BH
 
 PLUGIN = '''
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -33,11 +35,13 @@ EXTRA = {extra!r}  # this version's planted extra work, a fraction of each forwa
 class Busy(Variant):
     axis = "graph"
     description = "test plugin: each forward does EXTRA more work"
-    crash: bool = False
+    crash: str = ""  # raise | segv, in the version that crashes
 
     def apply(self, model):
-        if self.crash and {crashes!r}:
+        if self.crash == "raise" and {crashes!r}:
             raise RuntimeError("this version crashes")
+        if self.crash == "segv" and {crashes!r}:
+            os.kill(os.getpid(), signal.SIGSEGV)
         slowed = shared_copy(model)
         forward = slowed.forward
 
@@ -93,7 +97,7 @@ def _worktrees(repo: Path) -> str:
 def test_a_planted_slowdown_fails_and_a_crash_on_one_side_fails(tmp_path, capsys):
     base = _plugin(tmp_path / "plugin-base", extra=0.0)
     new = _plugin(tmp_path / "plugin-new", extra=0.5, crashes=True)
-    matrix = _matrix(tmp_path / "m.toml", ["sdpa+busy", "sdpa", "sdpa+busy(crash=true)"])
+    matrix = _matrix(tmp_path / "m.toml", ["sdpa+busy", "sdpa", "sdpa+busy(crash=raise)", "sdpa+busy(crash=segv)"])
     out = tmp_path / "ab"
     assert main(["ab", str(base), str(new), str(matrix), "--out", str(out), "--seed", "3", *FAST]) == 1
     printed = capsys.readouterr().out
@@ -104,12 +108,16 @@ def test_a_planted_slowdown_fails_and_a_crash_on_one_side_fails(tmp_path, capsys
     assert by_case[("tiny/sdpa+busy/prefill/float32/cpu/b2-p64", "tokens_per_s")]["verdict"] == "regression"
     untouched = by_case[("tiny/sdpa/prefill/float32/cpu/b2-p64", "latency_ms_p50")]
     assert untouched["verdict"] != "regression"
-    assert any("busy(crash=True)" in f and "was ok, now failed" in f for f in verdicts["failures"])
+    assert any("busy(crash=raise)" in f and "was ok, now failed" in f for f in verdicts["failures"])
+    assert any("busy(crash=segv)" in f and "was ok, now failed" in f for f in verdicts["failures"])
     assert "ab: FAIL" in printed
     # two ordinary run folders: every turn's samples, the turn sizes, the side in env
     base_run, new_run = load_run(out / "base"), load_run(out / "new")
-    crashed = {r.case_id: r for r in new_run.records}["tiny/sdpa+busy(crash=True)/prefill/float32/cpu/b2-p64"]
+    new_records = {r.case_id: r for r in new_run.records}
+    crashed = new_records["tiny/sdpa+busy(crash=raise)/prefill/float32/cpu/b2-p64"]
     assert crashed.status == "failed" and "this version crashes" in crashed.reason
+    segv = new_records["tiny/sdpa+busy(crash=segv)/prefill/float32/cpu/b2-p64"]
+    assert segv.status == "failed" and "SIGSEGV" in segv.reason
     rec = {r.case_id: r for r in base_run.records}["tiny/sdpa+busy/prefill/float32/cpu/b2-p64"]
     assert rec.env["ab"]["side"] == "base" and rec.env["ab"]["seed"] == 3
     assert len(rec.samples["round_sizes"]) == rec.metrics["turns"] == slowed["rounds"]

@@ -148,3 +148,39 @@ def test_samples_are_kept_in_order_taken():
     m = measure(lambda: next(values), device=CPU, config=TimerConfig(warmup_runs=0, min_runs=8, max_runs=8),
                 self_timed=True)
     assert m.samples_ms == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+
+
+class _ScriptedTurns:
+    """A Turns controller granting the given turns, then stop."""
+
+    def __init__(self, grants):
+        self.grants, self.taken = list(grants), []
+
+    def wait_turn(self):
+        return self.grants.pop(0) if self.grants else None
+
+    def end_turn(self, samples_ms):
+        self.taken.append(list(samples_ms))
+
+
+def test_interleaved_measurement_samples_in_the_granted_turns():
+    from infermatrix.bench import timing
+
+    calls = []
+    turns = _ScriptedTurns([0.0, 0.0, 0.02])
+    timing.interleave_with(turns)
+    m = measure(lambda: calls.append(1), device="cpu", config=TimerConfig(warmup_runs=2, min_runs=5))
+    assert m.stopped_by == "turns" and m.warmup_runs == 2
+    assert [len(t) for t in turns.taken[:2]] == [1, 1]  # a turn of 0 s still takes one sample
+    assert len(turns.taken[2]) > 1  # 20 ms of a no-op call: many samples
+    assert m.samples_ms == [x for t in turns.taken for x in t] and len(calls) == 2 + len(m.samples_ms)
+    # the controller served one measurement: the next one runs by the CI rule again
+    assert measure(lambda: None, device="cpu", config=TimerConfig(min_runs=6, max_runs=6)).stopped_by != "turns"
+
+
+def test_an_interleaved_measurement_stopped_before_any_turn_fails():
+    from infermatrix.bench import timing
+
+    timing.interleave_with(_ScriptedTurns([]))
+    with pytest.raises(RuntimeError, match="before its first turn"):
+        measure(lambda: None, device="cpu")
