@@ -432,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser(
         "ab", help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
         description="Run every case of MATRIX for BASE and NEW alternately, in rounds of short turns (ABBA order, "
-                    "the starting side drawn at random), each turn a fresh case process forked from a server that "
-                    "imported that side's code. BASE and NEW are git refs (checked out into temporary "
+                    "the starting side drawn at random), each turn a fresh case process, forked from one template "
+                    "shared by both sides, that imports its side's code. BASE and NEW are git refs (checked out into temporary "
                     "worktrees) or source folders, of infermatrix itself or of a variant plugin package. Speed "
                     "rules are judged on the paired per-round ratios (Hodges-Lehmann interval, Benjamini-Hochberg "
                     "across cases): regression, improvement, unchanged or inconclusive; other rules and case "

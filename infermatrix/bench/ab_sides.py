@@ -186,13 +186,18 @@ class SideServer:
             self.conn.send({"op": "quit"})
         except OSError:
             pass
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _end(self.proc)
         self.conn.close()
         self.stderr.close()
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Give a process that was told to stop 30 s to exit, then kill it."""
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 _TEMPLATE = """\
@@ -307,12 +312,8 @@ class Template:
         return None if code == 0 else f"case process exited with status {code} without a record"
 
     def close(self) -> None:
-        self.conn.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.conn.close()  # the template exits when its connection closes
+        _end(self.proc)
         self.listener.close()
         self.output.close()
 
