@@ -174,7 +174,7 @@ def _ab_settings(args: argparse.Namespace):
     from infermatrix.bench.ab import AbSettings
 
     given = {key: getattr(args, key) for key in ("turn_s", "min_rounds", "max_rounds", "target_ci", "max_time_s",
-                                                 "seed") if getattr(args, key) is not None}
+                                                 "seed", "alpha") if getattr(args, key, None) is not None}
     return AbSettings(**given)
 
 

@@ -26,9 +26,11 @@ to two ordinary run folders (`report`, `compare` and `gate` read them), and the 
 from __future__ import annotations
 
 import json
+import os
 import random
 import secrets
 import shutil
+import signal
 import statistics
 import tempfile
 import time
@@ -50,13 +52,14 @@ class AbSettings:
     (process start, loading, warm-up and samples), past the minimum of rounds."""
 
     turn_s: float = 0.3  # sampling per turn (at least one sample), each turn a fresh case process
-    # 8: the fewest rounds whose smallest p-value (2/256) survives Benjamini-Hochberg over
-    # tens of tests (6 rounds, the fewest with a 95% interval at all, cannot: 2/64)
+    # 8: a 95% interval needs 6; 8 lets a change that shows in many cases at once survive
+    # Benjamini-Hochberg (p >= 2/256); a lone change takes more rounds (see _measure_case)
     min_rounds: int = 8
     max_rounds: int = 20
     target_ci: float = 0.02  # stop when the paired ratio's 95% interval is within ±2% (log units)
     max_time_s: float | None = None  # per side and case, after min_rounds; None: the matrix's max_time_s
     seed: int | None = None  # of the start sides; None: drawn, and recorded
+    alpha: float = 0.05  # the verdict's false-discovery rate, which the stopping rule serves
 
     def __post_init__(self) -> None:
         if not self.turn_s > 0:
@@ -65,6 +68,8 @@ class AbSettings:
             raise UserError(f"rounds: need 1 <= --min-rounds ({self.min_rounds}) <= --max-rounds ({self.max_rounds})")
         if not self.target_ci >= 0:
             raise UserError(f"--target-ci must be >= 0, got {self.target_ci}")
+        if not 0 < self.alpha < 1:
+            raise UserError(f"--alpha must be in (0, 1), got {self.alpha}")
         if self.max_time_s is not None and not self.max_time_s > 0:
             raise UserError(f"--max-time must be > 0 seconds, got {self.max_time_s}")
 
@@ -128,6 +133,8 @@ def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSe
     out/new. Bad input (refs, folders, sides that do not import, case lists that differ)
     is a UserError before anything is written, and leaves no worktree behind."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a new folder for the A/B run")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty; choose a new folder for the A/B run")
     if eval_text is not None and not Path(eval_text).is_file():
@@ -142,11 +149,12 @@ def run_ab(base: str, new: str, matrix: str | None, out: Path, *, settings: AbSe
         for name, given in (("base", base), ("new", new)):
             sides[name] = resolve_side(name, given, repo, scratch)
         spec = _open_spec(matrix, eval_text, overrides or {})
-        for name in SIDES:
+        hellos = {}
+        for name in SIDES:  # one after the other: a side may measure the machine's peaks first
             log(f"{name.upper()}: {sides[name].label} ({sides[name].kind}, from {sides[name].root})")
             servers[name] = SideServer(sides[name], spec, log)
+            hellos[name] = hello(servers[name], timeout=1800)
         template = Template(scratch)
-        hellos = {name: hello(servers[name], timeout=1800) for name in SIDES}  # peaks may be measured first
         case_ids = {name: _selected(hellos[name], only) for name in SIDES}
         _check_same_cases(case_ids["base"], case_ids["new"])
         if not case_ids["new"]:
@@ -182,7 +190,7 @@ def _measure_all(run: AbRun, cases: "_CaseRunner", hellos: dict[str, dict], case
         f"{settings.max_rounds} rounds, cap {cap:g} s per side, start sides drawn with seed {run.seed}")
     for i, case_id in enumerate(case_ids, 1):
         first = rng.choice(SIDES)
-        records, line = _measure_case(case_id, first, cases, settings, cap)
+        records, line = _measure_case(case_id, first, cases, settings, cap, len(case_ids))
         for name in SIDES:
             rec = records[name]
             rec.env = {**rec.env, "ab": {"side": name, "source": run.sides[name].label, "first": first,
@@ -192,8 +200,8 @@ def _measure_all(run: AbRun, cases: "_CaseRunner", hellos: dict[str, dict], case
         log(f"[{i}/{len(case_ids)}] {case_id}: {line}")
 
 
-def _measure_case(case_id: str, first: str, cases: "_CaseRunner", settings: AbSettings,
-                  cap: float) -> tuple[dict[str, Record], str]:
+def _measure_case(case_id: str, first: str, cases: "_CaseRunner", settings: AbSettings, cap: float,
+                  n_cases: int) -> tuple[dict[str, Record], str]:
     """Both sides' records of one case, and a line saying how its rounds went.
 
     Every turn is a fresh case process (forked, loaded, warmed up, one turn, its record):
@@ -218,16 +226,22 @@ def _measure_case(case_id: str, first: str, cases: "_CaseRunner", settings: AbSe
                 break
             medians[name].append(statistics.median(samples))
         if any(r.status != "ok" or not r.samples.get("round_sizes") for r in turns[first] + turns[second]):
-            stopped = "not timed" if not medians[first] else "failed"
+            stopped = "not timed" if all(r.status == "ok" for r in turns[first] + turns[second]) else "failed"
             break
         n = len(medians["new"])
         if n >= settings.min_rounds:
-            if paired_ratio(medians["base"], medians["new"]).half_width <= settings.target_ci:
-                stopped = "ci"
-                break
-            if max(spent.values()) >= cap:
-                stopped = "max_time"
-                break
+            paired = paired_ratio(medians["base"], medians["new"])
+            # A change the interval shows must also survive the verdict's Benjamini-Hochberg
+            # step when it is the run's only one (p <= alpha / cases): 8 rounds cannot (p >= 2/256),
+            # so such a case takes more rounds, up to max_rounds, past the interval and time rules.
+            changed = paired.ci_low is not None and (paired.ci_low > 1 or paired.ci_high < 1)
+            if not changed or paired.p_value <= settings.alpha / n_cases:
+                if paired.half_width <= settings.target_ci:
+                    stopped = "ci"
+                    break
+                if max(spent.values()) >= cap:
+                    stopped = "max_time"
+                    break
         if n >= settings.max_rounds:
             stopped = "max_rounds"
             break
@@ -267,17 +281,21 @@ class _CaseRunner:
         samples, reply, why, hung = None, None, None, False
         try:
             if conn is not None:
-                conn.send_bytes(payload)
-                reply = self._receive(conn, timeout - (time.perf_counter() - t0))
+                reply = self._exchange(conn, payload, timeout - (time.perf_counter() - t0))
                 if reply is not None and reply["op"] == "ready":
-                    conn.send({"op": "turn", "seconds": seconds})
-                    reply = self._receive(conn, timeout - (time.perf_counter() - t0))
+                    reply = self._exchange(conn, {"op": "turn", "seconds": seconds},
+                                           timeout - (time.perf_counter() - t0))
                     if reply is not None and reply["op"] == "samples":
                         samples = reply["samples"]
-                        conn.send({"op": "stop"})
-                        reply = self._receive(conn, timeout - (time.perf_counter() - t0))
+                        reply = self._exchange(conn, {"op": "stop"}, timeout - (time.perf_counter() - t0))
             hung = reply is None and time.perf_counter() - t0 >= timeout
             why = self.template.reap(pid, kill=reply is None or reply["op"] != "record")
+        except BaseException:  # Ctrl-C, or the template gone: the child must not outlive the run
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            raise
         finally:
             if conn is not None:
                 conn.close()
@@ -291,9 +309,10 @@ class _CaseRunner:
         return Record.from_dict(failed["record"]), None
 
     @staticmethod
-    def _receive(conn: Connection, timeout: float) -> dict | None:
-        """The case process's next message; None when it ended or hung."""
+    def _exchange(conn: Connection, message: dict | bytes, timeout: float) -> dict | None:
+        """Send the case process a message, return its answer; None when it ended or hung."""
         try:
+            conn.send_bytes(message) if isinstance(message, bytes) else conn.send(message)
             return conn.recv() if conn.poll(max(timeout, 0.0)) else None
         except (EOFError, OSError):
             return None

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -112,7 +113,11 @@ def resolve_side(name: str, given: str, repo: str | None, scratch: Path) -> Side
         side.worktree = None
         raise UserError(f"{name.upper()} {given!r}: git worktree add failed: {added.stderr.strip()}")
     side.repo = root
-    _identify(side, side.worktree, scratch)
+    try:
+        _identify(side, side.worktree, scratch)
+    except BaseException:
+        remove_side(side)  # git's record of the worktree too, not only its folder
+        raise
     return side
 
 
@@ -253,6 +258,14 @@ class Template:
     attention op up to 1.8x apart here, children of one within 5%."""
 
     def __init__(self, scratch: Path) -> None:
+        self.socket_path = str(scratch / "turns.sock")
+        self.listener = socket.socket(socket.AF_UNIX)
+        try:
+            self.listener.bind(self.socket_path)  # in our private scratch folder (mode 0700)
+        except OSError as exc:
+            self.listener.close()
+            raise UserError(f"cannot listen on {self.socket_path} ({exc}); set TMPDIR to a shorter path") from None
+        self.listener.listen(4)
         ours, theirs = socket.socketpair()
         self.output = tempfile.TemporaryFile()  # the template's and its children's output
         self.proc = subprocess.Popen([sys.executable, "-c", _TEMPLATE, str(theirs.fileno())], cwd=scratch,
@@ -260,10 +273,6 @@ class Template:
                                      stderr=self.output)
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.socket_path = str(scratch / "turns.sock")
-        self.listener = socket.socket(socket.AF_UNIX)
-        self.listener.bind(self.socket_path)  # in our private scratch folder (mode 0700)
-        self.listener.listen(1)
 
     def _ask(self, message: dict) -> dict:
         try:
@@ -292,6 +301,10 @@ class Template:
             try:
                 sock, _ = self.listener.accept()
             except socket.timeout:
+                continue
+            peer = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            if peer != pid:  # a child given up on earlier that called back late
+                sock.close()
                 continue
             sock.settimeout(None)
             return pid, Connection(sock.detach())

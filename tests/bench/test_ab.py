@@ -254,3 +254,35 @@ def test_calibrate_interleaved_prints_what_each_case_could_detect(tmp_path, caps
     assert "tiny/sdpa/prefill/float32/cpu/b2-p64" in printed and "detectable change" in printed
     verdicts = json.loads((tmp_path / "cal" / "ab.json").read_text())
     assert verdicts["paired"][0]["rounds"] == 8 and verdicts["paired"][0]["verdict"] != "regression"
+
+
+class _FakeTurns:
+    """Turns of a case whose NEW side is `factor` slower, with a little alternating noise."""
+
+    def __init__(self, factor):
+        self.factor, self.count = factor, 0
+
+    def turn(self, side, case_id, seconds):
+        self.count += 1
+        ms = 10.0 * (1 + 0.001 * (self.count % 3)) * (self.factor if side == "new" else 1.0)
+        rec = Record(case_id, {"workload": "prefill"}, "ok", metrics={"latency_ms_p50": ms, "runs": 1},
+                     samples={"latency_ms": [ms], "round_sizes": [1]})
+        return rec, [ms]
+
+
+@pytest.mark.parametrize("n_cases,rounds", [(1, 8), (10, 9), (100, 12)])
+def test_a_lone_change_takes_the_rounds_its_verdict_needs(n_cases, rounds):
+    """A clear 10% change with a narrow interval stops at 8 rounds only when p = 2/256 survives
+    Benjamini-Hochberg as the run's only change (p <= alpha / cases); else it goes on."""
+    from infermatrix.bench.ab import AbSettings, _measure_case
+
+    records, line = _measure_case("c", "base", _FakeTurns(1.1), AbSettings(), cap=0.0, n_cases=n_cases)
+    # n rounds of one sign give p = 2 / 2**n: 10 cases need p <= 0.005 (9 rounds), 100 cases 0.0005 (12)
+    assert records["new"].metrics["turns"] == rounds and f"{rounds} rounds" in line
+
+
+def test_no_change_stops_at_the_minimum():
+    from infermatrix.bench.ab import AbSettings, _measure_case
+
+    records, line = _measure_case("c", "new", _FakeTurns(1.0), AbSettings(), cap=0.0, n_cases=100)
+    assert records["base"].metrics["turns"] == 8 and ("(ci)" in line or "(max_time)" in line)
