@@ -10,8 +10,9 @@ is split k-fold. Throughput metrics are judged on the latency rounds, inverted.
 A relative speed rule `METRIC:±T%` on a case gives one of:
 
 * regression:  the change is significant (Benjamini–Hochberg q < alpha over the run's
-               paired tests, one per case and sample source) on the worse side, and the interval reaches past
-               the threshold: a change as large as T% cannot be ruled out. Fails the gate.
+               paired tests, one per case and sample source) on the worse side, the estimate is at
+               least T/2%, and the interval reaches past T%: a change that large cannot be ruled
+               out. Fails the gate.
 * improvement: the same on the better side.
 * unchanged:   the interval lies within ±T%.
 * inconclusive: none of these (the interval straddles 1 and reaches past ±T%): the run
@@ -122,7 +123,10 @@ def _classify(rule: Rule, ratio: float, low: float | None, high: float | None, q
         worse = (low > 1) == lower
         reaches = (high > worse_limit if lower else low < worse_limit) if worse else \
             (low < better_limit if lower else high > better_limit)
-        if reaches:
+        # the estimate itself at least half the threshold: a sure but small shift (2% against
+        # a 5% rule) with a wide interval is not called a regression
+        half = abs(math.log(ratio)) >= abs(math.log(worse_limit if worse else better_limit)) / 2
+        if reaches and half:
             return "regression" if worse else "improvement"
     if band_low <= low and high <= band_high:
         return "unchanged"
@@ -203,8 +207,8 @@ def _summary_line(result: AbResult) -> str:
 def _legend(result: AbResult) -> str:
     return ("NEW/BASE: Hodges–Lehmann estimate of the paired per-round ratios, 95% CI from the signed-rank "
             "test; q: Benjamini–Hochberg adjusted p; detects: the change this precision finds with 80% power. "
-            "regression = significant and the interval reaches past the threshold; unchanged = the interval "
-            "lies within it; inconclusive = too noisy or too short to tell")
+            "regression = significant, the estimate at least half the threshold and the interval reaching past "
+            "it; unchanged = the interval lies within it; inconclusive = too noisy or too short to tell")
 
 
 def render_ab_text(result: AbResult, header: str = "") -> str:

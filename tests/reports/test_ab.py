@@ -51,6 +51,7 @@ def test_round_values_need_turns():
     (LATENCY, 1.06, 1.03, 1.08, 0.001, "regression"),
     (LATENCY, 1.03, 1.01, 1.051, 0.001, "regression"),  # slower for sure, 5% not ruled out
     (LATENCY, 1.02, 1.01, 1.03, 0.001, "unchanged"),  # a real 2% change, within the threshold
+    (LATENCY, 1.022, 1.007, 1.054, 0.02, "inconclusive"),  # sure but small: under half the threshold
     (LATENCY, 1.00, 0.97, 1.07, 0.5, "inconclusive"),
     (LATENCY, 1.04, 1.01, 1.06, 0.08, "inconclusive"),  # not significant once FDR-adjusted
     (LATENCY, 0.90, 0.88, 0.93, 0.001, "improvement"),
