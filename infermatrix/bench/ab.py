@@ -42,8 +42,7 @@ from typing import Callable
 from infermatrix.bench.ab_sides import SIDES, Side, SideServer, Template, hello, remove_side, resolve_side
 from infermatrix.errors import UserError
 from infermatrix.reports.record import RECORDS_FILE, Record, _finite, append_record
-
-MATRIX_COPY = "matrix.toml"
+from infermatrix.reports.run import MATRIX_COPY
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ Interleaved A/B (`infermatrix ab`): a case process of one side installs a `Turns
 controller with `interleave_with`; measure() then warms up as configured and, instead
 of its own stopping rule, samples in turns the controller grants (the A/B driver
 alternates the two sides' turns) until it is told to stop. The samples of all turns
-form the Measurement, as usual; `Turns.sizes` says how many each turn took.
+form the Measurement, as usual, and the controller is told each turn's samples.
 """
 
 from __future__ import annotations
