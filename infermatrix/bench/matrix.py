@@ -197,6 +197,13 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         cases = {c: None for c in cases if not match(c)}
     for i, table in enumerate(_tables(data, "include", source)):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
+    stepped = sorted({c.workload for c in cases if c.workload in ("decode", "generate")})
+    if settings.cuda_graph and stepped:
+        # those workloads time each step on the host around synchronizes; a graph would be dropped
+        raise UserError(f"{source}: [run] cuda_graph = true times CUDA-graph replays of one call, but "
+                        f"{' and '.join(stepped)} time each step of a generation with a host timer, where no "
+                        f"graph runs; set cuda_graph = false, or put the {' and '.join(stepped)} cases in a "
+                        "matrix of their own")
     return Matrix(tuple(cases), settings, source, gate_rules=parse_gate_table(data.get("gate", {}), source))
 
 
@@ -281,11 +288,16 @@ def _normalize(case: Case) -> Case:
 
 def _check_shape(case: Case, where: str) -> None:
     cfg = model_config(case.model)
-    for variant in parse_spec(case.variant):
+    spec = parse_spec(case.variant)
+    for variant in spec:
         try:
             variant.check_device(torch.device(case.device))
         except ValueError as exc:
             raise UserError(f"{where}: {case.variant} on {case.device}: {exc}") from None
+        try:
+            variant.check_workload(case.workload, spec)
+        except ValueError as exc:
+            raise UserError(f"{where}: {exc}") from None
     if case.workload in ("decode", "generate") and case.new_tokens < 2:
         raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
     if case.workload in ("prefill", "decode", "generate", "drift"):

@@ -30,7 +30,7 @@ from infermatrix.errors import UserError
 from infermatrix.reports.merge import matrix_sha256
 from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
 from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
-from infermatrix.variants import parse_spec, runs_in_triton_interpreter, unmet_requirements
+from infermatrix.variants import parse_spec, runs_in_triton_interpreter, take_paths, unmet_requirements
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_config
 
 
@@ -124,9 +124,12 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
     started, t0 = _now(), time.perf_counter()
     device = torch.device(case.device)
     try:
+        take_paths()  # forget what an earlier case of this process ran
         with torch.inference_mode():  # no autograd graphs in any timed call
             metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
-        if runs_in_triton_interpreter(parse_spec(case.variant), device):
+        paths = take_paths()  # which attention / linear implementations really ran
+        metrics.update(paths)
+        if runs_in_triton_interpreter(parse_spec(case.variant), paths):
             metrics["triton_interpreted"] = True  # CPU interpreter: correct numbers, meaningless timings
         if device.type == "cuda":
             metrics["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -89,6 +89,32 @@ class BlockLayout:
             rows = rows & (torch.arange(self.seq_len, device=q_pos.device) <= q_pos[..., None])
         return rows
 
+    def prefix(self, seq_len: int) -> "BlockLayout":
+        """This layout restricted to its first `seq_len` positions (a KV cache's prefill
+        into a longer buffer): the same rows and columns there, whatever the pattern."""
+        if seq_len == self.seq_len:
+            return self
+        if not 0 < seq_len < self.seq_len:
+            raise ValueError(f"prefix of {seq_len} positions of a layout of {self.seq_len}")
+        key = ("prefix", seq_len)
+        if key not in self.plans:
+            m = math.ceil(seq_len / self.block_size)
+            blocks = self.block_mask()[:, :m, :m]  # (Hl, m, m)
+            self.plans[key] = from_block_mask(blocks if self.heads > 1 else blocks[0], seq_len, self.block_size,
+                                              causal=self.causal, pattern=self.pattern)
+        return self.plans[key]
+
+    def row_keys(self, pos: int) -> torch.Tensor:
+        """The key positions a query at `pos` may see, ascending (n,) int64: its row's
+        active blocks, and with causal only keys <= pos. One layout row for all heads."""
+        if self.heads != 1:
+            raise ValueError(f"row_keys takes a layout shared by all heads; this one has {self.heads} per-head rows")
+        row = pos // self.block_size
+        blocks = self.kv_indices[0, row, : int(self.kv_num_blocks[0, row])].long()  # (c,)
+        keys = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()  # (c * bs,)
+        end = pos + 1 if self.causal else self.seq_len
+        return keys[keys < end]
+
     def check_seq_len(self, seq_len: int, what: str = "input") -> None:
         if seq_len != self.seq_len:
             raise ValueError(f"block layout seq_len={self.seq_len} does not match the {what}'s sequence length "

@@ -15,17 +15,19 @@ from infermatrix.variants.base import (
     apply_variants,
     canonical_spec,
     missing_requirements,
+    note_path,
     parse_spec,
     register_variant,
     registered_variants,
     runs_in_triton_interpreter,
+    take_paths,
     unmet_requirements,
     variant_class,
     with_attention,
 )
 
 __all__ = [
-    "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements", "parse_spec",
-    "register_variant", "registered_variants", "runs_in_triton_interpreter", "unmet_requirements", "variant_class",
-    "with_attention",
+    "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements", "note_path",
+    "parse_spec", "register_variant", "registered_variants", "runs_in_triton_interpreter", "take_paths",
+    "unmet_requirements", "variant_class", "with_attention",
 ]

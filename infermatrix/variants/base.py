@@ -50,6 +50,10 @@ class Variant:
         """Refuse, with a ValueError naming the fix, settings that cannot run on `device`
         (called when a matrix is read, so a case fails then, not mid-run)."""
 
+    def check_workload(self, workload: str, spec: tuple["Variant", ...]) -> None:
+        """Refuse, with a ValueError giving the reason, a `workload` this variant cannot
+        run as its label says when composed with `spec` (called when a matrix is read)."""
+
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""
         params = [
@@ -58,6 +62,28 @@ class Variant:
             if getattr(self, f.name) != f.default
         ]
         return f"{self.name}({','.join(params)})" if params else self.name
+
+
+# Which implementation each seam really ran in this process since the last
+# `take_paths()`: {"attention": {"block_sparse_gather", ...}, "linear": {...}}. Variants
+# whose label could hide another path (a dense fallback, a library's fp32 fallback)
+# note it; the runner puts it in the case's record ("labels are promises").
+_paths_taken: dict[str, set[str]] = {}
+
+
+def note_path(seam: str, path: str) -> None:
+    """Record that `seam` ran `path`. Skipped while torch.compile traces (a Python
+    side effect there would break the graph); a compiled case's path is noted by its
+    eager warm-up or when the variant is applied."""
+    if not torch.compiler.is_compiling():
+        _paths_taken.setdefault(seam, set()).add(path)
+
+
+def take_paths() -> dict[str, str]:
+    """{"<seam>_path": "a+b"} of the paths noted since the last call, then forget them."""
+    taken = {f"{seam}_path": "+".join(sorted(paths)) for seam, paths in sorted(_paths_taken.items())}
+    _paths_taken.clear()
+    return taken
 
 
 def shared_copy(model: Transformer) -> Transformer:
@@ -260,11 +286,13 @@ def unmet_requirements(variants: tuple[Variant, ...], device: str | torch.device
     return "; ".join(reasons) or None
 
 
-def runs_in_triton_interpreter(variants: tuple[Variant, ...], device: str | torch.device) -> bool:
-    """True when a case's Triton kernels run through the CPU interpreter: its numbers
-    are right (fp32/fp16) but its timings mean nothing."""
-    return (interpreting() and torch.device(device).type == "cpu"
-            and any("triton_device" in v.requirements() for v in variants))
+def runs_in_triton_interpreter(variants: tuple[Variant, ...], paths: dict[str, str] | None = None) -> bool:
+    """True when a case's Triton kernels run through the CPU interpreter, on any device:
+    its numbers are right (fp32/fp16) but its timings mean nothing. A case uses Triton
+    when a variant requires it or a noted path (`take_paths()`) is a Triton kernel."""
+    uses = any("triton_device" in v.requirements() for v in variants) or any(
+        "triton" in path for path in (paths or {}).values())
+    return interpreting() and uses
 
 
 def apply_variants(model: Transformer, variants: tuple[Variant, ...]) -> Transformer:

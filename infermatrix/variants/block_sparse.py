@@ -6,10 +6,11 @@ or ``block_sparse(pattern=bigbird,window=128,n_global=1,n_random=2,seed=0)``.
 Layouts are built per sequence length on first use (block 64 on the CPU, 128 on
 CUDA unless `block` is given) and cached. Prefill (as many queries as keys) goes
 through the CPU kernel on the CPU and the Triton kernel on CUDA (`backend=triton`
-forces Triton, e.g. under TRITON_INTERPRET=1 on the CPU). A decode step or a KV
-cache's masked prefill attends through the layout's rows at the queries'
-positions, combined with the cache's mask: a new query sees only the key
-blocks its row of the layout allows.
+forces Triton, e.g. under TRITON_INTERPRET=1 on the CPU). With a KV cache, the
+prefill runs the same kernel on the cache's filled prefix, and a decode step
+attends only over the keys its row of the layout allows (`LayoutAttention`);
+what the cache path cannot do sparsely runs dense and says so in the record's
+`attention_path`.
 
 It changes what the model computes; the drift workload measures by how much.
 """
@@ -28,7 +29,7 @@ from infermatrix.kernels.block_sparse_layout import (
     pattern_params,
 )
 from infermatrix.model import Transformer, causal_mask, last_visible_key
-from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, with_attention
+from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, with_attention
 from infermatrix.variants.sdpa import sdpa_attention
 
 # variant fields that are layout parameters (None: not given)
@@ -106,14 +107,27 @@ class LayoutConfig(Variant):
 
 class LayoutAttention:
     """An attention callable over a config's layouts, built per (length, causal,
-    device) and cached; the masked path (KV cache, decode) is shared by subclasses."""
+    device) and cached. Subclasses give `kernel` (as many queries as keys) and
+    `kernel_path` (its name in records); the KV-cache paths are shared:
+
+    * a prefill from position 0 into a longer cache buffer: the kernel on the filled
+      prefix, with the buffer-length layout's prefix;
+    * a decode step (one query at position p): SDPA over only the keys p's row of the
+      layout allows, a slice of the cache when they are one run (sliding windows),
+      else gathered (`block_sparse_gather`);
+    * anything else (left padding, a prefill not from 0, per-head layouts): the
+      layout's rows as a boolean mask over the whole buffer, through SDPA, recorded as
+      `dense_masked`, since it computes every key.
+    """
+
+    sparse_decode = True  # a decode step attends over its row's keys only (gathered)
 
     def __init__(self, config: LayoutConfig):
         self.config = config
         self._layouts: dict[tuple, BlockLayout] = {}
-        self._mask_key: tuple | None = None
-        self._mask: torch.Tensor | None = None
-        self._src_mask: torch.Tensor | None = None
+        # the model passes one mask to every layer of a forward: its plan is made once
+        self._plan_src: tuple | None = None
+        self._plan: tuple | None = None
 
     def layout(self, seq_len: int, causal: bool, device: torch.device) -> BlockLayout:
         key = (seq_len, causal, device.type)
@@ -121,27 +135,61 @@ class LayoutAttention:
             self._layouts[key] = self.config.build(seq_len, causal=causal, block=self.config.block_for(device))
         return self._layouts[key]
 
-    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel_path(self, device: torch.device) -> str:
+        raise NotImplementedError
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None and q.shape[2] == k.shape[2]:
+            note_path("attention", self.kernel_path(q.device))
+            return self.kernel(q, k, v, self.layout(q.shape[2], causal, q.device))
+        return self.cached(q, k, v, causal, mask)
+
+    def cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                mask: torch.Tensor | None) -> torch.Tensor:
-        """Queries that are not the keys' own positions (a decode step, a KV cache's
-        prefill into a longer buffer): the layout's rows at the queries' positions,
-        and the given mask, through SDPA. A mask's query position is its row's last
-        visible key (a KV cache's mask always lets a query see itself)."""
+        """Queries against a KV cache's buffer (a mask, or fewer queries than keys)."""
+        shape = (q.shape[2], k.shape[2], causal, q.device)
+        # hold the mask itself, not its id, which the next forward's mask could reuse
+        if self._plan_src is None or self._plan_src[0] != shape or self._plan_src[1] is not mask:
+            self._plan_src, self._plan = (shape, mask), self._make_plan(q, k, causal, mask)
+        kind, arg = self._plan
+        if kind == "prefill":
+            n = q.shape[2]
+            note_path("attention", self.kernel_path(q.device))
+            return self.kernel(q, k[:, :, :n], v[:, :, :n], arg)
+        if kind == "decode":
+            note_path("attention", "block_sparse_gather")
+            k, v = (t[:, :, arg] for t in (k, v))  # (B, Hkv, n, D): a slice, or a gather of the active keys
+            return sdpa_attention(q, k, v, causal=False)
+        note_path("attention", "dense_masked")
+        return sdpa_attention(q, k, v, causal=False, mask=arg)
+
+    def _make_plan(self, q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> tuple:
         n_q, n_keys = q.shape[2], k.shape[2]
-        key = (n_q, n_keys, causal, q.device)
-        # the model passes one mask to every layer of a forward; hold it, so its id is not reused
-        if key != self._mask_key or mask is not self._src_mask:
-            layout = self.layout(n_keys, causal, q.device)
-            if mask is None:
-                q_pos = torch.arange(n_keys - n_q, n_keys, device=q.device)[None]  # (1, Tq)
-                base = causal_mask(n_q, n_keys, q.device) if causal else torch.ones(n_q, n_keys, dtype=torch.bool,
-                                                                                    device=q.device)
-            else:
-                q_pos = last_visible_key(mask)  # (B|1, Tq)
-                base = mask  # (B|1, 1, Tq, Tk)
-            allowed = layout.rows_mask(q_pos).permute(1, 0, 2, 3)  # (B|1, Hl, Tq, Tk)
-            self._mask_key, self._src_mask, self._mask = key, mask, allowed & base
-        return sdpa_attention(q, k, v, causal=False, mask=self._mask)
+        layout = self.layout(n_keys, causal, q.device)
+        if mask is None:  # the last n_q positions, causal
+            q_pos = torch.arange(n_keys - n_q, n_keys, device=q.device)[None]  # (1, Tq)
+            base = causal_mask(n_q, n_keys, q.device) if causal else torch.ones(n_q, n_keys, dtype=torch.bool,
+                                                                                device=q.device)
+            plain = causal
+        else:
+            q_pos = last_visible_key(mask)  # (B|1, Tq)
+            base = mask  # (B|1, 1, Tq, Tk)
+            # every row sees exactly keys 0..its position (no padding), all rows in step
+            plain = causal and bool((mask[:, 0].sum(-1) == q_pos + 1).all() and (q_pos == q_pos[:1]).all())
+        if plain and layout.heads == 1:
+            pos = q_pos[0].tolist()
+            if n_q == 1 and self.sparse_decode:
+                keys = layout.row_keys(pos[0]).to(q.device)
+                first, last = int(keys[0]), int(keys[-1])
+                return "decode", slice(first, last + 1) if last - first + 1 == len(keys) else keys
+            if pos == list(range(n_q)):
+                return "prefill", layout.prefix(n_q)
+        allowed = layout.rows_mask(q_pos).permute(1, 0, 2, 3)  # (B|1, Hl, Tq, Tk)
+        return "dense", allowed & base
 
 
 class BlockSparseAttention(LayoutAttention):
@@ -149,12 +197,14 @@ class BlockSparseAttention(LayoutAttention):
         super().__init__(config)
         self.backend = config.backend
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None or q.shape[2] != k.shape[2]:
-            return self.masked(q, k, v, causal, mask)
-        layout = self.layout(q.shape[2], causal, q.device)
-        if self.backend == "triton" or (self.backend == "auto" and q.device.type == "cuda"):
+    def _triton(self, device: torch.device) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
+
+    def kernel_path(self, device: torch.device) -> str:
+        return "block_sparse_triton" if self._triton(device) else "block_sparse_cpu"
+
+    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        if self._triton(q.device):
             # imported on first use: TRITON_INTERPRET is read when the kernels are defined
             from infermatrix.kernels.block_sparse_triton import block_sparse_attention_triton
 

@@ -5,8 +5,11 @@ Takes the same pattern and parameters, e.g. ``flex(pattern=sliding,window=256)``
 The layout becomes the equivalent BlockMask: its diagonal blocks (causal inside)
 and a short last block are FlexAttention's partial blocks, with a mask_mod;
 every other active block is a full block, computed without one. The first call
-per shape compiles (tens of seconds on a CPU). Decode steps and a KV cache's
-masked prefill take the same masked path as `block_sparse`.
+per shape compiles (tens of seconds on a CPU), with fullgraph=True: FlexAttention
+that cannot compile fails its case rather than run unfused. A KV cache's prefill
+runs the same kernel on the cache's filled prefix; decode steps have no sparse
+FlexAttention path here (they would run dense, recorded `dense_masked`), so the
+matrix refuses `kv_cache+flex` for the decode and generate workloads.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infermatrix.errors import UserError
 from infermatrix.kernels.block_sparse_layout import BlockLayout, compress_blocks
 from infermatrix.model import Transformer
 from infermatrix.variants.base import register_variant, with_attention
@@ -30,7 +34,9 @@ def compiled_flex_attention():
     if _compiled is None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        # fullgraph: a graph break would run FlexAttention as unfused eager code under
+        # this label; it fails the case instead, with the reason
+        _compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     return _compiled
 
 
@@ -68,21 +74,28 @@ def to_flex_block_mask(layout: BlockLayout, device: torch.device | str):
 
 
 class FlexAttention(LayoutAttention):
+    # One query per decode step would need a BlockMask per position: decode steps run the
+    # layout as a dense mask (recorded `dense_masked`); the matrix refuses flex for decode.
+    sparse_decode = False
+
     def __init__(self, config: LayoutConfig):
         super().__init__(config)
-        self._block_masks: dict[tuple, object] = {}
+        self._block_masks: dict[BlockLayout, object] = {}
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None or q.shape[2] != k.shape[2]:
-            return self.masked(q, k, v, causal, mask)
-        key = (q.shape[2], causal, q.device)
-        if key not in self._block_masks:
-            layout = self.layout(q.shape[2], causal, q.device)
+    def kernel_path(self, device: torch.device) -> str:
+        return "flex"
+
+    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+        if layout not in self._block_masks:  # layouts are cached, so each is converted once
             layout.check_heads(q.shape[1])
-            self._block_masks[key] = to_flex_block_mask(layout, q.device)
-        return compiled_flex_attention()(q, k, v, block_mask=self._block_masks[key],
-                                         enable_gqa=q.shape[1] != k.shape[1])
+            self._block_masks[layout] = to_flex_block_mask(layout, q.device)
+        try:
+            return compiled_flex_attention()(q, k, v, block_mask=self._block_masks[layout],
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        except torch._dynamo.exc.Unsupported as exc:  # fullgraph refused a graph break
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"flex: FlexAttention did not compile into one graph ({first}); it would have run "
+                            "unfused eager code under the flex label") from None
 
 
 @register_variant("flex")
@@ -90,6 +103,13 @@ class FlexAttention(LayoutAttention):
 class Flex(LayoutConfig):
     axis = "attention"
     description = "PyTorch FlexAttention (torch.compile) with the block_sparse layout as its BlockMask (the peer)"
+
+    def check_workload(self, workload: str, spec: tuple) -> None:
+        if workload in ("decode", "generate") and any(v.name == "kv_cache" for v in spec):
+            raise ValueError(f"kv_cache+flex cannot be timed on {workload}: FlexAttention has no decode step here "
+                             "(one query per step would need a BlockMask per position), so the steps would run "
+                             "dense attention under a sparse label; time decode with kv_cache+block_sparse, or "
+                             "flex without kv_cache")
 
     def apply(self, model: Transformer) -> Transformer:
         return with_attention(model, FlexAttention(self))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
-from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, shared_copy
+from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, shared_copy
 
 QMAX = 127  # symmetric: [-127, 127], so -x quantizes to -q and 0 is exact
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -161,6 +161,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
         weight = linear.weight
         q, scale = quantize_per_channel(weight)
         self.backend, self.dtype = backend, weight.dtype
+        note_path("linear", backend)  # triton | int8pack | dequant (auto may mix the last two)
         self.register_buffer("weight_int8", q.to(weight.device))  # (N, K)
         self.register_buffer("scale", scale.to(weight.device))  # (N,) fp32
         if backend == "int8pack":  # the kernel takes its scales in the activation dtype
@@ -237,6 +238,7 @@ class Int8DynamicLinear(QuantizedLinear):
         q, scale = quantize_per_channel(w)
         self.register_buffer("weight_int8", q)  # (N, K)
         self.register_buffer("scale", scale)  # (N,) fp32
+        note_path("linear", "int_mm")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -319,6 +321,17 @@ class Int8Dynamic(Variant):
 
 # ---------------------------------------------------------------------------- LLM.int8
 
+def bnb_matmul_path(device: torch.device) -> str:
+    """What bitsandbytes' int8 matmul really runs on `device`: `int8` where it has a
+    kernel for it (CUDA; a CPU with AVX-512, through torch._int_mm), else
+    `fp32_fallback`, its default kernel, which multiplies A.float() @ B.float()."""
+    import bitsandbytes  # noqa: F401  (importing registers its kernels)
+
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::int8_linear_matmul", key)
+    return "int8" if has_kernel else "fp32_fallback"
+
+
 class Int8LLMLinear(QuantizedLinear):
     variant = "int8_llm"
 
@@ -339,6 +352,7 @@ class Int8LLMLinear(QuantizedLinear):
         # the row scales live in an attribute bitsandbytes moves into its state; a buffer
         # aliasing the same tensor makes weight_bytes count them
         self.register_buffer("scb", self.inner.weight.SCB, persistent=False)
+        note_path("linear", bnb_matmul_path(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bitsandbytes quantizes activations from fp16 (and warns on every call otherwise)

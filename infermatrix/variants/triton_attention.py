@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from infermatrix.model import Transformer, last_visible_key
-from infermatrix.variants.base import TRITON_KERNELS, Variant, register_variant, with_attention
+from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, with_attention
 
 
 def mask_bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +62,9 @@ class TritonAttention:
 
         bounds = self.bounds(mask) if mask is not None else None
         if q.shape[2] == 1:  # a decode step: the last position sees every key unless bounded
+            note_path("attention", "triton_decode")
             return decode_attention(q, k, v, kv_bounds=bounds)
+        note_path("attention", "triton_flash")
         return flash_attention(q, k, v, causal=causal, kv_bounds=bounds)
 
 

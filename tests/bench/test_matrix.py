@@ -76,6 +76,12 @@ def test_every_shipped_matrix_expands(name):
         ({"cases": [{"model": "tiny", "variant": "sdpa", "device": "cuda:x"}]}, "unknown device 'cuda:x'"),
         ({"run": 3, "cases": [{"model": "tiny", "variant": "sdpa"}]}, "'run' must be a table"),
         ({"cases": {"model": "tiny", "variant": "sdpa"}}, "write \\[\\[cases\\]\\], with double brackets"),
+        # labels are promises: combinations that would run something else are refused when read
+        ({"cases": [{"model": "tiny", "variant": "kv_cache+flex", "workload": ["prefill", "decode"]}]},
+         "kv_cache\\+flex cannot be timed on decode: FlexAttention has no decode step"),
+        ({"run": {"cuda_graph": True}, "cases": [{"model": "tiny", "variant": "kv_cache+sdpa",
+                                                  "workload": ["prefill", "decode", "generate"]}]},
+         "cuda_graph = true times CUDA-graph replays of one call, but decode and generate time each step"),
     ],
 )
 def test_bad_matrices_name_the_field(data, message):
@@ -112,3 +118,14 @@ def test_op_workload_case_ids_name_their_shapes():
     ]})
     assert [c.case_id.split("/", 5)[-1] for c in m.cases] == [
         "b1-p64-h8-kv2-d32-full", "b2-p16-k64-n256", "w3-p32-n8"]
+
+
+def test_what_the_labels_allow_still_parses():
+    """flex without a cache decodes by recomputing through its own kernel, and a
+    cached flex prefill is sparse: both stay; so does cuda_graph for one-call workloads."""
+    assert len(parse_matrix({"cases": [{"model": "tiny", "variant": ["flex", "kv_cache+flex"],
+                                        "workload": "prefill"}]}).cases) == 2
+    assert parse_matrix({"cases": [{"model": "tiny", "variant": "flex", "workload": "decode"}]}).cases
+    assert parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache+flex", "workload": "drift"}]}).cases
+    assert parse_matrix({"run": {"cuda_graph": True}, "cases": [{"model": "tiny", "variant": "sdpa",
+                                                                 "workload": ["prefill", "attention"]}]}).cases

@@ -171,3 +171,130 @@ def test_a_longformer_spec_with_far_global_tokens_parses():
     """The spec is probed at parse time on a layout long enough for its global tokens."""
     (variant,) = parse_spec("block_sparse(pattern=longformer,window=128,global_tokens=0;512)")
     assert variant.layout_params()["global_tokens"] == [0, 512]
+
+
+def rows_masked(layout):
+    """The old cached path, kept as the oracle: the buffer-length layout's rows at each
+    query's position, with the cache's mask, through the reference math."""
+    def attention(q, k, v, *, causal, mask=None):
+        from infermatrix.model import last_visible_key
+
+        allowed = layout.rows_mask(last_visible_key(mask)).permute(1, 0, 2, 3)  # (B, Hl, Tq, Tk)
+        return math_attention(q, k, v, causal=False, mask=allowed & mask)
+    return attention
+
+
+CACHED_SPECS = {  # spec -> its layout over a 160-slot buffer (block 32: a short last block after 150)
+    "sliding": ("block_sparse(pattern=sliding,window=64,block=32)", lambda n: L.sliding_window(n, 32, 64)),
+    "bigbird": ("block_sparse(pattern=bigbird,window=32,n_random=2,seed=1,block=32)",
+                lambda n: L.bigbird(n, 32, 32, 1, 2, 1)),
+    "strided": ("block_sparse(pattern=strided,stride=64,block=32)", lambda n: L.strided(n, 32, 64)),
+    "fixed": ("block_sparse(pattern=fixed,stride=64,block=32)", lambda n: L.fixed(n, 32, 64)),
+    # a global token past the prompt: the prefix layout must be the buffer layout's prefix
+    "longformer": ("block_sparse(pattern=longformer,window=32,global_tokens=0;130,block=32)",
+                   lambda n: L.longformer(n, 32, 32, (0, 130))),
+}
+
+
+@pytest.mark.parametrize("name", list(CACHED_SPECS))
+def test_cached_prefill_and_decode_run_sparse_and_match_the_layout(tiny, name, monkeypatch):
+    """Labels are promises: with a KV cache the prefill runs the layout's kernel on the
+    filled prefix and each decode step attends over its row's active keys only, never
+    the whole buffer, and both give the logits of the layout's mask."""
+    import infermatrix.variants.block_sparse as bs
+    from infermatrix.variants import take_paths
+
+    spec, make = CACHED_SPECS[name]
+    buffer = 160
+    seen_keys = []
+
+    def spy(q, k, v, *, causal, mask=None):
+        seen_keys.append(k.shape[2])
+        return bs.sdpa_attention.__wrapped__(q, k, v, causal=causal, mask=mask)
+
+    spy.__wrapped__ = bs.sdpa_attention
+    monkeypatch.setattr(bs, "sdpa_attention", spy)
+    cached = apply_variants(tiny, parse_spec("kv_cache+" + spec))
+    oracle = apply_variants(tiny, parse_spec("kv_cache"))
+    oracle = with_attention(oracle, rows_masked(make(buffer)))
+    tokens = torch.randint(0, tiny.config.vocab_size, (2, 150))
+    cache, oracle_cache = cached.new_cache(2, buffer), oracle.new_cache(2, buffer)
+    take_paths()
+    with torch.no_grad():
+        torch.testing.assert_close(cached(tokens[:, :100], torch.arange(100), cache),
+                                   oracle(tokens[:, :100], torch.arange(100), oracle_cache), **FP32)
+        assert take_paths() == {"attention_path": "block_sparse_cpu"} and seen_keys == []
+        for t in range(100, 150):
+            step = cached(tokens[:, t:t + 1], torch.tensor([t]), cache)
+            torch.testing.assert_close(step, oracle(tokens[:, t:t + 1], torch.tensor([t]), oracle_cache), **FP32)
+    assert take_paths() == {"attention_path": "block_sparse_gather"}
+    layout = make(buffer)  # every step read only its row's keys, never the 160-slot buffer
+    assert seen_keys == [len(layout.row_keys(t)) for t in range(100, 150) for _ in range(tiny.config.n_layers)]
+    assert min(seen_keys) < 100 or name == "longformer"  # (a global token's block sees every key)
+
+
+def test_a_padded_batch_runs_dense_and_the_record_says_so(tiny):
+    """Left padding has no sparse cached path: it runs the layout as a dense mask,
+    correctly, and names that path."""
+    from infermatrix.variants import take_paths
+    from infermatrix.variants.kv_cache import left_pad
+
+    spec, make = CACHED_SPECS["sliding"]
+    prompts = [torch.randint(0, tiny.config.vocab_size, (n,)) for n in (40, 33)]
+    tokens, pad = left_pad(prompts)
+    cached = apply_variants(tiny, parse_spec("kv_cache+" + spec))
+    oracle = with_attention(apply_variants(tiny, parse_spec("kv_cache")), rows_masked(make(64)))
+    take_paths()
+    with torch.no_grad():
+        got = cached(tokens, torch.arange(40), cached.new_cache(2, 64, pad))
+        want = oracle(tokens, torch.arange(40), oracle.new_cache(2, 64, pad))
+    torch.testing.assert_close(got[1, 7:], want[1, 7:], **FP32)
+    torch.testing.assert_close(got[0], want[0], **FP32)
+    assert take_paths() == {"attention_path": "dense_masked"}
+
+
+def test_flex_that_cannot_compile_whole_fails_its_case_instead_of_running_eager(tmp_path, monkeypatch):
+    """fullgraph: a graph break inside FlexAttention would fall back to unfused eager
+    code under the flex label; the case fails instead, with the reason."""
+    import torch.nn.attention.flex_attention as fa
+
+    import infermatrix.variants.flex as flex_module
+    from infermatrix.bench.matrix import parse_matrix
+    from infermatrix.bench.runner import run_matrix
+
+    real = fa.flex_attention
+
+    def breaking(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa, "flex_attention", breaking)
+    monkeypatch.setattr(flex_module, "_compiled", None)
+    matrix = parse_matrix({"run": {"warmup": 0, "min_runs": 2, "max_runs": 2, "isolate": False},
+                           "cases": [{"model": "tiny", "variant": "flex(pattern=sliding,window=64)",
+                                      "workload": "attention", "prompt_len": 128}]})
+    (record,) = run_matrix(matrix, tmp_path, log=lambda line: None)
+    monkeypatch.setattr(flex_module, "_compiled", None)  # the next test compiles the real one
+    assert record.status == "failed"
+    assert record.reason.startswith("flex: FlexAttention did not compile into one graph")
+
+
+@pytest.mark.slow
+def test_cached_flex_prefill_runs_flex_and_its_decode_steps_say_dense(tiny):
+    """A cached flex prefill is FlexAttention on the filled prefix; its decode steps
+    (drift's greedy check only: the matrix refuses them for timing) say `dense_masked`."""
+    from infermatrix.variants import take_paths
+
+    spec, make = CACHED_SPECS["sliding"]
+    cached = apply_variants(tiny, parse_spec("kv_cache+" + spec.replace("block_sparse", "flex")))
+    oracle = with_attention(apply_variants(tiny, parse_spec("kv_cache")), rows_masked(make(160)))
+    tokens = torch.randint(0, tiny.config.vocab_size, (1, 129))
+    cache, oracle_cache = cached.new_cache(1, 160), oracle.new_cache(1, 160)
+    take_paths()
+    with torch.no_grad():
+        torch.testing.assert_close(cached(tokens[:, :128], torch.arange(128), cache),
+                                   oracle(tokens[:, :128], torch.arange(128), oracle_cache), **FP32)
+        assert take_paths() == {"attention_path": "flex"}
+        torch.testing.assert_close(cached(tokens[:, 128:], torch.tensor([128]), cache),
+                                   oracle(tokens[:, 128:], torch.tensor([128]), oracle_cache), **FP32)
+    assert take_paths() == {"attention_path": "dense_masked"}

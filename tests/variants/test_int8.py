@@ -307,3 +307,26 @@ def test_cuda_decode_shapes(spec):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         ref = x.float() @ holder[0].weight.float().t()
         assert (mod(x).float() - ref).norm() / ref.norm() < 0.02, (spec, m)
+
+
+def test_llm_int8_records_which_matmul_bitsandbytes_really_ran(tmp_path, monkeypatch):
+    """Without a CPU kernel (no AVX-512), bitsandbytes multiplies in fp32: the record
+    must say `fp32_fallback`, not pass it off as int8."""
+    from infermatrix.variants.int8 import bnb_matmul_path
+
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    expected = "int8" if has("bitsandbytes::int8_linear_matmul", "CPU") else "fp32_fallback"
+    matrix = parse_matrix({"run": {"warmup": 0, "min_runs": 2, "max_runs": 2, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": ["int8_llm", "int8_weight_only", "int8_dynamic", "sdpa"], "workload": "linear",
+         "dtype": "bfloat16", "prompt_len": 4}]})
+    llm, weight_only, dynamic, sdpa = run_matrix(matrix, tmp_path / "a", log=lambda line: None)
+    assert llm.metrics["linear_path"] == expected
+    assert weight_only.metrics["linear_path"] == "int8pack" and dynamic.metrics["linear_path"] == "int_mm"
+    assert "linear_path" not in sdpa.metrics
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda op, key: False if op == "bitsandbytes::int8_linear_matmul" else has(op, key))
+    assert bnb_matmul_path(torch.device("cpu")) == "fp32_fallback"
+    (llm,) = run_matrix(parse_matrix({"run": {"warmup": 0, "min_runs": 2, "max_runs": 2, "isolate": False},
+                                      "cases": [{"model": "tiny", "variant": "int8_llm", "workload": "linear",
+                                                 "prompt_len": 4}]}), tmp_path / "b", log=lambda line: None)
+    assert llm.metrics["linear_path"] == "fp32_fallback"

@@ -78,3 +78,18 @@ def test_interpreted_records_are_marked(tmp_path, monkeypatch):
     assert triton.status == sparse.status == "ok", (triton.reason, sparse.reason)
     assert triton.metrics["triton_interpreted"] is True and sparse.metrics["triton_interpreted"] is True
     assert "triton_interpreted" not in sdpa.metrics
+    assert triton.metrics["attention_path"] == "triton_flash"
+    assert sparse.metrics["attention_path"] == "block_sparse_triton"
+
+
+def test_interpretation_is_marked_whatever_the_device(monkeypatch):
+    """Under TRITON_INTERPRET=1 a Triton kernel runs interpreted on CUDA tensors too;
+    so does a path that took Triton without requiring it (int8_weight_only's auto on CUDA)."""
+    from infermatrix.variants import runs_in_triton_interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert runs_in_triton_interpreter(parse_spec("triton"))
+    assert runs_in_triton_interpreter(parse_spec("int8_weight_only"), {"linear_path": "triton"})
+    assert not runs_in_triton_interpreter(parse_spec("int8_weight_only"), {"linear_path": "int8pack"})
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not runs_in_triton_interpreter(parse_spec("triton"), {"attention_path": "triton_flash"})
