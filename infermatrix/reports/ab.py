@@ -34,6 +34,7 @@ import numpy as np
 from infermatrix.reports.compare import (
     _CSS, DIRECTION, LOWER, SAMPLE_METRICS, _html_table, _md_cell, _text_table, index_records, metric_samples,
 )
+from infermatrix.reports.derived import timings_meaningful
 from infermatrix.reports.gate import DEFAULT_RULES, GateResult, Rule, evaluate, parse_rules
 from infermatrix.reports.paired import bh_adjust, detectable_change, paired_ratio
 from infermatrix.reports.record import Record
@@ -148,6 +149,9 @@ def evaluate_ab(base: list[Record], new: list[Record], rules=AB_DEFAULT_RULES, *
         for cid, n_rec in n_idx.items():
             b_rec = b_idx.get(cid)
             if n_rec.status != "ok" or b_rec is None or b_rec.status != "ok" or not rule.matches(cid, n_rec.case):
+                continue
+            if not (timings_meaningful(b_rec) and timings_meaningful(n_rec)):
+                warnings.append(f"{cid}: {rule.text}: Triton ran in the interpreter; its timings are not judged")
                 continue
             b_rounds, n_rounds = round_values(b_rec, rule.metric), round_values(n_rec, rule.metric)
             if b_rounds is None or n_rounds is None:

@@ -43,6 +43,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import stats
 
+from infermatrix.reports.derived import PATH_METRICS, is_speed_metric, timings_meaningful
 from infermatrix.reports.record import Record
 
 LOWER, HIGHER = "lower", "higher"
@@ -164,6 +165,8 @@ class Comparison:
     matched: int = 0  # case ids in both runs
     n_base: int = 0  # cases in each run
     n_new: int = 0
+    interpreted: list[str] = field(default_factory=list)  # case ids whose timings were not compared
+    path_changes: list[str] = field(default_factory=list)  # "case_id: attention_path a -> b"
 
     def speed(self) -> list[MetricChange]:
         return [c for c in self.changes if c.kind == "speed"]
@@ -348,7 +351,16 @@ def compare_runs(base: list[Record], new: list[Record], *, alpha: float = 0.05,
         if b_rec.status != n_rec.status:
             out.status_changes.append(StatusChange(cid, b_rec.status, n_rec.status, n_rec.reason or b_rec.reason))
         if b_rec.status == n_rec.status == "ok":
+            timed = timings_meaningful(b_rec) and timings_meaningful(n_rec)
+            if not timed:
+                out.interpreted.append(cid)
+            for path in PATH_METRICS:  # the same label, another implementation: say so
+                was, now = b_rec.metrics.get(path), n_rec.metrics.get(path)
+                if was != now:
+                    out.path_changes.append(f"{cid}: {path} {was or '(none)'} -> {now or '(none)'}")
             for metric in names:
+                if not timed and is_speed_metric(metric):
+                    continue  # the interpreter's timings measure the interpreter
                 change = compare_metric(b_rec, n_rec, metric, alpha=alpha)
                 if change is not None:
                     out.changes.append(change)
@@ -423,6 +435,8 @@ def _status_lines(comparison: Comparison) -> list[str]:
     lines += [f"only in NEW: {cid}" for cid in comparison.only_new]
     lines += [f"status: {s.case_id}: {s.base} -> {s.new}" + (f" ({s.reason})" if s.reason else "")
               for s in comparison.status_changes]
+    lines += [f"path: {change}" for change in comparison.path_changes]
+    lines += [f"timings not compared (Triton interpreted): {cid}" for cid in comparison.interpreted]
     return lines
 
 

@@ -72,6 +72,7 @@ from infermatrix.reports.compare import (
     ALIASES, CSV_METRICS, DEFAULT_SPEED_METRICS, DIRECTION, HIGHER, LOWER, NON_NUMERIC_METRICS, SAMPLE_METRICS,
     MetricChange, compare_metric, compare_runs, fmt_p, fmt_ratio, fmt_value, index_records, metric_value,
 )
+from infermatrix.reports.derived import is_speed_metric, timings_meaningful
 from infermatrix.reports.record import Record
 
 DEFAULT_RULES: tuple[str, ...] = (
@@ -347,12 +348,16 @@ def evaluate(base: list[Record], new: list[Record], rules: Iterable[str | Rule] 
     b_idx, n_idx = index_records(base), index_records(new)
     checks = _status_checks(b_idx, n_idx, fail_on_skip)
     warnings: list[str] = []
+    interpreted: set[str] = set()
     for rule in parsed:
         applied = 0
         for cid, n_rec in n_idx.items():
             if n_rec.status != "ok" or not rule.matches(cid, n_rec.case):
                 continue
             b_rec = b_idx.get(cid)
+            if is_speed_metric(rule.metric) and not all(timings_meaningful(r) for r in (n_rec, b_rec) if r):
+                interpreted.add(cid)  # the interpreter's timings measure the interpreter
+                continue
             if rule.is_relative:
                 if b_rec is None or b_rec.status != "ok":
                     continue
@@ -365,6 +370,9 @@ def evaluate(base: list[Record], new: list[Record], rules: Iterable[str | Rule] 
                 checks.append(check)
         if not applied:
             warnings.append(f"rule {rule.text!r} applied to no case")
+    if interpreted:
+        warnings.append(f"{len(interpreted)} case(s) ran Triton in the interpreter; speed rules skip them "
+                        f"(accuracy rules still apply): {', '.join(sorted(interpreted))}")
     failures = [f"{c.case_id}: {c.rule}: {c.observed}: {c.why}" for c in checks if c.outcome == "fail"]
     warnings = [f"{c.case_id}: {c.rule}: {c.observed}: {c.why}" for c in checks if c.outcome == "warn"] + warnings
     checked = sum(1 for c in checks if c.rule != "status")

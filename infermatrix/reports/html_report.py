@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from infermatrix.reports.derived import ran, timings_meaningful
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
@@ -102,7 +103,9 @@ def _latency(record: Record) -> float | None:
 
 
 def _is_speed(record: Record) -> bool:
-    return record.case.get("workload") != DRIFT
+    """A record whose timings belong in speed charts and speedups: not drift, and not
+    run through the Triton interpreter."""
+    return record.case.get("workload") != DRIFT and timings_meaningful(record)
 
 
 def speedups(records: Sequence[Record]) -> dict[str, float]:
@@ -571,7 +574,7 @@ _CASE_COLUMNS = [  # key, header, numeric
     ("model", "model", False), ("variant", "variant", False), ("workload", "workload", False),
     ("dtype", "dtype", False), ("device", "device", False), ("batch", "batch", True),
     ("prompt_len", "prompt", True), ("new_tokens", "new", True), ("windows", "windows", True),
-    ("op_shape", "op shape", False), ("status", "status", False),
+    ("op_shape", "op shape", False), ("status", "status", False), ("ran", "ran", False),
 ]
 _METRIC_COLUMNS = [  # key, header, format
     ("latency_ms_p50", "ms p50", "{:,.3f}"), ("latency_ms_ci_rel", "CI ±", "{:.1%}"),
@@ -584,6 +587,8 @@ _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: 
                              "generate: per generation)",
            "latency_ms_ci_rel": "latency_ms_ci_rel: half-width of the median's 95% CI over the median",
            "speedup": "reference latency_ms_p50 over this case's, same case", "op_shape": "attention / linear shape",
+           "ran": "the attention / linear implementation that really ran (attention_path, linear_path); "
+                  "Triton interpreted: timings left out of charts and speedups",
            "pct_of_limit": "pct_of_limit: roofline time over measured time"}
 
 
@@ -631,9 +636,9 @@ def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
                 reason = f' title="{_esc(r.reason)}"' if r.reason else ""
                 out.append(f'<td data-col="status" data-value="{_esc(r.status)}"{reason}>'
                            f'<span class="badge {_esc(r.status)}">{_esc(r.status)}</span></td>')
-            elif key == "op_shape":
-                text = _op_shape(c)
-                out.append(f'<td data-col="op_shape" data-value="{_esc(text)}">{_esc(text)}</td>')
+            elif key in ("op_shape", "ran"):
+                text = _op_shape(c) if key == "op_shape" else ran(r)
+                out.append(f'<td data-col="{key}" data-value="{_esc(text)}">{_esc(text)}</td>')
             elif numeric:
                 value = c.get(key)
                 shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) and value else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from infermatrix.reports.derived import ran
 from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
@@ -42,12 +43,12 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
     lines = [f"### {_md(title)}", "",
              f"{len(records)} cases: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed", ""]
     if ok:
-        header = ["model", "variant", "workload", "dtype", "shape"] + [h for h, _, _ in _COLUMNS]
+        header = ["model", "variant", "workload", "dtype", "shape"] + [h for h, _, _ in _COLUMNS] + ["ran"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok:
             c = r.case
             cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), _shape(c)]
-            cells += [_value(r.metrics, key, fmt) for _, key, fmt in _COLUMNS]
+            cells += [_value(r.metrics, key, fmt) for _, key, fmt in _COLUMNS] + [ran(r)]
             lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
     problems = [r for r in records if r.status != "ok"]
     if problems:

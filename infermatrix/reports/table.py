@@ -4,6 +4,7 @@ blank where a metric does not apply to a case's workload."""
 from __future__ import annotations
 
 from infermatrix.reports.csv_report import records_frame
+from infermatrix.reports.derived import ran
 from infermatrix.reports.record import Record
 
 # column -> format of its values
@@ -11,7 +12,7 @@ _COLUMNS = {
     "model": None, "variant": None, "workload": None, "dtype": None, "batch": None, "prompt_len": None,
     "new_tokens": None, "latency_ms_p50": "{:,.2f}", "latency_ms_ci_rel": "{:.1%}", "tokens_per_s": "{:,.1f}",
     "pct_of_limit": "{:.0f}%", "kl_mean": "{:.2e}", "top1_agree_pct": "{:.1f}", "ppl_delta_pct": "{:+.2f}",
-    "status": None,
+    "status": None, "ran": None,
 }
 _HEADERS = {"latency_ms_p50": "ms_p50", "latency_ms_ci_rel": "ci±", "tokens_per_s": "tok/s",
             "pct_of_limit": "%limit", "top1_agree_pct": "top1%", "ppl_delta_pct": "Δppl%"}
@@ -29,6 +30,8 @@ def render_table(records: list[Record]) -> str:
     if not records:
         return "(no cases)"
     frame = records_frame(records)
+    if any(ran(r) for r in records):
+        frame["ran"] = [ran(r) for r in records]
     columns = [c for c in _COLUMNS if c in frame.columns]
     frame = frame[columns].astype(object)
     for col in columns:
