@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from infermatrix.bench import roofline
-from infermatrix.bench.drift import drift_metrics, greedy_match_length, model_logits, window_tokens
+from infermatrix.bench.drift import (drift_metrics, greedy_match_length, model_logits, require_fp32_reference,
+                                     window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
 from infermatrix.bench.matrix import attention_shape, linear_shape
 from infermatrix.bench.stats import summarize
@@ -209,6 +210,7 @@ def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
         nonlocal reference
         if reference is None:
             reference = load_model(case.model, torch.float32, case.device, seed=ctx.settings.seed).model
+            require_fp32_reference(reference, model)  # before any logits of it are cached as the reference
         return reference
 
     ref_logits, _ = reference_logits(key, lambda: model_logits(fp32_reference(), windows))
