@@ -267,12 +267,13 @@ def _convert_gguf(path: Path):
     return cfg, tensors, gguf_tokenizer(reader)
 
 
-# Bump when the conversion changes, so old converted files are no longer read.
-_CONVERSION_VERSION = 1
+# Bump when the conversion changes, so old converted files are no longer read (and,
+# through the reference-logits key, the fp32 references computed from them).
+CONVERSION_VERSION = 1
 
 
 def _converted_dir(path: Path) -> Path:
-    return cache_dir("weights") / f"{file_sha256(path)[:32]}-v{_CONVERSION_VERSION}"
+    return cache_dir("weights") / f"{file_sha256(path)[:32]}-v{CONVERSION_VERSION}"
 
 
 def _gguf_converted(path: Path) -> Path:

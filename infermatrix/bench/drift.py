@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from infermatrix.errors import UserError
+from infermatrix.model import Transformer, math_attention
 
 # Rows per chunk are chosen so one float64 chunk holds about this many elements
 # (32 MiB): a 1024 x 49152 logit matrix in float64 would otherwise need ~400 MB
@@ -207,3 +208,30 @@ def model_logits(
     # cat outside inference_mode makes an ordinary tensor, usable later where inference tensors are not.
     logits = torch.cat(chunks, dim=0)  # (W, T, V)
     return logits.reshape(-1, logits.shape[-1]), targets  # (W*T, V), (W*T,)
+
+
+def require_fp32_reference(reference: torch.nn.Module, variant: torch.nn.Module) -> None:
+    """Refuse a drift reference that is not the plain fp32 reference model: a variant
+    measured against itself, against a low-precision copy or against another variant
+    would report a drift of (nearly) zero and pass every accuracy rule."""
+    if reference is variant:
+        raise UserError("drift compares the variant with its own reference model; the reference must be "
+                        "the fp32 reference model loaded on its own")
+    problem = None
+    if not isinstance(reference, Transformer):
+        problem = f"it is a {type(reference).__name__}, not the reference Transformer"
+    elif reference.attention is not math_attention:
+        name = getattr(reference.attention, "__name__", reference.attention)
+        problem = f"its attention is {name!r}, not math_attention"
+    else:
+        low = sorted({str(t.dtype).removeprefix("torch.") for t in (*reference.parameters(), *reference.buffers())
+                      if t.is_floating_point() and t.dtype != torch.float32})
+        swapped = sorted({type(m).__name__ for m in reference.modules()
+                          if isinstance(m, torch.nn.Linear) and type(m) is not torch.nn.Linear})
+        if low:
+            problem = f"it holds {', '.join(low)} tensors"
+        elif swapped:
+            problem = f"its linear layers are {', '.join(swapped)}"
+    if problem:
+        raise UserError(f"drift needs the fp32 reference model as its reference, but {problem}; "
+                        "load it with load_model(..., torch.float32) and apply no variant")

@@ -19,15 +19,42 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+# ISA flags that decide whether a dtype's matmul is native here: without avx512_bf16
+# (or AMX) bf16 GEMMs are emulated, without avx512_vnni int8 paths may fall back.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def _read_cpuinfo() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return f.read()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return ""
+
+
+def _cpuinfo_field(cpuinfo: str, name: str) -> str | None:
+    """The value of the first `name : value` line (every processor repeats them)."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_flags(cpuinfo: str) -> dict[str, bool] | None:
+    """Each of CPU_FLAGS -> present or not, from /proc/cpuinfo's text; None when the
+    text has no flags line (another OS): unknown is not the same as absent."""
+    flags = _cpuinfo_field(cpuinfo, "flags")
+    if flags is None:
+        return None
+    present = set(flags.split())
+    return {flag: flag in present for flag in CPU_FLAGS}
+
+
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name (from /proc/cpuinfo's text, read when not given)."""
+    cpuinfo = _read_cpuinfo() if cpuinfo is None else cpuinfo
+    return _cpuinfo_field(cpuinfo, "model name") or platform.processor() or platform.machine()
 
 
 def _git_sha() -> str | None:
@@ -58,11 +85,14 @@ def _gpu() -> dict | None:
 
 def capture_env() -> dict:
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cpuinfo = _read_cpuinfo()
     return {
         "host": platform.node(),  # which machine measured, when shards or Ray workers run elsewhere
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(cpuinfo),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the ISA torch's CPU kernels dispatch to
+        "cpu_flags": cpu_flags(cpuinfo),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),

@@ -2,9 +2,10 @@
 
 The fp32 reference forward over the eval windows is the slowest part of a drift
 measurement and its result depends only on (model, text, windows, reference
-spec), so it is computed once and stored under
-``<cache>/ref_logits/<sha256 of the key>.safetensors``. safetensors, never
-pickle: loading a cache file must not be able to run code.
+spec) and on the code that computed it (model and loader source, GGUF conversion
+version, torch version: every key carries `code_versions()`), so it is computed
+once and stored under ``<cache>/ref_logits/<sha256 of the key>.safetensors``.
+safetensors, never pickle: loading a cache file must not be able to run code.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,17 +21,42 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from infermatrix import model, weights
 from infermatrix.cache import atomic_path, cache_dir
 
 # Bump when the file layout changes, so old files are never read as new ones.
 _FORMAT_VERSION = 1
+
+
+def sources_sha256(files: tuple[Path, ...]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def model_code_sha256() -> str:
+    """sha256 of the source that turns weights into reference logits: model.py (the
+    math) and weights.py (loading, the presets' random init, the GGUF conversion).
+    Any edit recomputes the references: a stale one costs far more than a recompute."""
+    return sources_sha256((Path(model.__file__), Path(weights.__file__)))
+
+
+def code_versions() -> dict[str, Any]:
+    """What, beyond the caller's key, a cached result depends on. CONVERSION_VERSION
+    names the converted-weights folder the reference read, as the weights cache keys it."""
+    return {"model_code": model_code_sha256(), "conversion": weights.CONVERSION_VERSION,
+            "torch": str(torch.__version__)}
+
+
 def _canonical_json(key_parts: dict[str, Any]) -> str:
     # Sorted keys and fixed separators: the same parts always give the same bytes.
     # No default=str: repr-like strings of arbitrary objects can embed addresses and
     # make the key unstable, so non-JSON values are rejected instead.
     try:
         return json.dumps(
-            {"format": _FORMAT_VERSION, "parts": key_parts},
+            {"format": _FORMAT_VERSION, "parts": key_parts, "code": code_versions()},
             sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False,
         )
     except (TypeError, ValueError) as exc:
@@ -88,8 +115,9 @@ def reference_logits(
     """(logits (N, V) float32, targets (N,) long) on the CPU, from the cache when
     key_parts was seen before, else from compute() and then stored.
 
-    key_parts holds JSON values that pin the result, e.g. model source hash, text
-    sha256, window, n_windows and the reference spec; its sha256 names the file.
+    key_parts holds JSON values that pin the result, e.g. the weights' hash, text
+    sha256, window, n_windows and the reference spec; with code_versions() its sha256
+    names the file.
     """
 
     def canonical() -> dict[str, torch.Tensor]:

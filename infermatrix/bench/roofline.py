@@ -68,7 +68,7 @@ from typing import Callable, Sequence
 import torch
 
 import infermatrix.cache
-from infermatrix.bench.env import _cpu_name
+from infermatrix.bench.env import cpu_name
 from infermatrix.model import ModelConfig
 from infermatrix.weights import parse_dtype
 
@@ -362,7 +362,7 @@ def peaks_key(device: str | torch.device, dtypes: Sequence[str]) -> tuple[str, d
     """Cache key of a machine's peaks and the fields it hashes (kept in the file)."""
     dev = torch.device(device)
     fields = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -22,6 +22,7 @@ Every timing is also reported against the machine's measured peaks (roofline.py)
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
@@ -29,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from infermatrix.bench import roofline
-from infermatrix.bench.drift import drift_metrics, greedy_match_length, model_logits, window_tokens
+from infermatrix.bench.drift import (drift_metrics, greedy_match_length, model_logits, require_fp32_reference,
+                                     window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
 from infermatrix.bench.matrix import attention_shape, linear_shape
 from infermatrix.bench.stats import summarize
@@ -139,6 +141,12 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     return metrics, {"latency_ms": m.samples_ms}
 
 
+def _static_cache(model: Transformer, case: Case):
+    """One static cache for every generation of a case (None without a cache variant):
+    same shapes, so a compiled step never recompiles, and its allocation is never timed."""
+    return model.new_cache(case.batch, case.prompt_len + case.new_tokens) if hasattr(model, "new_cache") else None
+
+
 def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end: bool) -> Measurement:
     """Greedy generation of new_tokens after the prompt; each sample is one whole
     generation, its steps timed one by one."""
@@ -146,8 +154,7 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     device = torch.device(case.device)
     prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
     runs: list[list[float]] = []  # step times of every call, warm-up included
-    # One static cache for every generation: same shapes, so a compiled step never recompiles.
-    cache = model.new_cache(case.batch, case.prompt_len + case.new_tokens) if hasattr(model, "new_cache") else None
+    cache = _static_cache(model, case)
 
     def generation() -> float:
         decoder = GreedyDecoder(model, prompt, case.new_tokens, cache=cache)
@@ -209,6 +216,7 @@ def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
         nonlocal reference
         if reference is None:
             reference = load_model(case.model, torch.float32, case.device, seed=ctx.settings.seed).model
+            require_fp32_reference(reference, model)  # before any logits of it are cached as the reference
         return reference
 
     ref_logits, _ = reference_logits(key, lambda: model_logits(fp32_reference(), windows))
@@ -294,19 +302,38 @@ def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     return metrics, {"latency_ms": m.samples_ms}
 
 
+def benchmark_case(case: Case) -> Case:
+    """The case pytest-benchmark times for `case`. It times one whole call, and decode's
+    figures are per output token with the prefill left out, which a whole call cannot
+    give: a decode case is benchmarked as its generate twin, under that id and name, so
+    no row labelled decode ever holds a whole generation."""
+    return replace(case, workload="generate") if case.workload == "decode" else case
+
+
 def benchmark_callable(case: Case, ctx: RunContext, models: ModelCache) -> tuple[Callable[[], object], int]:
     """For pytest-benchmark: the case's timed call and the tokens it processes (0 for
-    ops). decode/generate call one whole greedy generation."""
+    ops). generate calls what one sample of the generate workload times: a whole greedy
+    generation, prefill included, on a static cache made once outside the call."""
     if case.workload == "attention":
         return _attention_op(case, ctx), 0
     if case.workload == "linear":
         return _linear_op(case, ctx)[0], 0
+    if case.workload == "decode":
+        raise UserError("pytest-benchmark cannot time decode's per-token steps alone; benchmark "
+                        "benchmark_case(case), its generate twin")
     model, loaded = _model(case, models)
     prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
     if case.workload == "prefill":
         return (lambda: model(prompt)), case.batch * case.prompt_len
-    if case.workload in ("decode", "generate"):
-        return (lambda: generate_greedy(model, prompt, case.new_tokens)), case.batch * case.new_tokens
+    if case.workload == "generate":
+        cache = _static_cache(model, case)
+
+        def generation() -> None:
+            decoder = GreedyDecoder(model, prompt, case.new_tokens, cache=cache)
+            for _ in range(case.new_tokens):
+                decoder.step()
+
+        return generation, case.batch * case.new_tokens
     raise UserError(f"the {case.workload} workload has no single timed call; pytest-benchmark cannot run it")
 
 

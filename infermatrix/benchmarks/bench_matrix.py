@@ -6,8 +6,10 @@
 
 INFERMATRIX_MATRIX is a matrix file or a built-in name (default: ci). Each case's
 timed call runs in this process (no isolation); drift cases are skipped (they
-measure accuracy, not time). `infermatrix report` and `compare` read the JSON
-that `--benchmark-json=FILE` writes: the case rides along in extra_info.
+measure accuracy, not time), and a decode case runs as its generate twin (a whole
+generation: pytest-benchmark times whole calls, decode's figures are per output
+token), once even when the matrix has both. `infermatrix report` and `compare`
+read the JSON that `--benchmark-json=FILE` writes: the case rides along in extra_info.
 """
 
 import os
@@ -18,14 +20,15 @@ import torch
 from infermatrix.bench.env import capture_env
 from infermatrix.bench.matrix import load_matrix
 from infermatrix.bench.runner import ModelCache, RunContext, skip_reason
-from infermatrix.bench.workloads import benchmark_callable
+from infermatrix.bench.workloads import benchmark_callable, benchmark_case
 
 MATRIX = load_matrix(os.environ.get("INFERMATRIX_MATRIX", "ci"))
 CONTEXT = RunContext(MATRIX.settings, capture_env())
 MODELS = ModelCache(MATRIX.settings.seed)
+CASES = list(dict.fromkeys(benchmark_case(case) for case in MATRIX.cases))  # in order, each once
 
 
-@pytest.mark.parametrize("case", MATRIX.cases, ids=lambda case: case.case_id)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.case_id)
 def test_case(benchmark, case):
     if case.workload == "drift":
         pytest.skip("drift measures accuracy, not time: use `infermatrix run` for it")

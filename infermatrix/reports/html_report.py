@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermatrix.reports.derived import ran, timings_meaningful
+from infermatrix.reports.environment import cpu_features_text
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
@@ -739,7 +740,8 @@ def _env_section(records: list[Record], env: dict) -> str:
     settings = env.get("settings") or {}
     items = [
         ("Python", _esc(env.get("python"))), ("torch", _esc(versions.get("torch"))),
-        ("Platform", _esc(env.get("platform"))), ("CPU", _esc(cpu)), ("GPU", _esc(gpu_text)),
+        ("Platform", _esc(env.get("platform"))), ("CPU", _esc(cpu)),
+        ("CPU features", _esc(cpu_features_text(env))), ("GPU", _esc(gpu_text)),
         ("Threads", _esc(" · ".join(t for t in threads if t))), ("Git SHA", sha_html),
         ("Eval text", eval_html), ("Peaks", "<br>".join(peaks_html)),
         ("Versions", _esc(", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch" and v))),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infermatrix.reports.derived import ran
+from infermatrix.reports.environment import cpu_features_text
 from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
@@ -42,6 +43,9 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
     counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "failed")}
     lines = [f"### {_md(title)}", "",
              f"{len(records)} cases: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed", ""]
+    env = next((r.env for r in records if r.env), None)
+    if env:  # a figure means little without the CPU: bf16/int8 speed differs by ISA
+        lines += [f"CPU: {_md(env.get('cpu') or 'unknown')} · {_md(cpu_features_text(env))}", ""]
     if ok:
         header = ["model", "variant", "workload", "dtype", "shape"] + [h for h, _, _ in _COLUMNS] + ["ran"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -87,3 +87,31 @@ def test_a_corrupt_file_is_recomputed(cache):
         logits, _ = reference_logits(KEY, compute)
     assert compute.calls == 1 and torch.equal(logits, compute.logits.float())
     assert torch.equal(reference_logits(KEY, Counter(seed=5))[0], logits)  # rewritten, readable again
+
+
+def test_the_key_names_the_code_that_computed_the_reference(cache, monkeypatch):
+    """A fix to model.py, to the GGUF conversion or a new torch must recompute the
+    fp32 reference: each is part of the key; the same inputs keep the same file."""
+    from infermatrix import weights
+
+    same = cache_path(KEY)
+    assert cache_path(dict(KEY)) == same
+    changes = [
+        (logits_cache, "model_code_sha256", lambda: "0" * 64),
+        (weights, "CONVERSION_VERSION", weights.CONVERSION_VERSION + 1),
+        (torch, "__version__", "9.9.9+cpu"),
+    ]
+    for owner, name, value in changes:
+        with monkeypatch.context() as patch:
+            patch.setattr(owner, name, value)
+            assert cache_path(KEY) != same, name
+    assert cache_path(KEY) == same
+
+
+def test_the_model_code_hash_follows_the_source_of_model_and_weights():
+    from infermatrix import model, weights
+
+    digest = logits_cache.model_code_sha256()
+    assert len(digest) == 64 and digest == logits_cache.model_code_sha256()
+    assert digest == logits_cache.sources_sha256((Path(model.__file__), Path(weights.__file__)))
+    assert logits_cache.sources_sha256((Path(model.__file__),)) != digest

@@ -2,12 +2,14 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from infermatrix.bench import runner, workloads
 from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
 from infermatrix.errors import UserError
 from infermatrix.reports.record import read_records
+from infermatrix.weights import LoadedModel
 
 QUICK = {"warmup": 1, "min_runs": 3, "max_runs": 10, "max_time_s": 0.5}
 
@@ -72,6 +74,52 @@ def test_reference_drift_against_itself_is_zero(tmp_path, seed):
          "new_tokens": 4}]})
     m = run_matrix(matrix, tmp_path, log=quiet)[0].metrics
     assert (m["kl_max"], m["top1_agree_pct"], m["ppl_delta_pct"], m["greedy_match_len"]) == (0.0, 100.0, 0.0, 4)
+
+
+
+def _drift_case(tmp_path, monkeypatch, variant="sdpa"):
+    monkeypatch.setenv("INFERMATRIX_CACHE", str(tmp_path / "cache"))  # no reference cached by another test
+    return parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": variant, "workload": "drift", "prompt_len": 16, "windows": 2,
+         "new_tokens": 4}]})
+
+
+def test_drift_against_a_non_fp32_reference_fails(tmp_path, monkeypatch):
+    real_load = workloads.load_model
+    monkeypatch.setattr(workloads, "load_model",  # the reference loaded in bf16 instead of fp32
+                        lambda name, dtype, device, seed=0: real_load(name, torch.bfloat16, device, seed=seed))
+    rec = run_matrix(_drift_case(tmp_path, monkeypatch), tmp_path / "run", log=quiet)[0]
+    assert rec.status == "failed" and "fp32 reference" in rec.reason and "bfloat16" in rec.reason, rec.reason
+    assert not list((tmp_path / "cache").glob("ref_logits/*"))  # nothing wrong is cached for later runs
+
+
+def test_drift_of_a_variant_against_itself_fails(tmp_path, monkeypatch):
+    variant_models = []
+    real_apply = workloads.apply_variants
+
+    def apply_and_keep(model, variants):
+        variant_models.append(real_apply(model, variants))
+        return variant_models[-1]
+
+    monkeypatch.setattr(workloads, "apply_variants", apply_and_keep)
+    # the variant's own model handed back as the reference
+    monkeypatch.setattr(workloads, "load_model", lambda *a, **k: LoadedModel(variant_models[-1], None, "itself"))
+    rec = run_matrix(_drift_case(tmp_path, monkeypatch, variant="reference"), tmp_path / "run", log=quiet)[0]
+    assert rec.status == "failed" and "its own reference" in rec.reason, rec.reason
+
+
+def test_drift_against_a_variant_as_reference_fails(tmp_path, monkeypatch):
+    from infermatrix.variants import apply_variants, parse_spec
+
+    real_load = workloads.load_model
+
+    def sdpa_reference(name, dtype, device, seed=0):  # an fp32 model, but not the reference's math
+        loaded = real_load(name, dtype, device, seed=seed)
+        return LoadedModel(apply_variants(loaded.model, parse_spec("sdpa")), None, "sdpa")
+
+    monkeypatch.setattr(workloads, "load_model", sdpa_reference)
+    rec = run_matrix(_drift_case(tmp_path, monkeypatch), tmp_path / "run", log=quiet)[0]
+    assert rec.status == "failed" and "fp32 reference" in rec.reason and "attention" in rec.reason, rec.reason
 
 
 def test_an_interrupted_run_keeps_its_records_and_csv_and_resumes(tmp_path):

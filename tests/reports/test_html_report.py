@@ -255,6 +255,17 @@ def test_env_header_shows_versions_and_peaks():
     assert "NVIDIA H200 · 128 GiB · sm 9.0" in page
 
 
+
+def test_env_shows_what_the_cpu_can_do():
+    flags = {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx512_bf16": True, "amx_tile": False,
+             "amx_int8": False, "amx_bf16": False}
+    page = render_html(default_like(), env={**ENV, "cpu_capability": "AVX512", "cpu_flags": flags})
+    text = "torch dispatch AVX512 · has avx2, avx512f, avx512_vnni, avx512_bf16 · lacks amx_tile, amx_int8, amx_bf16"
+    assert f"<dt>CPU features</dt><dd>{text}</dd>" in page
+    older = render_html(default_like())  # records from before the fields existed
+    assert "<dt>CPU features</dt><dd>not recorded</dd>" in older
+
+
 # ----------------------------------------------------------------- in a real browser
 
 

@@ -55,6 +55,16 @@ def test_markdown_summary_is_a_table_with_problems_listed():
     assert "| failed | tiny/x\\|y/prefill | RuntimeError: boom at line 3 |" in md  # pipes escaped, one line
 
 
+
+def test_markdown_summary_names_the_cpu_and_what_it_can_do():
+    env = {"cpu": "AMD EPYC", "cpu_capability": "AVX2",
+           "cpu_flags": {"avx2": True, "avx512f": False, "avx512_vnni": False, "avx512_bf16": False}}
+    rows = records()
+    rows[0].env = env
+    md = render_markdown(rows, "run 42")
+    assert "CPU: AMD EPYC · torch dispatch AVX2 · has avx2 · lacks avx512f, avx512_vnni, avx512_bf16\n" in md
+
+
 def test_report_writes_all_four_files(tmp_path):
     for r in records():
         append_record(tmp_path / "records.jsonl", r)
