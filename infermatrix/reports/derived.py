@@ -1,6 +1,6 @@
 """What a record says beyond its numbers, read the same way by every renderer,
-`compare` and `gate`: which implementation really ran, and whether its timings
-mean anything."""
+`compare` and `gate`: which implementation really ran, whether its timings mean
+anything, and what the CPU it ran on can do."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def ran(record: Record) -> str:
     if not timings_meaningful(record):
         parts.append("Triton interpreted")
     return ", ".join(parts)
+
+
+def cpu_features_text(env: dict) -> str:
+    """What the CPU can do, from env's `cpu_capability` (the ISA torch's CPU kernels
+    dispatch to) and `cpu_flags` (flag -> present): bf16 and int8 figures differ by
+    whole factors between an AVX2-only CPU and one with AVX-512 BF16/VNNI or AMX."""
+    capability, flags = env.get("cpu_capability"), env.get("cpu_flags")
+    parts = [f"torch dispatch {capability}"] if capability else []
+    if isinstance(flags, dict) and flags:
+        has = [name for name, present in flags.items() if present]
+        lacks = [name for name, present in flags.items() if not present]
+        parts += [f"has {', '.join(has)}" if has else "", f"lacks {', '.join(lacks)}" if lacks else ""]
+    return " · ".join(p for p in parts if p) or "not recorded"

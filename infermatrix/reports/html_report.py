@@ -32,8 +32,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermatrix.reports.derived import ran, timings_meaningful
-from infermatrix.reports.environment import cpu_features_text
+from infermatrix.reports.derived import cpu_features_text, ran, timings_meaningful
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infermatrix.reports.derived import ran
-from infermatrix.reports.environment import cpu_features_text
+from infermatrix.reports.derived import cpu_features_text, ran
 from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
