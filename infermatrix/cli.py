@@ -82,10 +82,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from infermatrix.reports.run import load_run, write_reports
+    from infermatrix.reports.run import load_nonempty_run, write_reports
     from infermatrix.reports.table import render_table
 
-    run = load_run(args.run)
+    run = load_nonempty_run(args.run, "report")
     out = Path(args.out) if args.out else run.folder
     if out is None:
         raise UserError(f"{args.run} is a file, not a run folder; pass --out DIR for the reports")
@@ -98,9 +98,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from infermatrix.reports.compare import (compare_runs, render_compare_html, render_compare_markdown,
                                              render_compare_text)
-    from infermatrix.reports.run import load_run
+    from infermatrix.reports.run import load_nonempty_run
 
-    comparison = compare_runs(load_run(args.base).records, load_run(args.new).records, alpha=args.alpha)
+    base, new = load_nonempty_run(args.base, "compare"), load_nonempty_run(args.new, "compare")
+    comparison = compare_runs(base.records, new.records, alpha=args.alpha)
     print(render_compare_text(comparison))
     for option, render in ((args.md, render_compare_markdown), (args.html, render_compare_html)):
         if option:
@@ -147,9 +148,9 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     import os
 
     from infermatrix.reports.gate import RuleError, calibrate, evaluate, parse_rule, render_calibration
-    from infermatrix.reports.run import load_run
+    from infermatrix.reports.run import load_nonempty_run
 
-    base, new = load_run(args.base), load_run(args.new)
+    base, new = load_nonempty_run(args.base, "gate"), load_nonempty_run(args.new, "gate")
     if args.calibrate:
         print(render_calibration(calibrate(base.records, new.records)))
         return 0
