@@ -47,14 +47,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         share = costs[shard[0] - 1] / sum(costs) if sum(costs) else 0.0
         of = f" (shard {shard[0]}/{shard[1]} of {matrix.shard.matrix_cases}, {share:.0%} of the estimated cost)"
     print(f"infermatrix: {len(matrix.cases)} cases{of} from {matrix.source} -> {out}", flush=True)
-    records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
-                         log=lambda line: print(line, flush=True), progress=sys.stderr.isatty() and not args.quiet,
-                         executor=executor)
+    try:
+        records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
+                             log=lambda line: print(line, flush=True),
+                             progress=sys.stderr.isatty() and not args.quiet, executor=executor)
+    except KeyboardInterrupt:  # Ctrl-C: what is recorded stays, and the run can go on from there
+        print(f"infermatrix: interrupted: {_recorded_cases(out)} of {len(matrix.cases)} cases recorded in {out}; "
+              f"continue with: {_resume_command(args, out)}", file=sys.stderr)
+        return 130
     print()
     print(render_table(records))
     print(f"\nwrote {out / 'records.jsonl'} and {out / 'results.csv'}")
     failed = sum(r.status == "failed" for r in records)
     return 1 if failed else 0
+
+
+def _recorded_cases(out: Path) -> int:
+    """The records in a run folder's records.jsonl: what `--resume` will not run again."""
+    from infermatrix.reports.record import RECORDS_FILE, parse_records
+
+    path = out / RECORDS_FILE
+    return len(parse_records(path)[0]) if path.is_file() else 0
+
+
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The `infermatrix run` command that continues this run: its matrix, folder and
+    every option given that decides which cases run and how."""
+    import shlex
+
+    words = ["infermatrix", "run", *([args.matrix] if args.matrix else []), "--out", str(out)]
+    for option, value in (("--eval-text", args.eval_text), ("--timeout", args.timeout),
+                          ("--max-time", args.max_time), ("--shard", args.shard), ("--address", args.address),
+                          ("--cpus-per-case", args.cpus_per_case)):
+        if value is not None:
+            words += [option, f"{value:g}" if isinstance(value, float) else value]
+    if args.isolate is not None:
+        words.append("--isolate" if args.isolate else "--no-isolate")
+    if args.executor != "local":
+        words += ["--executor", args.executor]
+    if args.quiet:
+        words.append("-q")
+    return shlex.join([*words, "--resume"])
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

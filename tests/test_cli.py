@@ -166,3 +166,49 @@ def test_one_corrupt_line_among_good_ones_stays_a_warning(tmp_path, capsys):
     run = _run_folder(tmp_path / "run", _good_record_line() + "not json\n")
     assert main(["report", run]) == 0
     assert "records.jsonl:2: skipping a record that does not parse" in capsys.readouterr().out
+
+
+def test_ctrl_c_keeps_the_records_says_how_to_resume_in_one_line_and_resume_finishes(tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group, the case
+    process forked from the forkserver included."""
+    import os
+    import signal
+    import time
+
+    from infermatrix.reports.record import read_records
+
+    matrix, out = tmp_path / "m.toml", tmp_path / "run"
+    matrix.write_text('[run]\nmin_runs = 3\nmax_time_s = 0.4\ntarget_ci = 0.0001\n\n'  # each case ~0.4 s
+                      '[[cases]]\nmodel = "tiny"\nvariant = ["reference", "sdpa"]\nworkload = "prefill"\n'
+                      'prompt_len = [8, 16]\n')
+    run = [sys.executable, "-m", "infermatrix.cli", "run", str(matrix), "--out", str(out), "--timeout", "60"]
+    proc = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    records = out / "records.jsonl"
+    deadline = time.monotonic() + 60
+    while not (records.is_file() and records.read_text().endswith("\n")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = records.read_text()
+    time.sleep(0.3)  # the next case's process is at work
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=60)[0]
+
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    recorded = len(read_records(out))
+    assert 1 <= recorded < 4 and records.read_text().startswith(first)
+    assert output.splitlines()[-1] == (f"infermatrix: interrupted: {recorded} of 4 cases recorded in {out}; "
+                                       f"continue with: infermatrix run {matrix} --out {out} --timeout 60 --resume")
+    again = cli(*run[3:], "--resume")
+    assert again.returncode == 0, again.stderr
+    assert f"resuming: {recorded} cases already recorded, {4 - recorded} to run" in again.stdout
+    assert len(read_records(out)) == 4 and records.read_text().startswith(first)
+
+
+def test_the_resume_command_keeps_every_option_that_decides_what_runs():
+    from infermatrix.cli import _resume_command, build_parser
+
+    args = build_parser().parse_args(["run", "ci", "--shard", "2/4", "--no-isolate", "--eval-text", "my text.txt",
+                                      "--max-time", "2.5", "-q"])
+    assert _resume_command(args, Path("results/20250101-000000")) == (
+        "infermatrix run ci --out results/20250101-000000 --eval-text 'my text.txt' --max-time 2.5 --shard 2/4 "
+        "--no-isolate -q --resume")
