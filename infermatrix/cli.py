@@ -47,14 +47,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         share = costs[shard[0] - 1] / sum(costs) if sum(costs) else 0.0
         of = f" (shard {shard[0]}/{shard[1]} of {matrix.shard.matrix_cases}, {share:.0%} of the estimated cost)"
     print(f"infermatrix: {len(matrix.cases)} cases{of} from {matrix.source} -> {out}", flush=True)
-    records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
-                         log=lambda line: print(line, flush=True), progress=sys.stderr.isatty() and not args.quiet,
-                         executor=executor)
+    try:
+        records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
+                             log=lambda line: print(line, flush=True),
+                             progress=sys.stderr.isatty() and not args.quiet, executor=executor)
+    except KeyboardInterrupt:  # Ctrl-C: what is recorded stays, and the run can go on from there
+        print(f"infermatrix: interrupted: {_recorded_cases(out)} of {len(matrix.cases)} cases recorded in {out}; "
+              f"continue with: {_resume_command(args, out)}", file=sys.stderr)
+        return 130
     print()
     print(render_table(records))
     print(f"\nwrote {out / 'records.jsonl'} and {out / 'results.csv'}")
     failed = sum(r.status == "failed" for r in records)
     return 1 if failed else 0
+
+
+def _recorded_cases(out: Path) -> int:
+    """The records in a run folder's records.jsonl: what `--resume` will not run again."""
+    from infermatrix.reports.record import RECORDS_FILE, parse_records
+
+    path = out / RECORDS_FILE
+    return len(parse_records(path)[0]) if path.is_file() else 0
+
+
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The `infermatrix run` command that continues this run: its matrix, folder and
+    every option given that decides which cases run and how."""
+    import shlex
+
+    words = ["infermatrix", "run", *([args.matrix] if args.matrix else []), "--out", str(out)]
+    for option, value in (("--eval-text", args.eval_text), ("--timeout", args.timeout),
+                          ("--max-time", args.max_time), ("--shard", args.shard), ("--address", args.address),
+                          ("--cpus-per-case", args.cpus_per_case)):
+        if value is not None:
+            words += [option, f"{value:g}" if isinstance(value, float) else value]
+    if args.isolate is not None:
+        words.append("--isolate" if args.isolate else "--no-isolate")
+    if args.executor != "local":
+        words += ["--executor", args.executor]
+    if args.quiet:
+        words.append("-q")
+    return shlex.join([*words, "--resume"])
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -82,10 +115,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from infermatrix.reports.run import load_run, write_reports
+    from infermatrix.reports.run import load_nonempty_run, write_reports
     from infermatrix.reports.table import render_table
 
-    run = load_run(args.run)
+    run = load_nonempty_run(args.run, "report")
     out = Path(args.out) if args.out else run.folder
     if out is None:
         raise UserError(f"{args.run} is a file, not a run folder; pass --out DIR for the reports")
@@ -98,9 +131,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from infermatrix.reports.compare import (compare_runs, render_compare_html, render_compare_markdown,
                                              render_compare_text)
-    from infermatrix.reports.run import load_run
+    from infermatrix.reports.run import load_nonempty_run
 
-    comparison = compare_runs(load_run(args.base).records, load_run(args.new).records, alpha=args.alpha)
+    base, new = load_nonempty_run(args.base, "compare"), load_nonempty_run(args.new, "compare")
+    comparison = compare_runs(base.records, new.records, alpha=args.alpha)
     print(render_compare_text(comparison))
     for option, render in ((args.md, render_compare_markdown), (args.html, render_compare_html)):
         if option:
@@ -147,9 +181,9 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     import os
 
     from infermatrix.reports.gate import RuleError, calibrate, evaluate, parse_rule, render_calibration
-    from infermatrix.reports.run import load_run
+    from infermatrix.reports.run import load_nonempty_run
 
-    base, new = load_run(args.base), load_run(args.new)
+    base, new = load_nonempty_run(args.base, "gate"), load_nonempty_run(args.new, "gate")
     if args.calibrate:
         print(render_calibration(calibrate(base.records, new.records)))
         return 0

@@ -166,3 +166,17 @@ def test_shards_timed_under_different_settings_are_reported(shards, tmp_path, ca
     assert main(["merge", str(shards / "shard1"), str(tmp_path / "fast"), "--out", str(tmp_path / "m")]) == 0
     assert (f"warning: {tmp_path / 'fast'} ran with different [run] settings than {shards / 'shard1'}: "
             "max_time_s 0.1 vs 0.2") in capsys.readouterr().out
+
+
+def test_a_shard_with_no_cases_merges_but_is_not_reported_on_alone(shards, tmp_path, capsys):
+    """An empty records.jsonl is a legitimate run of a shard with no cases: merge takes
+    it; report, compare and gate refuse it (exit 2) rather than succeed on nothing."""
+    empty = tmp_path / "empty"
+    matrix = load_matrix(shards / "m.toml")
+    assert run_matrix(shard_matrix(matrix, 12, 12), empty, log=quiet) == []  # 10 cases: shards 11, 12 get none
+    merged = tmp_path / "merged"
+    assert main(["merge", str(shards / "whole"), str(empty), "--out", str(merged)]) == 0
+    assert case_ids(merged) == case_ids(shards / "whole")
+    capsys.readouterr()
+    assert main(["report", str(empty)]) == 2
+    assert f"{empty} holds no records (its records.jsonl is empty); nothing to report" in capsys.readouterr().err

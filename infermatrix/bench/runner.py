@@ -146,9 +146,15 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
 
 def _case_process(case: Case, ctx: RunContext, conn) -> None:
     """Entry point of a case's own process: run it, add the peak RSS, send the record."""
+    # Ctrl-C reaches the whole process group: end at once, without a KeyboardInterrupt
+    # traceback; the run's process reports the interruption once, for all
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     record = run_case(case, ctx, ModelCache(ctx.settings.seed))
     record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    conn.send(asdict(record))
+    try:
+        conn.send(asdict(record))
+    except BrokenPipeError:  # the run was interrupted while the forkserver started this case: nobody to tell
+        return
     conn.close()
 
 
@@ -163,7 +169,24 @@ def _process_context():
         _mp_context = multiprocessing.get_context("forkserver")
         # torch._dynamo: imported lazily by the first model construction, 1.7 s per process otherwise
         _mp_context.set_forkserver_preload(["torch", "torch._dynamo", "infermatrix.bench.workloads"])
+        _start_forkserver_ignoring_ctrl_c()
     return _mp_context
+
+
+def _start_forkserver_ignoring_ctrl_c() -> None:
+    """Ctrl-C reaches the whole process group: started with SIGINT ignored (inherited
+    through exec), the forkserver is not killed mid-import of torch with a traceback.
+    Its case processes take SIGINT again (_case_process)."""
+    import multiprocessing.forkserver
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set signal handlers; the server starts on first use
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()  # returns once started, before its imports
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_case_isolated(case: Case, ctx: RunContext) -> Record:
@@ -184,6 +207,9 @@ def run_case_isolated(case: Case, ctx: RunContext) -> Record:
             proc.join()
             return _record(case, ctx, "failed", f"timed out after {ctx.settings.timeout_s:g} s (killed)",
                            started, time.perf_counter() - t0)
+    except KeyboardInterrupt:  # also when only this process was signalled: the case ends with the run
+        proc.kill()
+        raise
     finally:
         proc.join(timeout=30)
         if proc.is_alive():

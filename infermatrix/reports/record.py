@@ -74,7 +74,16 @@ def read_records(path: Path) -> list[Record]:
     path = Path(path)
     if path.is_dir():
         path = path / RECORDS_FILE
-    records = []
+    records, unreadable = parse_records(path)
+    for number, why in unreadable:
+        warnings.warn(unreadable_line_message(path, number, why), stacklevel=2)
+    return records
+
+
+def parse_records(path: Path) -> tuple[list[Record], list[tuple[int, str]]]:
+    """The records of a records .jsonl file, and (line number, why) of each non-blank
+    line that is not a record, for the caller to warn about or refuse."""
+    records, unreadable = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -82,5 +91,9 @@ def read_records(path: Path) -> list[Record]:
             try:
                 records.append(Record.from_dict(json.loads(line)))
             except (ValueError, TypeError) as exc:
-                warnings.warn(f"{path}:{number}: skipping a record that does not parse ({exc})", stacklevel=2)
-    return records
+                unreadable.append((number, str(exc)))
+    return records, unreadable
+
+
+def unreadable_line_message(path: Path, number: int, why: str) -> str:
+    return f"{path}:{number}: skipping a record that does not parse ({why})"

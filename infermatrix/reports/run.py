@@ -11,7 +11,6 @@ Every form becomes the same Records; reports are then written next to them.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from infermatrix.reports.csv_report import write_csv
 from infermatrix.reports.json_report import SCHEMA_NAME, write_json
 from infermatrix.reports.markdown_report import write_markdown
 from infermatrix.reports.pytest_benchmark import is_pytest_benchmark, records_from_pytest_benchmark
-from infermatrix.reports.record import RECORDS_FILE, SCHEMA_VERSION, Record, read_records
+from infermatrix.reports.record import (RECORDS_FILE, SCHEMA_VERSION, Record, parse_records,
+                                        unreadable_line_message)
 
 MATRIX_COPY = "matrix.toml"  # the matrix a run was made from, kept in its folder
 
@@ -34,9 +34,22 @@ class Run:
     folder: Path | None = None  # where reports go, when the run is a folder
 
 
+def load_nonempty_run(path: str | Path, command: str) -> Run:
+    """load_run, refusing a run without a single record: `command` (report, compare,
+    gate) would otherwise succeed on nothing. A shard with no cases is a legitimate
+    empty run, which `merge` reads with load_run."""
+    run = load_run(path)
+    if not run.records:
+        where = f" (its {RECORDS_FILE} is empty)" if run.folder is not None else ""
+        raise UserError(f"{run.source} holds no records{where}; nothing to {command}: "
+                        "pass a run that recorded at least one case")
+    return run
+
+
 def load_run(path: str | Path) -> Run:
     """A run from any of its forms; bad input is a UserError naming the path and the fix.
-    Records that do not parse are reported with their line numbers and skipped."""
+    Records that do not parse are reported with their line numbers and skipped; a
+    records file none of whose lines parses is refused."""
     path = Path(path)
     if path.is_dir():
         records_file = path / RECORDS_FILE
@@ -69,11 +82,14 @@ def load_run(path: str | Path) -> Run:
 
 
 def _read_jsonl(path: Path) -> list[Record]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        records = read_records(path)
-    for w in caught:  # a torn or corrupt line: say where, go on with the rest
-        print(f"infermatrix: warning: {w.message}")
+    records, unreadable = parse_records(path)
+    if unreadable and not records:  # not a records file, or a ruined one: never an empty success
+        number, why = unreadable[0]
+        lines = "its only line is not" if len(unreadable) == 1 else f"none of its {len(unreadable)} lines is"
+        raise UserError(f"{path}: {lines} a readable record (line {number}: {why}); pass a records file "
+                        "written by `infermatrix run`")
+    for number, why in unreadable:  # a torn or corrupt line: say where, go on with the rest
+        print(f"infermatrix: warning: {unreadable_line_message(path, number, why)}")
     for record in records:
         _check_version(record.schema_version, path)
     return records
