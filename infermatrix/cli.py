@@ -153,13 +153,19 @@ def _select_rules(args: argparse.Namespace, new_run) -> tuple[list[str], str]:
         rules += _rules_file(Path(args.rules))
     if rules:
         return rules, "command line"
-    if new_run.matrix_text:
-        from infermatrix.bench.matrix import parse_gate_table, tomllib
-
-        matrix_gate = parse_gate_table(tomllib.loads(new_run.matrix_text).get("gate", {}), "the run's matrix")
-        if matrix_gate:
-            return list(matrix_gate), "the run's matrix [gate]"
+    matrix_gate = _matrix_gate_rules(new_run.matrix_text)
+    if matrix_gate:
+        return matrix_gate, "the run's matrix [gate]"
     return list(DEFAULT_RULES), "defaults"
+
+
+def _matrix_gate_rules(matrix_text: str | None) -> list[str]:
+    """The [gate] rules of a run's matrix copy (none without one)."""
+    if not matrix_text:
+        return []
+    from infermatrix.bench.matrix import parse_gate_table, tomllib
+
+    return list(parse_gate_table(tomllib.loads(matrix_text).get("gate", {}), "the run's matrix"))
 
 
 def _rules_file(path: Path) -> list[str]:
@@ -213,10 +219,13 @@ def _ab_settings(args: argparse.Namespace):
 
 
 def _run_ab(base: str, new: str, args: argparse.Namespace, out: Path, rules: list[str]):
-    """Run an interleaved A/B and judge it; returns (the run, its result)."""
+    """Run an interleaved A/B and judge it by `rules`, or when there are none by the
+    NEW side's matrix [gate] rules, else the A/B defaults; returns (the run, its
+    result, where the rules came from)."""
     from infermatrix.bench.ab import run_ab, write_ab_reports
-    from infermatrix.reports.ab import evaluate_ab
+    from infermatrix.reports.ab import AB_DEFAULT_RULES, evaluate_ab
     from infermatrix.reports.gate import RuleError, parse_rule
+    from infermatrix.reports.run import MATRIX_COPY
 
     try:
         parsed = [parse_rule(rule) for rule in rules]
@@ -228,16 +237,24 @@ def _run_ab(base: str, new: str, args: argparse.Namespace, out: Path, rules: lis
     run = run_ab(base, new, args.matrix, out, settings=_ab_settings(args), repo=args.repo,
                  eval_text=args.eval_text, overrides=overrides, only=args.only,
                  log=lambda line: print(line, flush=True))
+    origin = "command line"
+    if not rules:
+        copy = out / "new" / MATRIX_COPY
+        rules = _matrix_gate_rules(copy.read_text(encoding="utf-8") if copy.exists() else None)
+        origin = "the matrix [gate]"
+        if not rules:
+            rules, origin = list(AB_DEFAULT_RULES), "A/B defaults"
+        parsed = [parse_rule(rule) for rule in rules]
     result = evaluate_ab(run.records["base"], run.records["new"], parsed, alpha=args.alpha)
     write_ab_reports(run, result)
-    return run, result
+    return run, result, origin
 
 
 def _cmd_ab(args: argparse.Namespace) -> int:
     import os
 
     from infermatrix.bench.ab import ab_header
-    from infermatrix.reports.ab import AB_DEFAULT_RULES, render_ab_html, render_ab_markdown, render_ab_text
+    from infermatrix.reports.ab import render_ab_html, render_ab_markdown, render_ab_text
 
     if args.shard is not None:
         raise UserError("ab does not take --shard: both sides of a case must run on one machine, moments apart; "
@@ -245,12 +262,10 @@ def _cmd_ab(args: argparse.Namespace) -> int:
     rules = list(args.fail or [])
     if args.rules:
         rules += _rules_file(Path(args.rules))
-    origin = "command line" if rules else "A/B defaults"
-    rules = rules or list(AB_DEFAULT_RULES)
     out = Path(args.out) if args.out else Path("results") / ("ab-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run, result = _run_ab(args.base, args.new, args, out, rules)
+    run, result, origin = _run_ab(args.base, args.new, args, out, rules)
     print()
-    print(render_ab_text(result, f"{ab_header(run)} · {len(rules)} rules from {origin}"))
+    print(render_ab_text(result, f"{ab_header(run)} · {len(result.rules)} rules from {origin}"))
     for option, render in ((args.md, render_ab_markdown), (args.html, render_ab_html)):
         if option:
             Path(option).write_text(render(result, ab_header(run)), encoding="utf-8")
@@ -276,7 +291,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
         source = str(Path(infermatrix.__file__).resolve().parent.parent)
         args.repo, args.eval_text, args.timeout, args.alpha = None, None, None, 0.05
-        _, result = _run_ab(source, source, args, out, ["latency_ms_p50:+5%"])
+        _, result, _ = _run_ab(source, source, args, out, ["latency_ms_p50:+5%"])
         print(render_ab_calibration(result))
         return 0
     matrix = load_matrix(args.matrix)
@@ -482,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default: default)")
     ab.add_argument("--out", metavar="DIR", help="new folder for the A/B run (default: results/ab-<time>)")
     ab.add_argument("--fail", metavar="RULE", action="append",
-                    help="a gate rule (repeatable); default: latency_ms_p50:+5%%, tokens_per_s:-5%% and the gate's "
-                         "accuracy bounds")
+                    help="a gate rule (repeatable); default: the NEW matrix's [gate] rules, else latency_ms_p50:+5%%, "
+                         "tokens_per_s:-5%% and the gate's accuracy bounds")
     ab.add_argument("--rules", metavar="FILE", help="rules file, as for gate")
     ab.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate (default 0.05)")
     ab.add_argument("--repo", metavar="DIR", help="git repository the refs belong to (default: the current one)")

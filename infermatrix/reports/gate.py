@@ -356,7 +356,8 @@ def evaluate(base: list[Record], new: list[Record], rules: Iterable[str | Rule] 
                 continue
             b_rec = b_idx.get(cid)
             if is_speed_metric(rule.metric) and not all(timings_meaningful(r) for r in (n_rec, b_rec) if r):
-                interpreted.add(cid)  # the interpreter's timings measure the interpreter
+                if metric_value(n_rec, rule.metric) is not None:
+                    interpreted.add(cid)  # the interpreter's timings measure the interpreter
                 continue
             if rule.is_relative:
                 if b_rec is None or b_rec.status != "ok":

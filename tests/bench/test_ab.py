@@ -71,8 +71,8 @@ def _plugin(folder: Path, extra: float, crashes: bool = False) -> Path:
     return folder
 
 
-def _matrix(path: Path, variants: list[str]) -> Path:
-    path.write_text(textwrap.dedent(f"""
+def _matrix(path: Path, variants: list[str], gate: str = "") -> Path:
+    path.write_text(gate + textwrap.dedent(f"""
         [run]
         warmup = 1
         max_time_s = 0.5
@@ -97,11 +97,14 @@ def _worktrees(repo: Path) -> str:
 def test_a_planted_slowdown_fails_and_a_crash_on_one_side_fails(tmp_path, capsys):
     base = _plugin(tmp_path / "plugin-base", extra=0.0)
     new = _plugin(tmp_path / "plugin-new", extra=2.0, crashes=True)  # 3x: plain even on a loaded machine
-    matrix = _matrix(tmp_path / "m.toml", ["sdpa+busy", "sdpa", "sdpa+busy(crash=raise)", "sdpa+busy(crash=segv)"])
+    matrix = _matrix(tmp_path / "m.toml", ["sdpa+busy", "sdpa", "sdpa+busy(crash=raise)", "sdpa+busy(crash=segv)"],
+                     gate='[gate]\nrules = ["latency_ms_p50:+10%", "tokens_per_s:-10%"]\n')
     out = tmp_path / "ab"
     assert main(["ab", str(base), str(new), str(matrix), "--out", str(out), "--seed", "3", *FAST]) == 1
     printed = capsys.readouterr().out
     verdicts = json.loads((out / "ab.json").read_text())
+    assert "2 rules from the matrix [gate]" in printed  # no --fail: the matrix's own rules judge
+    assert verdicts["rules"] == ["latency_ms_p50:+10%", "tokens_per_s:-10%"]
     by_case = {(c["case_id"], c["metric"]): c for c in verdicts["paired"]}
     slowed = by_case[("tiny/sdpa+busy/prefill/float32/cpu/b2-p64", "latency_ms_p50")]
     assert slowed["verdict"] == "regression" and slowed["ratio"] > 1.5

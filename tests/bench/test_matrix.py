@@ -129,3 +129,23 @@ def test_what_the_labels_allow_still_parses():
     assert parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache+flex", "workload": "drift"}]}).cases
     assert parse_matrix({"run": {"cuda_graph": True}, "cases": [{"model": "tiny", "variant": "sdpa",
                                                                  "workload": ["prefill", "attention"]}]}).cases
+
+
+def test_the_pr_gate_matrix_covers_every_shipped_variant_with_judged_drift_rows():
+    """The PR workflow gates benchmarks/pr.toml: each built-in variant must have a drift
+    row there, and some accuracy rule of its [gate] must judge that row, so a change
+    that breaks a variant's numerics fails the gate. A new variant must be added."""
+    from infermatrix.reports.gate import filter_matches, parse_rule
+    from infermatrix.variants import parse_spec, registered_variants
+
+    matrix = load_matrix("pr")
+    shipped = {name for name, cls in registered_variants().items() if cls.__module__.startswith("infermatrix.")}
+    drift = [c for c in matrix.cases if c.workload == "drift"]
+    assert shipped <= {v.name for c in drift for v in parse_spec(c.variant)} | {"reference"}
+    rules = [parse_rule(r) for r in matrix.gate_rules]
+    for case in drift:
+        judged = {r.metric for r in rules if r.metric in ("kl_mean", "top1_agree_pct")
+                  and filter_matches(r.filters, case.case_id, case.to_dict())}
+        assert judged == {"kl_mean", "top1_agree_pct"}, case.case_id
+    assert {"latency_ms_p50", "tokens_per_s"} <= {r.metric for r in rules}
+    assert any(c.workload == "decode" for c in matrix.cases) and any(c.workload == "prefill" for c in matrix.cases)
