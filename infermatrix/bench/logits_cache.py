@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from infermatrix import model, weights
+from infermatrix.bench import drift
 from infermatrix.cache import atomic_path, cache_dir
 
 # Bump when the file layout changes, so old files are never read as new ones.
@@ -38,9 +39,10 @@ def sources_sha256(files: tuple[Path, ...]) -> str:
 @lru_cache(maxsize=1)
 def model_code_sha256() -> str:
     """sha256 of the source that turns weights into reference logits: model.py (the
-    math) and weights.py (loading, the presets' random init, the GGUF conversion).
-    Any edit recomputes the references: a stale one costs far more than a recompute."""
-    return sources_sha256((Path(model.__file__), Path(weights.__file__)))
+    math), weights.py (loading, the presets' random init, the GGUF conversion) and
+    drift.py (the windows and the chunked logits). Any edit recomputes the
+    references: a stale one costs far more than a recompute."""
+    return sources_sha256((Path(model.__file__), Path(weights.__file__), Path(drift.__file__)))
 
 
 def code_versions() -> dict[str, Any]:

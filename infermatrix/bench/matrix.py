@@ -197,6 +197,13 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         cases = {c: None for c in cases if not match(c)}
     for i, table in enumerate(_tables(data, "include", source)):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
+    for case in cases:  # after the excludes: a combination excluded is never refused
+        spec = parse_spec(case.variant)
+        for variant in spec:
+            try:
+                variant.check_case(case.workload, torch.device(case.device), spec)
+            except ValueError as exc:
+                raise UserError(f"{source}: {case.case_id}: {exc}") from None
     stepped = sorted({c.workload for c in cases if c.workload in ("decode", "generate")})
     if settings.cuda_graph and stepped:
         # those workloads time each step on the host around synchronizes; a graph would be dropped
@@ -288,16 +295,11 @@ def _normalize(case: Case) -> Case:
 
 def _check_shape(case: Case, where: str) -> None:
     cfg = model_config(case.model)
-    spec = parse_spec(case.variant)
-    for variant in spec:
+    for variant in parse_spec(case.variant):
         try:
             variant.check_device(torch.device(case.device))
         except ValueError as exc:
             raise UserError(f"{where}: {case.variant} on {case.device}: {exc}") from None
-        try:
-            variant.check_workload(case.workload, spec)
-        except ValueError as exc:
-            raise UserError(f"{where}: {exc}") from None
     if case.workload in ("decode", "generate") and case.new_tokens < 2:
         raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
     if case.workload in ("prefill", "decode", "generate", "drift"):

@@ -141,6 +141,14 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     return metrics, {"latency_ms": m.samples_ms}
 
 
+def generation_step_times(model: Transformer, prompt: torch.Tensor, new_tokens: int, cache,
+                          device: torch.device) -> list[float]:
+    """One greedy generation, each step timed on the host between synchronizes (ms):
+    step 0 is the prefill, the rest decode steps."""
+    decoder = GreedyDecoder(model, prompt, new_tokens, cache=cache)
+    return [time_once(decoder.step, device) for _ in range(new_tokens)]
+
+
 def _static_cache(model: Transformer, case: Case):
     """One static cache for every generation of a case (None without a cache variant):
     same shapes, so a compiled step never recompiles, and its allocation is never timed."""
@@ -157,8 +165,7 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     cache = _static_cache(model, case)
 
     def generation() -> float:
-        decoder = GreedyDecoder(model, prompt, case.new_tokens, cache=cache)
-        times = [time_once(decoder.step, device) for _ in range(case.new_tokens)]
+        times = generation_step_times(model, prompt, case.new_tokens, cache, device)
         runs.append(times)
         return sum(times) if end_to_end else sum(times[1:])
 
@@ -326,14 +333,9 @@ def benchmark_callable(case: Case, ctx: RunContext, models: ModelCache) -> tuple
     if case.workload == "prefill":
         return (lambda: model(prompt)), case.batch * case.prompt_len
     if case.workload == "generate":
-        cache = _static_cache(model, case)
-
-        def generation() -> None:
-            decoder = GreedyDecoder(model, prompt, case.new_tokens, cache=cache)
-            for _ in range(case.new_tokens):
-                decoder.step()
-
-        return generation, case.batch * case.new_tokens
+        cache, device = _static_cache(model, case), torch.device(case.device)
+        return (lambda: generation_step_times(model, prompt, case.new_tokens, cache, device),
+                case.batch * case.new_tokens)
     raise UserError(f"the {case.workload} workload has no single timed call; pytest-benchmark cannot run it")
 
 

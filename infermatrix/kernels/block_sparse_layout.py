@@ -44,7 +44,7 @@ class BlockLayout:
     kv_indices: torch.Tensor  # (Hl, n_q_blocks, max_count) int32, ascending; past the count: padding
     causal: bool  # element-level causal masking inside diagonal blocks
     pattern: str = "custom"  # how it was built, for reports
-    plans: dict = field(default_factory=dict, repr=False)  # per-implementation schedules, built once
+    plans: dict = field(default_factory=dict, repr=False)  # built once per layout: schedules, prefixes
 
     @property
     def n_blocks(self) -> int:

@@ -150,12 +150,12 @@ def evaluate_ab(base: list[Record], new: list[Record], rules=AB_DEFAULT_RULES, *
             b_rec = b_idx.get(cid)
             if n_rec.status != "ok" or b_rec is None or b_rec.status != "ok" or not rule.matches(cid, n_rec.case):
                 continue
-            if not (timings_meaningful(b_rec) and timings_meaningful(n_rec)):
-                warnings.append(f"{cid}: {rule.text}: Triton ran in the interpreter; its timings are not judged")
-                continue
             b_rounds, n_rounds = round_values(b_rec, rule.metric), round_values(n_rec, rule.metric)
             if b_rounds is None or n_rounds is None:
                 continue  # no timed turns (drift), or the metric is absent
+            if not (timings_meaningful(b_rec) and timings_meaningful(n_rec)):
+                warnings.append(f"{cid}: {rule.text}: Triton ran in the interpreter; its timings are not judged")
+                continue
             if b_rounds.size != n_rounds.size:
                 warnings.append(f"{cid}: {rule.text}: {b_rounds.size} BASE turns against {n_rounds.size} NEW "
                                 "turns; not paired")

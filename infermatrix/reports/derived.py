@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from infermatrix.reports.record import Record
 
-# metrics naming the implementation a seam really ran (variants note them; see
-# infermatrix.variants.note_path): block_sparse_cpu, block_sparse_gather, dense_masked,
-# flex, triton_flash, triton_decode; int8pack, dequant, triton, int_mm, int8, fp32_fallback
+# metrics naming the implementations a seam really ran in a case, joined by '+' (variants
+# note them; see infermatrix.variants.note_path). attention: block_sparse_cpu,
+# block_sparse_triton, block_sparse_gather, dense_masked, flex, triton_flash, triton_decode;
+# linear: int8pack, dequant, triton, int_mm, torchao, and for int8_llm int8 or fp32_fallback
 PATH_METRICS = ("attention_path", "linear_path")
 
 # metrics that are a timing (or derived from one): meaningless for an interpreted record

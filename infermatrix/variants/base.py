@@ -50,9 +50,10 @@ class Variant:
         """Refuse, with a ValueError naming the fix, settings that cannot run on `device`
         (called when a matrix is read, so a case fails then, not mid-run)."""
 
-    def check_workload(self, workload: str, spec: tuple["Variant", ...]) -> None:
-        """Refuse, with a ValueError giving the reason, a `workload` this variant cannot
-        run as its label says when composed with `spec` (called when a matrix is read)."""
+    def check_case(self, workload: str, device: torch.device, spec: tuple["Variant", ...]) -> None:
+        """Refuse, with a ValueError giving the reason, a case (`workload` on `device`,
+        composed with `spec`) this variant cannot run as its label says (called when a
+        matrix is read, after its excludes)."""
 
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""

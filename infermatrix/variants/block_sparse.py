@@ -179,14 +179,16 @@ class LayoutAttention:
             q_pos = last_visible_key(mask)  # (B|1, Tq)
             base = mask  # (B|1, 1, Tq, Tk)
             # every row sees exactly keys 0..its position (no padding), all rows in step
-            plain = causal and bool((mask[:, 0].sum(-1) == q_pos + 1).all() and (q_pos == q_pos[:1]).all())
-        if plain and layout.heads == 1:
-            pos = q_pos[0].tolist()
-            if n_q == 1 and self.sparse_decode:
-                keys = layout.row_keys(pos[0]).to(q.device)
+            plain = causal and ((mask[:, 0].sum(-1) == q_pos + 1).all() & (q_pos == q_pos[:1]).all())
+        if layout.heads == 1:
+            # one read of the device per forward: whether the mask is plain, and the positions
+            plain, *pos = torch.cat([torch.as_tensor(plain, device=q.device).view(1).long(), q_pos[0]]).tolist()
+            if plain and n_q == 1 and self.sparse_decode:
+                keys = layout.row_keys(pos[0])  # on the CPU, where the layout lives
                 first, last = int(keys[0]), int(keys[-1])
-                return "decode", slice(first, last + 1) if last - first + 1 == len(keys) else keys
-            if pos == list(range(n_q)):
+                run = last - first + 1 == len(keys)  # one run of keys (a sliding window): a slice, no copy
+                return "decode", slice(first, last + 1) if run else keys.to(q.device)
+            if plain and pos == list(range(n_q)):
                 return "prefill", layout.prefix(n_q)
         allowed = layout.rows_mask(q_pos).permute(1, 0, 2, 3)  # (B|1, Hl, Tq, Tk)
         return "dense", allowed & base

@@ -5,6 +5,9 @@ is static, so a decode step's shapes never change). On CUDA the default mode is
 "reduce-overhead" (CUDA graphs: the per-token CPU launch overhead disappears); on
 the CPU it is inductor's "default". Compilation happens on the first call, which
 the workloads time separately (`first_call_ms`), never inside the samples.
+Variants note the path they ran only outside a compiled graph (`note_path`), so a
+compiled case's record names the paths noted when its layers were built (int8),
+not the attention path inside the graph.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ class Compile(Variant):
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r} is not valid; valid: {', '.join(MODES)}")
+
+    def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
+        sparse = next((v for v in spec if v.name == "block_sparse"), None)
+        if sparse is not None and device.type == "cpu" and sparse.backend != "triton":
+            raise ValueError("compile+block_sparse on the CPU: the block-sparse CPU kernel shares its work out "
+                             "to a thread pool, which torch.compile cannot trace into one graph; drop compile, "
+                             "or time block_sparse eager")
 
     def apply(self, model: Transformer) -> Transformer:
         mode = self.mode

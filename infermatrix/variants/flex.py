@@ -75,7 +75,8 @@ def to_flex_block_mask(layout: BlockLayout, device: torch.device | str):
 
 class FlexAttention(LayoutAttention):
     # One query per decode step would need a BlockMask per position: decode steps run the
-    # layout as a dense mask (recorded `dense_masked`); the matrix refuses flex for decode.
+    # layout as a dense mask (recorded `dense_masked`); the matrix refuses kv_cache+flex
+    # for decode and generate.
     sparse_decode = False
 
     def __init__(self, config: LayoutConfig):
@@ -104,7 +105,7 @@ class Flex(LayoutConfig):
     axis = "attention"
     description = "PyTorch FlexAttention (torch.compile) with the block_sparse layout as its BlockMask (the peer)"
 
-    def check_workload(self, workload: str, spec: tuple) -> None:
+    def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
         if workload in ("decode", "generate") and any(v.name == "kv_cache" for v in spec):
             raise ValueError(f"kv_cache+flex cannot be timed on {workload}: FlexAttention has no decode step here "
                              "(one query per step would need a BlockMask per position), so the steps would run "

@@ -398,6 +398,7 @@ class TorchaoInt8WeightOnly(Variant):
             fresh.bias = linear.bias
             return fresh
 
+        note_path("linear", "torchao")  # torchao picks its own kernel per device and dtype
         # Quantize in the caller's mode: a torchao weight made outside inference_mode cannot
         # be detached (state_dict) inside it, which the runner's linear workload does.
         swapped = swap_linears(model, make, self.name)

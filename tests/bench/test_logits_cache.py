@@ -108,10 +108,20 @@ def test_the_key_names_the_code_that_computed_the_reference(cache, monkeypatch):
     assert cache_path(KEY) == same
 
 
-def test_the_model_code_hash_follows_the_source_of_model_and_weights():
+def test_the_model_code_hash_changes_when_a_source_it_covers_changes(tmp_path, monkeypatch):
+    """Editing model.py, weights.py or drift.py must give another key: the hash is of
+    those files' bytes (copies here, edited one at a time)."""
     from infermatrix import model, weights
+    from infermatrix.bench import drift
 
     digest = logits_cache.model_code_sha256()
     assert len(digest) == 64 and digest == logits_cache.model_code_sha256()
-    assert digest == logits_cache.sources_sha256((Path(model.__file__), Path(weights.__file__)))
-    assert logits_cache.sources_sha256((Path(model.__file__),)) != digest
+    for module in (model, weights, drift):
+        copy = tmp_path / Path(module.__file__).name
+        copy.write_text(Path(module.__file__).read_text() + "\n# an edit\n")
+        monkeypatch.setattr(module, "__file__", str(copy))
+        logits_cache.model_code_sha256.cache_clear()
+        assert logits_cache.model_code_sha256() != digest, module.__name__
+        monkeypatch.undo()
+        logits_cache.model_code_sha256.cache_clear()
+    assert logits_cache.model_code_sha256() == digest

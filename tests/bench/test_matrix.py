@@ -129,6 +129,13 @@ def test_what_the_labels_allow_still_parses():
     assert parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache+flex", "workload": "drift"}]}).cases
     assert parse_matrix({"run": {"cuda_graph": True}, "cases": [{"model": "tiny", "variant": "sdpa",
                                                                  "workload": ["prefill", "attention"]}]}).cases
+    # a refused combination that the matrix excludes is never refused
+    assert len(parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache+flex", "workload": ["prefill", "decode"]}],
+                             "exclude": [{"workload": "decode"}]}).cases) == 1
+    with pytest.raises(UserError, match="compile\\+block_sparse on the CPU: the block-sparse CPU kernel"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "compile+block_sparse", "workload": "prefill"}]})
+    assert parse_matrix({"cases": [{"model": "tiny", "variant": "compile+block_sparse(backend=triton)",
+                                    "workload": "prefill"}]}).cases
 
 
 def test_the_pr_gate_matrix_covers_every_shipped_variant_with_judged_drift_rows():

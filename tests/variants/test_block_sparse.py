@@ -298,3 +298,20 @@ def test_cached_flex_prefill_runs_flex_and_its_decode_steps_say_dense(tiny):
         torch.testing.assert_close(cached(tokens[:, 128:], torch.tensor([128]), cache),
                                    oracle(tokens[:, 128:], torch.tensor([128]), oracle_cache), **FP32)
     assert take_paths() == {"attention_path": "dense_masked"}
+
+
+def test_a_cached_block_sparse_decode_record_names_the_sparse_paths(tmp_path):
+    """The record of a timed cached decode says what ran: the layout's kernel for the
+    prefill and the gathered rows for the steps, never the dense fallback."""
+    from infermatrix.bench.matrix import parse_matrix
+    from infermatrix.bench.runner import run_matrix
+
+    matrix = parse_matrix({"run": {"warmup": 0, "min_runs": 2, "max_runs": 2, "isolate": False},
+                           "cases": [{"model": "tiny", "workload": ["decode", "prefill"], "prompt_len": 96,
+                                      "new_tokens": 4, "variant": ["kv_cache+block_sparse(pattern=sliding,window=32,"
+                                                                   "block=16)", "kv_cache+sdpa"]}]})
+    records = {(r.case["variant"], r.case["workload"]): r for r in run_matrix(matrix, tmp_path, log=lambda _: None)}
+    sparse = "block_sparse(pattern=sliding,block=16,window=32)+kv_cache"
+    assert records[(sparse, "decode")].metrics["attention_path"] == "block_sparse_cpu+block_sparse_gather"
+    assert records[(sparse, "prefill")].metrics["attention_path"] == "block_sparse_cpu"
+    assert "attention_path" not in records[("sdpa+kv_cache", "decode")].metrics
