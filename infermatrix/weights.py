@@ -112,6 +112,11 @@ def _resolve(name: str) -> tuple[str, Path | None]:
     )
 
 
+def is_gguf_model(name: str) -> bool:
+    """Whether a model name (preset, file or folder) loads from a GGUF file."""
+    return _resolve(name)[0] == "gguf"
+
+
 def smollm2_path() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_DIST)
@@ -306,6 +311,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedModel:
     cfg = ModelConfig(**json.loads((folder / "config.json").read_text(encoding="utf-8")))
     tensors = load_file(str(folder / "model.safetensors"))
     model = _assign(_empty_model(cfg), tensors, dtype, device, str(path))
+    model.gguf_path = Path(path)  # for peers that run the file itself (llama.cpp)
     tokenizer_file = folder / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.is_file() else None
     return LoadedModel(model, tokenizer, f"gguf {Path(path).name}")

@@ -31,7 +31,7 @@ from infermatrix.reports.merge import matrix_sha256
 from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
 from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
 from infermatrix.variants import parse_spec, runs_in_triton_interpreter, take_paths, unmet_requirements
-from infermatrix.weights import DTYPES, LoadedModel, load_model, model_config
+from infermatrix.weights import DTYPES, LoadedModel, is_gguf_model, load_model, model_config
 
 
 @dataclass(frozen=True)
@@ -86,9 +86,14 @@ def _record(case: Case, ctx: RunContext, status: str, reason: str | None = None,
 def skip_reason(case: Case) -> str | None:
     """Why this machine cannot run the case, or None: missing hardware or package,
     a dtype the device does not support, or too little memory for the weights."""
-    reason = unmet_requirements(parse_spec(case.variant), case.device)
+    variants = parse_spec(case.variant)
+    reason = unmet_requirements(variants, case.device) or next(
+        (r for r in (v.skip_reason(case) for v in variants) if r), None)
     if reason:
         return reason
+    gguf_only = next((v.name for v in variants if v.needs_gguf), None)
+    if gguf_only and not is_gguf_model(case.model):
+        return f"{gguf_only} runs GGUF files; {case.model} is not one"
     device = torch.device(case.device)
     if device.type == "cuda" and case.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         return "bfloat16 is not supported by this GPU"

@@ -10,7 +10,12 @@ from infermatrix.reports.record import Record
 # note them; see infermatrix.variants.note_path). attention: block_sparse_cpu,
 # block_sparse_triton, block_sparse_gather, dense_masked, flex, triton_flash, triton_decode;
 # linear: int8pack, dequant, triton, int_mm, torchao, and for int8_llm int8 or fp32_fallback
-PATH_METRICS = ("attention_path", "linear_path")
+PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which deployed stack ran
+
+
+def is_peer(record: Record) -> bool:
+    """A row measuring what users deploy (Hugging Face transformers, llama.cpp), not ours."""
+    return bool((record.metrics or {}).get("peer_path"))
 
 # metrics that are a timing (or derived from one): meaningless for an interpreted record
 _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_")

@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, ran, timings_meaningful
+from infermatrix.reports.derived import cpu_features_text, is_peer, ran, timings_meaningful
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
@@ -646,7 +646,9 @@ def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
                            f'{_esc("" if shown is None else shown)}</td>')
             else:
                 value = c.get(key, "")
-                out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}</td>')
+                mark = ' <span class="badge peer" title="a peer: what users deploy, not our variant">peer</span>' \
+                    if key == "variant" and is_peer(r) else ""
+                out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}{mark}</td>')
         for key, _, fmt in _METRIC_COLUMNS:
             value = speedup.get(r.case_id) if key == "speedup" else r.metrics.get(key)
             text = _fmt(value, fmt)
@@ -783,7 +785,7 @@ dl.env dt{color:var(--dim)}dl.env dd{margin:0;overflow-wrap:anywhere}
 code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
 .badge{display:inline-block;padding:0 7px;border-radius:10px;font-size:12px;color:#fff;background:var(--dim)}
-.badge.ok{background:var(--ok)}.badge.skipped{background:var(--skip)}.badge.failed{background:var(--fail)}
+.badge.peer{background:#6a4c93}.badge.ok{background:var(--ok)}.badge.skipped{background:var(--skip)}.badge.failed{background:var(--fail)}
 .warn{color:var(--fail)}.dim,.note,.caption{color:var(--dim)}.caption{font-size:12px;max-width:900px;margin:4px 0}
 .controls{display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;margin:8px 0}
 #filter{width:280px;padding:4px 8px;font:inherit}select{font:inherit}#row-count{color:var(--dim)}

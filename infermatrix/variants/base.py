@@ -24,8 +24,9 @@ from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
 from infermatrix.model import Transformer
 
-# Axes in the order variants are applied: weights first, the graph last.
-AXES = ("linear", "attention", "cache", "graph")
+# Axes in the order variants are applied: weights first, the graph last. A `peer` (a
+# whole model users deploy, such as Hugging Face transformers) replaces the model alone.
+AXES = ("linear", "attention", "cache", "graph", "peer")
 ENTRY_POINT_GROUP = "infermatrix.variants"
 # What running our Triton kernels needs: the package, and CUDA (or the CPU interpreter).
 TRITON_KERNELS = frozenset({"triton", "triton_device"})
@@ -49,6 +50,14 @@ class Variant:
     def check_device(self, device: torch.device) -> None:
         """Refuse, with a ValueError naming the fix, settings that cannot run on `device`
         (called when a matrix is read, so a case fails then, not mid-run)."""
+
+    # runs the model's GGUF file itself (a llama.cpp peer): skipped on other models
+    needs_gguf: ClassVar[bool] = False
+
+    def skip_reason(self, case) -> str | None:
+        """Why this machine or this case's shape cannot run this variant, or None (the
+        case is recorded as skipped with it); `case` is a bench Case."""
+        return None
 
     def check_case(self, workload: str, device: torch.device, spec: tuple["Variant", ...]) -> None:
         """Refuse, with a ValueError giving the reason, a case (`workload` on `device`,
@@ -253,8 +262,9 @@ def _triton_device_missing(device: torch.device) -> str | None:
     return _cuda_missing(device)
 
 
-def _package_missing(package: str) -> typing.Callable[[torch.device], str | None]:
-    return lambda device: None if importlib.util.find_spec(package) else f"needs the {package} package"
+def _package_missing(module: str, dist: str | None = None) -> typing.Callable[[torch.device], str | None]:
+    """A check that `module` imports; its reason names the package to pip install."""
+    return lambda device: None if importlib.util.find_spec(module) else f"needs the {dist or module} package"
 
 
 # requirement name -> check on the case's device: None when met, else why not
@@ -263,6 +273,8 @@ _REQUIREMENTS: dict[str, typing.Callable[[torch.device], str | None]] = {
     "triton": _package_missing("triton"),
     "bitsandbytes": _package_missing("bitsandbytes"),
     "torchao": _package_missing("torchao"),
+    "transformers": _package_missing("transformers"),
+    "llama_cpp": _package_missing("llama_cpp", "llama-cpp-python"),
     "triton_device": _triton_device_missing,
 }
 

@@ -1,0 +1,254 @@
+"""Peers: what users deploy today, as rows of the same matrix (axis `peer`).
+
+* `hf_transformers(attn=sdpa)`: Hugging Face's `LlamaForCausalLM` built on the
+  case's own weights (shared, not copied), with HF's `StaticCache` for decoding.
+  The harness steps it with the same greedy loop and timers as our variants, so a
+  row measures HF's forward and cache, not its `generate()` bookkeeping (which
+  would only make it slower). Prefill, decode, generate and drift.
+
+A peer replaces the whole model: it takes no other variant.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from infermatrix.model import Transformer, storage_bytes
+from infermatrix.variants.base import Variant, note_path, register_variant
+
+# our parameter names -> Hugging Face Llama's, per block
+_HF_BLOCK = {
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+}
+HF_ATTENTION = ("sdpa", "eager")
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face Llama's names (the same tensors)."""
+    out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.output.weight}
+    for i, block in enumerate(model.layers):
+        for ours, theirs in _HF_BLOCK.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = block.get_submodule(ours).weight
+    return out
+
+
+def hf_llama(model: Transformer, attn: str = "sdpa"):
+    """A `LlamaForCausalLM` computing what `model` computes, sharing its weights."""
+    import transformers
+
+    cfg = model.config
+    weight = model.tok_embeddings.weight
+    config = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False, mlp_bias=False, hidden_act="silu", attn_implementation=attn, dtype=weight.dtype,
+    )
+    with torch.device("meta"):  # no random init: every parameter is ours
+        hf = transformers.LlamaForCausalLM(config)
+    hf.load_state_dict(hf_state_dict(model), assign=True, strict=True)
+    if cfg.tie_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    # RoPE's inverse frequencies are a buffer made at init: make them on the weights' device
+    with torch.device(weight.device):
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config)
+    return hf.eval()
+
+
+class HfStaticCache:
+    """HF's StaticCache behind our cache's face: one per (batch, length), reused
+    across generations (reset by each prefill from position 0)."""
+
+    def __init__(self, hf, batch: int, max_len: int):
+        import transformers
+
+        self.batch, self.max_len = batch, max_len
+        self.hf = transformers.StaticCache(config=hf.config, max_cache_len=max_len)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.hf.layers
+                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None)
+
+
+class HfTransformersModel(nn.Module):
+    """Hugging Face's model behind our model's face: forward(tokens, input_pos, cache)
+    -> logits, new_cache(batch, max_len), config and weight_bytes."""
+
+    def __init__(self, model: Transformer, attn: str):
+        super().__init__()
+        self.config = model.config
+        self.hf = hf_llama(model, attn)
+        # transformers 5.x names the cache argument `cache`; earlier, `past_key_values`
+        params = inspect.signature(self.hf.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: HfStaticCache | None = None) -> torch.Tensor:
+        if cache is None:
+            return self.hf(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
+        if int(input_pos[0]) == 0:  # a new generation: HF's cache counts the positions it holds
+            cache.hf.reset()
+        positions = input_pos[None].expand(tokens.shape[0], -1)  # (B, T)
+        return self.hf(input_ids=tokens, position_ids=positions, cache_position=input_pos, use_cache=True,
+                       **{self._cache_arg: cache.hf}).logits  # (B, T, vocab)
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> HfStaticCache:
+        if pad is not None and bool(pad.any()):
+            raise ValueError("hf_transformers decodes batches of equal-length prompts; left padding needs HF's "
+                             "attention_mask, which this peer does not pass")
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"prompt + new tokens = {max_len} positions exceed the model's context "
+                             f"max_seq_len={self.config.max_seq_len}")
+        return HfStaticCache(self.hf, batch, max_len)
+
+    @property
+    def weight_bytes(self) -> int:
+        return storage_bytes(self.hf)
+
+
+@register_variant("hf_transformers")
+@dataclass(frozen=True)
+class HfTransformers(Variant):
+    axis = "peer"
+    requires = frozenset({"transformers"})
+    description = "peer: Hugging Face transformers' LlamaForCausalLM on the same weights, its StaticCache"
+    attn: str = "sdpa"  # HF's attn_implementation: sdpa | eager
+
+    def __post_init__(self) -> None:
+        if self.attn not in HF_ATTENTION:
+            raise ValueError(f"attn must be one of {', '.join(HF_ATTENTION)}, got {self.attn!r}")
+
+    def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
+        check_whole_model_peer(self, workload, spec, ("prefill", "decode", "generate", "drift"))
+
+    def apply(self, model: Transformer) -> nn.Module:
+        import transformers
+
+        note_path("peer", f"transformers {transformers.__version__} ({self.attn}, StaticCache)")
+        return HfTransformersModel(model, self.attn)
+
+
+def check_whole_model_peer(peer: Variant, workload: str, spec: tuple, workloads: tuple[str, ...]) -> None:
+    """A peer runs its own model: alone in a spec, on model workloads only."""
+    others = [v.name for v in spec if v is not peer]
+    if others:
+        raise ValueError(f"{peer.name} is a whole model with its own cache and kernels; it takes no other variant "
+                         f"(got {'+'.join(others)}): list it as a spec of its own")
+    if workload not in workloads:
+        raise ValueError(f"{peer.name} runs the {', '.join(workloads)} workloads, not {workload}")
+
+
+# ---------------------------------------------------------------------------- llama.cpp
+
+class LlamaCppCache:
+    """llama.cpp keeps its KV cache inside its context; this records the length asked
+    for and its size (f16 K and V per layer, llama.cpp's default)."""
+
+    def __init__(self, config, batch: int, max_len: int):
+        self.batch, self.max_len = batch, max_len
+        self.nbytes = 2 * config.n_layers * max_len * config.n_kv_heads * config.head_dim * 2
+
+
+class LlamaCppModel(nn.Module):
+    """llama.cpp (llama-cpp-python) on the GGUF file itself, in the file's own
+    quantization, behind our model's face. One sequence at a time: a cached forward
+    continues from the context's last position; without a cache each row is
+    evaluated from a reset context. Logits of every position are kept (drift needs
+    them, and our model computes them too)."""
+
+    def __init__(self, model: Transformer, gguf_path, threads: int):
+        super().__init__()
+        self.config = model.config
+        self.path, self.threads = str(gguf_path), threads
+        self.dtype = model.tok_embeddings.weight.dtype
+        self._llm = None
+
+    def _context(self, n_ctx: int):
+        """A llama.cpp context of at least n_ctx positions (made again only to grow)."""
+        if self._llm is None or self._llm.n_ctx() < n_ctx:
+            from llama_cpp import Llama
+
+            self._llm = None  # free the old context first
+            self._llm = Llama(model_path=self.path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=self.threads,
+                              n_threads_batch=self.threads, logits_all=True, verbose=False)
+        return self._llm
+
+    def _eval(self, llm, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        llm.eval(tokens.tolist())
+        scores = llm.scores[start:start + len(tokens)]  # (T, vocab) float32, a view of llama.cpp's buffer
+        return torch.from_numpy(scores.copy()).to(self.dtype)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: LlamaCppCache | None = None) -> torch.Tensor:
+        if cache is None:
+            llm = self._context(tokens.shape[1])
+            rows = []
+            for row in tokens:  # (T,) each, from an empty context
+                llm.reset()
+                rows.append(self._eval(llm, row, 0))
+            return torch.stack(rows)  # (B, T, vocab)
+        if tokens.shape[0] != 1:
+            raise ValueError("llama_cpp decodes one sequence at a time (batch 1)")
+        llm = self._context(cache.max_len)
+        start = int(input_pos[0])
+        if start == 0:
+            llm.reset()
+        elif start != llm.n_tokens:
+            raise ValueError(f"llama_cpp continues from position {llm.n_tokens}, not {start}")
+        return self._eval(llm, tokens[0], start)[None]  # (1, T, vocab)
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LlamaCppCache:
+        if batch != 1 or (pad is not None and bool(pad.any())):
+            raise ValueError("llama_cpp decodes one unpadded sequence at a time (batch 1)")
+        self._context(max_len)
+        return LlamaCppCache(self.config, batch, max_len)
+
+    @property
+    def weight_bytes(self) -> int:
+        import os
+
+        return os.path.getsize(self.path)  # the file's own quantized tensors (and its small metadata)
+
+
+@register_variant("llama_cpp")
+@dataclass(frozen=True)
+class LlamaCpp(Variant):
+    axis = "peer"
+    requires = frozenset({"llama_cpp"})
+    description = "peer: llama.cpp (llama-cpp-python) on the same GGUF file, in its own quantization, batch 1"
+    threads: int = 0  # 0: as many as torch uses
+
+    def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
+        check_whole_model_peer(self, workload, spec, ("prefill", "decode", "generate", "drift"))
+        if device.type != "cpu":
+            raise ValueError("llama_cpp runs on the CPU here (llama-cpp-python built without CUDA)")
+
+    needs_gguf = True  # the runner skips it on models not loaded from a GGUF file
+
+    def skip_reason(self, case) -> str | None:
+        if case.dtype != "float32":
+            return ("llama_cpp runs the GGUF's own quantization with fp32 activations: its row is dtype float32, "
+                    f"not {case.dtype}")
+        if case.batch != 1 and case.workload != "drift":
+            return "llama_cpp decodes one sequence at a time: batch 1"
+        return None
+
+    def apply(self, model: Transformer) -> nn.Module:
+        import llama_cpp
+
+        path = getattr(model, "gguf_path", None)
+        if path is None:
+            raise ValueError("llama_cpp needs a model loaded from a GGUF file")
+        threads = self.threads or torch.get_num_threads()
+        note_path("peer", f"llama.cpp {llama_cpp.__version__} ({path.name}, {threads} threads)")
+        return LlamaCppModel(model, path, threads)
