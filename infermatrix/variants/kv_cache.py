@@ -6,6 +6,11 @@ prompt's positions; each decode step writes one position and attends over the
 whole buffer through a mask that hides unfilled slots (and left padding, for a
 batch of prompts of different lengths). Shapes never change between steps, which
 is what a compiled or CUDA-graph decode step needs.
+
+`kv_cache(prefix=true)` is the eager partner: each forward attends over slots
+[0, last position] only, with no mask at all when there is no padding (one query
+sees every key; a prefill from slot 0 is plain causal), so SDPA takes its fused
+path over the keys that exist instead of a masked pass over the whole buffer.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 class StaticKVCache(nn.Module):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device, pad: torch.Tensor | None = None):
+                 dtype: torch.dtype, device, pad: torch.Tensor | None = None, prefix: bool = False):
         super().__init__()
-        self.batch, self.max_len = batch, max_len
+        self.batch, self.max_len, self.prefix = batch, max_len, prefix
+        self._filled = max_len  # prefix: the slots a forward attends over, [0, filled)
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -31,6 +37,7 @@ class StaticKVCache(nn.Module):
         pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad.to(torch.long)
         if pad.shape != (batch,):
             raise ValueError(f"pad has shape {tuple(pad.shape)}; expected ({batch},), one count per row")
+        self.padded = bool(pad.any())  # known on the host: no device read per step
         self.register_buffer("pad", pad.to(device), persistent=False)
         self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
 
@@ -45,13 +52,22 @@ class StaticKVCache(nn.Module):
                              f"{self.batch}; build one per batch size")
         self.k[layer][:, :, input_pos] = k
         self.v[layer][:, :, input_pos] = v
-        return self.k[layer], self.v[layer]  # (B, Hkv, max_len, D) each
+        n = self._filled  # max_len, or with prefix the slots this forward attends over
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, Hkv, n, D) each
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, T, max_len), True = attend: causal over filled slots, padding hidden.
-        A padded query slot sees only itself, so its (unused) output stays finite."""
+        A padded query slot sees only itself, so its (unused) output stays finite.
+
+        With prefix, the keys end at the last query's slot and the mask is cut there;
+        without padding it is None where the rule needs no mask: one query sees every
+        key, and a prefill from slot 0 is plainly causal (as many queries as keys)."""
+        if self.prefix:
+            self._filled = int(input_pos[-1]) + 1  # one device read per forward
+            if not self.padded and (len(input_pos) == 1 or len(input_pos) == self._filled):
+                return None
         q = input_pos[None, :, None]  # (1, T, 1)
-        k = self.slots[None, None, :]  # (1, 1, L)
+        k = self.slots[None, None, : self._filled]  # (1, 1, L)
         real = k >= self.pad[:, None, None]  # (B, 1, L)
         return ((k <= q) & real | (k == q))[:, None]  # (B, 1, T, L)
 
@@ -66,7 +82,8 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor
     return tokens, pad
 
 
-def new_cache(model: Transformer, batch: int, max_len: int, pad: torch.Tensor | None = None) -> StaticKVCache:
+def new_cache(model: Transformer, batch: int, max_len: int, pad: torch.Tensor | None = None,
+              prefix: bool = False) -> StaticKVCache:
     """A cache for `batch` sequences of up to `max_len` positions, in the model's dtype
     and device. Refuses, before any decoding, a length beyond the model's context."""
     cfg = model.config
@@ -75,16 +92,30 @@ def new_cache(model: Transformer, batch: int, max_len: int, pad: torch.Tensor | 
                          f"max_seq_len={cfg.max_seq_len}; use a shorter prompt or fewer new tokens")
     weight = model.tok_embeddings.weight
     return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, weight.dtype, weight.device,
-                         pad)
+                         pad, prefix)
 
 
 @register_variant("kv_cache")
 @dataclass(frozen=True)
 class KVCache(Variant):
     axis = "cache"
-    description = "static preallocated KV cache: prefill once, then one position per decode step"
+    description = ("static preallocated KV cache: prefill once, then one position per decode step "
+                   "(prefix=true: attend over the filled slots only)")
+    prefix: bool = False  # attend over slots [0, position] only, not the whole buffer under a mask
+
+    def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
+        if not self.prefix:
+            return
+        clash = next((v.name for v in spec if v.name in ("compile", "block_sparse", "flex")), None)
+        if clash == "compile":
+            raise ValueError("kv_cache(prefix=true) gives every decode step a different key count; compile "
+                             "would recompile each step: use kv_cache (static shapes) with compile")
+        if clash:
+            raise ValueError(f"kv_cache(prefix=true) with {clash}: the layout attends over its own rows of the "
+                             "static buffer; use kv_cache")
 
     def apply(self, model: Transformer) -> Transformer:
         cached = shared_copy(model)  # the base model keeps decoding without a cache
-        cached.new_cache = lambda batch, max_len, pad=None: new_cache(cached, batch, max_len, pad)
+        prefix = self.prefix
+        cached.new_cache = lambda batch, max_len, pad=None: new_cache(cached, batch, max_len, pad, prefix)
         return cached

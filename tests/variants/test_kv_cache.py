@@ -24,7 +24,10 @@ def step_logits(model, tokens, cache, pos):
         return model(tokens, torch.tensor(pos), cache)[:, -1]
 
 
-@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa"])
+PREFIX = ["kv_cache(prefix=true)", "kv_cache(prefix=true)+sdpa"]
+
+
+@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa", *PREFIX])
 def test_every_cached_step_matches_full_recompute(tiny, spec):
     cached = apply_variants(tiny, parse_spec(spec))
     tokens = torch.randint(0, tiny.config.vocab_size, (1, 20))
@@ -37,7 +40,7 @@ def test_every_cached_step_matches_full_recompute(tiny, spec):
             torch.testing.assert_close(step, tiny(tokens[:, : t + 1])[:, -1], **FP32)
 
 
-@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa"])
+@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa", *PREFIX])
 def test_a_batch_of_different_lengths_decodes_like_each_prompt_alone(tiny, spec):
     cached = apply_variants(tiny, parse_spec(spec))
     prompts = [torch.randint(0, tiny.config.vocab_size, (n,)) for n in (5, 11, 8)]
@@ -122,3 +125,36 @@ def test_compile_mode_is_checked():
 
     with pytest.raises(UserError, match="mode 'turbo' is not valid; valid: auto, default, reduce-overhead"):
         parse_spec("compile(mode=turbo)")
+
+
+def test_prefix_attends_over_the_filled_slots_only_and_without_a_mask(tiny, monkeypatch):
+    """kv_cache(prefix=true): each step's attention gets keys [0, position] and no
+    mask (no padding), so SDPA runs its fused path instead of a masked pass over the
+    whole buffer; the static cache gets the whole buffer and a mask."""
+    import infermatrix.variants.sdpa as sdpa_module
+
+    seen = []
+    real = sdpa_module.sdpa_attention
+
+    def spy(q, k, v, *, causal, mask=None):
+        seen.append((q.shape[2], k.shape[2], mask is None))
+        return real(q, k, v, causal=causal, mask=mask)
+
+    monkeypatch.setattr(sdpa_module, "sdpa_attention", spy)
+    tokens = torch.randint(0, tiny.config.vocab_size, (1, 12))
+    for spec, want in (("kv_cache(prefix=true)+sdpa", [(8, 8, True), (1, 9, True), (1, 10, True)]),
+                       ("kv_cache+sdpa", [(8, 11, False), (1, 11, False), (1, 11, False)])):
+        seen.clear()
+        generate_greedy(apply_variants(tiny, parse_spec(spec)), tokens[:, :8], 3)
+        layers = tiny.config.n_layers
+        assert seen == [shape for shape in want for _ in range(layers)], (spec, seen[::layers])
+
+
+def test_prefix_is_refused_where_shapes_must_stay_static():
+    from infermatrix.bench.matrix import parse_matrix
+    from infermatrix.errors import UserError
+
+    with pytest.raises(UserError, match="compile would recompile each step"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache(prefix=true)+sdpa+compile"}]})
+    with pytest.raises(UserError, match="with block_sparse: the layout attends over its own rows"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache(prefix=true)+block_sparse"}]})
