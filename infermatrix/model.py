@@ -173,6 +173,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # the `fused` variant's one GEMM for q, k and v, in that order
 
     def forward(
         self,
@@ -185,9 +186,14 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (B, T, H*D), (B, T, Hkv*D), (B, T, Hkv*D)
+        else:
+            kv = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # the same, one GEMM
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, Hkv, Tk, D), Tk >= T
@@ -204,9 +210,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w13: nn.Module | None = None  # the `fused` variant's one GEMM for gate and up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C)
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)  # (B, T, hidden) each
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)  # the same, one GEMM
+        return self.w2(F.silu(gate) * up)  # (B, T, C)
 
 
 class Block(nn.Module):

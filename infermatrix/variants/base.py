@@ -24,9 +24,10 @@ from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
 from infermatrix.model import Transformer
 
-# Axes in the order variants are applied: weights first, the graph last. A `peer` (a
+# Axes in the order variants are applied: the weights' layout first, then their
+# precision, the graph last. A `peer` (a
 # whole model users deploy, such as Hugging Face transformers) replaces the model alone.
-AXES = ("linear", "attention", "cache", "graph", "peer")
+AXES = ("fusion", "linear", "attention", "cache", "graph", "peer")
 ENTRY_POINT_GROUP = "infermatrix.variants"
 # What running our Triton kernels needs: the package, and CUDA (or the CPU interpreter).
 TRITON_KERNELS = frozenset({"triton", "triton_device"})

@@ -1,0 +1,57 @@
+"""`fused` (axis `fusion`): one GEMM for each layer's q, k and v projections and one
+for its gate and up projections, on a copy of the model.
+
+A decode step multiplies one row by each weight: three (or two) small GEMMs per
+layer become one, with fewer calls and one pass over the activations. The
+weights are concatenated once (a copy; the base model keeps its own), in the order
+the model splits them. Quantizing variants (axis `linear`, applied after) quantize
+the fused layers as they would the separate ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from infermatrix.model import Transformer
+from infermatrix.variants.base import Variant, register_variant, shared_copy
+
+
+def _fused_linear(*layers: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose output is the layers' outputs concatenated."""
+    if any(layer is None or type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
+        kinds = ", ".join(type(layer).__name__ for layer in layers)
+        raise ValueError(f"fused takes the dense model's bias-free nn.Linear projections (got {kinds}); "
+                         "list fused before any quantizing variant, once")
+    weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum of N, K)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+def fuse_projections(model: Transformer) -> Transformer:
+    fused = shared_copy(model)
+    blocks = []
+    for block in model.layers:
+        block = shared_copy(block)  # own module tables: the base model keeps its layers
+        attention, ffn = shared_copy(block.attention), shared_copy(block.feed_forward)
+        attention.wqkv = _fused_linear(attention.wq, attention.wk, attention.wv)
+        attention.wq = attention.wk = attention.wv = None
+        ffn.w13 = _fused_linear(ffn.w1, ffn.w3)
+        ffn.w1 = ffn.w3 = None
+        block.attention, block.feed_forward = attention, ffn
+        blocks.append(block)
+    fused.layers = nn.ModuleList(blocks)
+    return fused
+
+
+@register_variant("fused")
+@dataclass(frozen=True)
+class Fused(Variant):
+    axis = "fusion"
+    description = "one QKV GEMM and one gate/up GEMM per layer (weights concatenated once)"
+
+    def apply(self, model: Transformer) -> Transformer:
+        return fuse_projections(model)

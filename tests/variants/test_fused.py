@@ -1,0 +1,55 @@
+"""fused: one QKV GEMM and one gate/up GEMM per layer compute what the separate
+projections compute, compose with the cache and the int8 variants, and leave the
+base model as it was."""
+
+import pytest
+import torch
+
+from infermatrix.model import generate_greedy
+from infermatrix.variants import apply_variants, parse_spec
+from infermatrix.weights import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny").model
+
+
+def test_fused_logits_equal_the_separate_projections_at_fp32(tiny):
+    """The same dot products, grouped into one GEMM: only the GEMM's blocking can
+    differ, well inside 1e-5 of the logit scale at fp32."""
+    fused = apply_variants(tiny, parse_spec("fused"))
+    tokens = torch.randint(0, tiny.config.vocab_size, (2, 33))
+    with torch.no_grad():
+        ours, theirs = fused(tokens), tiny(tokens)
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+    layer = fused.layers[0]
+    assert layer.attention.wq is None and layer.attention.wqkv.weight.shape == (64 + 2 * 32, 64)
+    assert layer.feed_forward.w13.weight.shape == (2 * tiny.config.hidden_dim, 64)
+    assert tiny.layers[0].attention.wqkv is None and tiny.layers[0].attention.wq is not None  # base untouched
+    assert fused.weight_bytes == tiny.weight_bytes
+
+
+@pytest.mark.parametrize("spec", ["fused+kv_cache+sdpa", "fused+kv_cache(prefix=true)+sdpa"])
+def test_fused_cached_decode_equals_recompute(tiny, spec):
+    prompt = torch.randint(0, tiny.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(generate_greedy(apply_variants(tiny, parse_spec(spec)), prompt, 16),
+                           generate_greedy(tiny, prompt, 16))
+
+
+def test_int8_quantizes_the_fused_layers(tiny):
+    model = apply_variants(tiny, parse_spec("fused+int8_weight_only"))
+    assert type(model.layers[0].attention.wqkv).__name__ == "Int8WeightOnlyLinear"
+    tokens = torch.randint(0, tiny.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        separate = apply_variants(tiny, parse_spec("int8_weight_only"))(tokens)
+        torch.testing.assert_close(model(tokens), separate, rtol=1e-4, atol=1e-4)  # per-row scales: the same
+
+
+def test_fusing_a_quantized_model_is_refused(tiny):
+    from infermatrix.variants.fused import fuse_projections
+
+    quantized = apply_variants(tiny, parse_spec("int8_weight_only"))
+    with pytest.raises(ValueError, match="fused takes the dense model's bias-free nn.Linear projections"):
+        fuse_projections(quantized)
