@@ -284,6 +284,9 @@ def storage_bytes(module: nn.Module) -> int:
         if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
             pending += [getattr(t, name) for name in t.__tensor_flatten__()[0]]  # a wrapper (e.g. torchao's
             continue  # int8 weight) has no storage of its own: count the tensors inside it
+        if t.is_mkldnn:  # oneDNN's packed layout has no storage pointer; never shared
+            total += t.numel() * t.element_size()
+            continue
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

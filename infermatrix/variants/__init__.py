@@ -8,7 +8,7 @@ through the `infermatrix.variants` entry-point group.
 from infermatrix.variants import compiled, kv_cache, reference, sdpa, triton_attention  # noqa: F401
 from infermatrix.variants import block_sparse, flex  # noqa: F401  (block-sparse attention, issue 8)
 from infermatrix.variants import int8  # noqa: F401  (int8 linear layers, issue 7)
-from infermatrix.variants import fused, peers  # noqa: F401  (decode at the limit; peers as rows: issue 16)
+from infermatrix.variants import fused, packed, peers  # noqa: F401  (decode at the limit; peers as rows: issue 16)
 from infermatrix.variants.base import (
     AXES,
     ENTRY_POINT_GROUP,

@@ -53,3 +53,32 @@ def test_fusing_a_quantized_model_is_refused(tiny):
     quantized = apply_variants(tiny, parse_spec("int8_weight_only"))
     with pytest.raises(ValueError, match="fused takes the dense model's bias-free nn.Linear projections"):
         fuse_projections(quantized)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_packed_weights_compute_the_dense_model(dtype, scale):
+    """oneDNN's packed layout holds the same values: fp32 agrees to rounding; bf16
+    to bf16's (8 bits of mantissa, different accumulation blocking)."""
+    from infermatrix.variants import take_paths
+
+    model = load_model("tiny", dtype).model
+    take_paths()  # what earlier tests noted
+    packed = apply_variants(model, parse_spec("fused+packed+kv_cache(prefix=true)+sdpa"))
+    assert take_paths().get("linear_path") == "onednn_packed"
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ours, theirs = packed(tokens).float(), model(tokens).float()
+        assert (ours - theirs).abs().max() <= scale * theirs.abs().max()
+        if dtype == torch.float32:
+            assert torch.equal(generate_greedy(packed, tokens, 8), generate_greedy(model, tokens, 8))
+    assert packed.weight_bytes == model.weight_bytes
+
+
+def test_packed_is_refused_off_the_cpu_and_twice():
+    from infermatrix.bench.matrix import parse_matrix
+    from infermatrix.errors import UserError
+
+    with pytest.raises(UserError, match="packed prepacks for oneDNN's CPU kernels"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "packed", "device": "cuda"}]})
+    with pytest.raises(UserError, match="same axis 'linear'"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "packed+int8_weight_only"}]})
