@@ -186,15 +186,16 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.wqkv is None:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (B, T, H*D), (B, T, Hkv*D), (B, T, Hkv*D)
-        else:
-            kv = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # the same, one GEMM
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # the same, one GEMM, and RoPE applied to q's and k's heads in one pass
+            qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
+            qk, v = qkv.split([H + Hkv, Hkv], dim=1)  # (B, H+Hkv, T, D), (B, Hkv, T, D)
+            q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v)  # (B, Hkv, Tk, D), Tk >= T
         out = attention(q, k, v, causal=True, mask=mask)  # (B, H, T, D)
