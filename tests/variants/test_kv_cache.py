@@ -158,3 +158,13 @@ def test_prefix_is_refused_where_shapes_must_stay_static():
         parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache(prefix=true)+sdpa+compile"}]})
     with pytest.raises(UserError, match="with block_sparse: the layout attends over its own rows"):
         parse_matrix({"cases": [{"model": "tiny", "variant": "kv_cache(prefix=true)+block_sparse"}]})
+
+
+@pytest.mark.parametrize("spec", ["kv_cache+sdpa(decode=grouped)", "kv_cache(prefix=true)+sdpa(decode=grouped)"])
+def test_grouped_decode_steps_match_recompute_and_say_so(tiny, spec):
+    from infermatrix.variants import take_paths
+
+    take_paths()
+    test_every_cached_step_matches_full_recompute(tiny, spec)
+    assert take_paths() == {"attention_path": "grouped_decode+sdpa"}
+    test_a_batch_of_different_lengths_decodes_like_each_prompt_alone(tiny, spec)  # a mask per row
