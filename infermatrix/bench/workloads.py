@@ -106,6 +106,16 @@ def _model(case: Case, models: ModelCache) -> tuple[Transformer, LoadedModel]:
     return apply_variants(loaded.model, parse_spec(case.variant)), loaded
 
 
+def streamed_weight_bytes(model) -> int:
+    """model.weight_bytes as a forward reads them: a tied embedding table that a variant
+    left beside its own copy of the head (int8, packed) is gathered a row per token,
+    not streamed, so it is left out; roofline takes off an untied table itself."""
+    table, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    if model.config.tie_embeddings and table is not None and getattr(head, "weight", None) is not table.weight:
+        return model.weight_bytes - table.weight.numel() * table.weight.element_size()
+    return model.weight_bytes
+
+
 def _roofline(cost: roofline.Cost, seconds: float, case: Case, ctx: RunContext) -> dict:
     metrics = {"flops": cost.flops, "bytes_moved": cost.bytes}
     peaks = ctx.peaks.get(torch.device(case.device).type) if ctx.peaks else None
@@ -135,7 +145,7 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     metrics["tokens_per_s"] = case.batch * case.prompt_len / median_s
     cfg = model.config
     cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=DTYPES[case.dtype].itemsize,
-                                 weight_bytes=model.weight_bytes, kv_cache=False)
+                                 weight_bytes=streamed_weight_bytes(model), kv_cache=False)
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
     return metrics, {"latency_ms": m.samples_ms}
@@ -187,11 +197,11 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     cfg, dtype_bytes = model.config, DTYPES[case.dtype].itemsize
     metrics["first_call_ms"] = first_call_ms
     cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=dtype_bytes,
-                                 weight_bytes=model.weight_bytes, kv_cache=cache is not None) if end_to_end \
+                                 weight_bytes=streamed_weight_bytes(model), kv_cache=cache is not None) if end_to_end \
         else roofline.Cost(0.0, 0.0)
     for i in range(1, case.new_tokens):  # decode step i sees prompt_len + i tokens
         cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
-                                                kv_cache=cache is not None, weight_bytes=model.weight_bytes)
+                                                kv_cache=cache is not None, weight_bytes=streamed_weight_bytes(model))
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
                    kv_cache_bytes=cache.nbytes if cache is not None else 0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant

@@ -1,5 +1,6 @@
 """`fused` (axis `fusion`): one GEMM for each layer's q, k and v projections and one
-for its gate and up projections, on a copy of the model.
+for its gate and up projections, RoPE on q and k in one pass, and each RMSNorm as
+one op (torch's rms_norm), on a copy of the model.
 
 A decode step multiplies one row by each weight: three (or two) small GEMMs per
 layer become one, with fewer calls and one pass over the activations. The
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from infermatrix.model import Transformer
+from infermatrix.model import RMSNorm, Transformer
 from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 
@@ -31,11 +33,24 @@ def _fused_linear(*layers: nn.Linear) -> nn.Linear:
     return fused
 
 
+class FusedRMSNorm(nn.Module):
+    """The reference RMSNorm as one op (torch's rms_norm, fp32 inside), sharing its weight."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
 def fuse_projections(model: Transformer) -> Transformer:
     fused = shared_copy(model)
+    fused.norm = FusedRMSNorm(model.norm)
     blocks = []
     for block in model.layers:
         block = shared_copy(block)  # own module tables: the base model keeps its layers
+        block.attention_norm, block.ffn_norm = FusedRMSNorm(block.attention_norm), FusedRMSNorm(block.ffn_norm)
         attention, ffn = shared_copy(block.attention), shared_copy(block.feed_forward)
         attention.wqkv = _fused_linear(attention.wq, attention.wk, attention.wv)
         attention.wq = attention.wk = attention.wv = None
@@ -51,7 +66,7 @@ def fuse_projections(model: Transformer) -> Transformer:
 @dataclass(frozen=True)
 class Fused(Variant):
     axis = "fusion"
-    description = "one QKV GEMM and one gate/up GEMM per layer (weights concatenated once)"
+    description = "one QKV GEMM and one gate/up GEMM per layer (weights concatenated once), one-op RMSNorm"
 
     def apply(self, model: Transformer) -> Transformer:
         return fuse_projections(model)

@@ -82,3 +82,21 @@ def test_packed_is_refused_off_the_cpu_and_twice():
         parse_matrix({"cases": [{"model": "tiny", "variant": "packed", "device": "cuda"}]})
     with pytest.raises(UserError, match="same axis 'linear'"):
         parse_matrix({"cases": [{"model": "tiny", "variant": "packed+int8_weight_only"}]})
+
+
+def test_the_roofline_streams_what_a_forward_reads():
+    """A tied table left beside a variant's own head copy is not read per token: packed
+    weights stream exactly the dense model's bytes, int8 ones the int8 head instead."""
+    import dataclasses
+
+    from infermatrix.bench.workloads import streamed_weight_bytes
+    from infermatrix.weights import random_model
+
+    tiny = load_model("tiny").model.config
+    model = random_model(dataclasses.replace(tiny, tie_embeddings=True), torch.bfloat16, "cpu")
+    assert model.config.tie_embeddings and streamed_weight_bytes(model) == model.weight_bytes
+    packed = apply_variants(model, parse_spec("packed"))
+    assert packed.weight_bytes > model.weight_bytes == streamed_weight_bytes(packed)
+    int8 = apply_variants(model, parse_spec("int8_weight_only"))
+    table = model.tok_embeddings.weight.numel() * 2
+    assert streamed_weight_bytes(int8) == int8.weight_bytes - table < model.weight_bytes
