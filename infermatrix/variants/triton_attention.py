@@ -50,6 +50,10 @@ class TritonAttention:
         self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def bounds(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():
+            # inside a compiled (CUDA-graph) step no Python state may change: derive them
+            # in the graph, where the compiler shares the work across layers
+            return mask_bounds(mask)
         if mask is not self._mask:
             self._mask, self._bounds = mask, mask_bounds(mask)
         return self._bounds
