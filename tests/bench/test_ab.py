@@ -225,13 +225,15 @@ def test_head_against_its_parent_in_a_fresh_clone(tmp_path):
     sdpa = clone / "infermatrix" / "variants" / "sdpa.py"
     text = sdpa.read_text()
     slow = ("    def apply(self, model: Transformer) -> Transformer:\n"
-            "        import time\n        swapped = with_attention(model, sdpa_attention)\n"
+            "        import time\n"
+            "        swapped = with_attention(model, sdpa_grouped_decode if self.decode == \"grouped\" else sdpa_attention)\n"
             "        forward = swapped.forward\n\n"
             "        def slower(*a, **k):\n            t0 = time.perf_counter()\n            out = forward(*a, **k)\n"
             "            until = t0 + (time.perf_counter() - t0) * 1.5\n"
             "            while time.perf_counter() < until:\n                pass\n            return out\n\n"
             "        swapped.forward = slower\n        return swapped\n")
-    old = "    def apply(self, model: Transformer) -> Transformer:\n        return with_attention(model, sdpa_attention)\n"
+    old = ("    def apply(self, model: Transformer) -> Transformer:\n"
+           "        return with_attention(model, sdpa_grouped_decode if self.decode == \"grouped\" else sdpa_attention)\n")
     assert old in text
     sdpa.write_text(text.replace(old, slow))
     git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
