@@ -52,6 +52,9 @@ class Packed(Variant):
             raise ValueError("packed prepacks for oneDNN's CPU kernels; on CUDA use the plain or int8 variants")
         if not torch.backends.mkldnn.is_available():
             raise ValueError("packed needs PyTorch built with oneDNN (mkldnn)")
+        if any(v.name == "compile" for v in spec):
+            raise ValueError("packed with compile: inductor cannot lower an already-packed oneDNN linear (measured "
+                             "with torch 2.13); compile the plain weights instead")
 
     def apply(self, model: Transformer) -> Transformer:
         def make(name: str, linear: nn.Linear) -> nn.Module:

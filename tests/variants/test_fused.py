@@ -80,6 +80,8 @@ def test_packed_is_refused_off_the_cpu_and_twice():
 
     with pytest.raises(UserError, match="packed prepacks for oneDNN's CPU kernels"):
         parse_matrix({"cases": [{"model": "tiny", "variant": "packed", "device": "cuda"}]})
+    with pytest.raises(UserError, match="packed with compile: inductor cannot lower"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "packed+kv_cache+compile"}]})
     with pytest.raises(UserError, match="same axis 'linear'"):
         parse_matrix({"cases": [{"model": "tiny", "variant": "packed+int8_weight_only"}]})
 
