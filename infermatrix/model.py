@@ -11,7 +11,8 @@ KV heads. The model has exactly two seams for optimized variants:
 * the ``nn.Linear`` layers, which a quantizing variant swaps for its own module.
 
 Decoding uses ``input_pos`` and an optional cache object with
-``update(layer, input_pos, k, v) -> (k, v)`` and ``mask(input_pos) -> mask | None``;
+``update(layer, input_pos, k, v) -> (k, v)`` and ``mask(input_pos) -> mask | None``
+(called once per forward, before any layer's update);
 without a cache the model recomputes the whole prefix every step (the honest
 naive baseline).
 """

@@ -113,8 +113,9 @@ def _resolve(name: str) -> tuple[str, Path | None]:
 
 
 def is_gguf_model(name: str) -> bool:
-    """Whether a model name (preset, file or folder) loads from a GGUF file."""
-    return _resolve(name)[0] == "gguf"
+    """Whether a model name (preset, file or folder) loads from a GGUF file; decided
+    from the name, so a preset whose weights package is missing still answers."""
+    return name in REAL_PRESETS or Path(name).suffix == ".gguf"
 
 
 def smollm2_path() -> Path:

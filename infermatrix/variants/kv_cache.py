@@ -29,7 +29,9 @@ class StaticKVCache(nn.Module):
                  dtype: torch.dtype, device, pad: torch.Tensor | None = None, prefix: bool = False):
         super().__init__()
         self.batch, self.max_len, self.prefix = batch, max_len, prefix
-        self._filled = max_len  # prefix: the slots a forward attends over, [0, filled)
+        # prefix: the slots a forward attends over, [0, filled), set by mask(), which the
+        # model calls once per forward before any layer's update() (KVCacheProtocol)
+        self._filled = max_len
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)

@@ -30,7 +30,9 @@ class PackedLinear(QuantizedLinear):
     def __init__(self, linear: nn.Linear, batch_hint: int | None):
         super().__init__(linear)
         weight = linear.weight.detach()
-        self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint))
+        # not persistent: a packed oneDNN tensor cannot be saved; the dense weight is the checkpoint
+        self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint),
+                             persistent=False)
         note_path("linear", "onednn_packed")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

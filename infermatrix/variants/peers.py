@@ -72,6 +72,7 @@ class HfStaticCache:
         import transformers
 
         self.batch, self.max_len = batch, max_len
+        self.filled = 0  # positions written since the last reset: HF's cache appends at its own count
         self.hf = transformers.StaticCache(config=hf.config, max_cache_len=max_len)
 
     @property
@@ -96,8 +97,12 @@ class HfTransformersModel(nn.Module):
                 cache: HfStaticCache | None = None) -> torch.Tensor:
         if cache is None:
             return self.hf(input_ids=tokens, use_cache=False).logits  # (B, T, vocab)
-        if int(input_pos[0]) == 0:  # a new generation: HF's cache counts the positions it holds
+        start = int(input_pos[0])  # on CUDA a sync per step: part of this peer's cost
+        if start == 0:  # a new generation: HF's cache counts the positions it holds
             cache.hf.reset()
+        elif start != cache.filled:
+            raise ValueError(f"hf_transformers' StaticCache continues at position {cache.filled}, not {start}")
+        cache.filled = start + tokens.shape[1]
         positions = input_pos[None].expand(tokens.shape[0], -1)  # (B, T)
         return self.hf(input_ids=tokens, position_ids=positions, cache_position=input_pos, use_cache=True,
                        **{self._cache_arg: cache.hf}).logits  # (B, T, vocab)
@@ -157,14 +162,18 @@ class LlamaCppCache:
     def __init__(self, config, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
         self.nbytes = 2 * config.n_layers * max_len * config.n_kv_heads * config.head_dim * 2
+        # batch > 1 (drift's greedy check only): each row's tokens so far, recomputed per
+        # step from a reset context, since one llama.cpp context holds one sequence here
+        self.rows: list[torch.Tensor] | None = None
 
 
 class LlamaCppModel(nn.Module):
     """llama.cpp (llama-cpp-python) on the GGUF file itself, in the file's own
-    quantization, behind our model's face. One sequence at a time: a cached forward
-    continues from the context's last position; without a cache each row is
-    evaluated from a reset context. Logits of every position are kept (drift needs
-    them, and our model computes them too)."""
+    quantization, behind our model's face. One sequence per context: a cached
+    forward of one row continues from the context's last position; several rows
+    (drift's greedy check; timed workloads are batch 1) and uncached forwards are
+    evaluated row by row from a reset context. Logits of every position are kept
+    (drift needs them, and our model computes them too)."""
 
     def __init__(self, model: Transformer, gguf_path, threads: int):
         super().__init__()
@@ -197,9 +206,15 @@ class LlamaCppModel(nn.Module):
                 llm.reset()
                 rows.append(self._eval(llm, row, 0))
             return torch.stack(rows)  # (B, T, vocab)
-        if tokens.shape[0] != 1:
-            raise ValueError("llama_cpp decodes one sequence at a time (batch 1)")
         llm = self._context(cache.max_len)
+        if tokens.shape[0] != 1:  # rows one after another, each from an empty context
+            start = int(input_pos[0])
+            cache.rows = list(tokens) if start == 0 else [torch.cat([r, t]) for r, t in zip(cache.rows, tokens)]
+            out = []
+            for row in cache.rows:
+                llm.reset()
+                out.append(self._eval(llm, row, 0)[start:])
+            return torch.stack(out)  # (B, T, vocab)
         start = int(input_pos[0])
         if start == 0:
             llm.reset()
@@ -208,8 +223,8 @@ class LlamaCppModel(nn.Module):
         return self._eval(llm, tokens[0], start)[None]  # (1, T, vocab)
 
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> LlamaCppCache:
-        if batch != 1 or (pad is not None and bool(pad.any())):
-            raise ValueError("llama_cpp decodes one unpadded sequence at a time (batch 1)")
+        if pad is not None and bool(pad.any()):
+            raise ValueError("llama_cpp decodes unpadded sequences only")
         self._context(max_len)
         return LlamaCppCache(self.config, batch, max_len)
 

@@ -66,13 +66,32 @@ def test_peer_rows_run_in_the_harness_and_say_they_are_peers(tmp_path):
     assert page.count('class="badge peer"') == 2  # the two ok hf rows are marked apart
 
 
-def test_llama_cpp_skips_dtypes_and_batches_it_does_not_have(tmp_path):
-    from infermatrix.bench.runner import skip_reason
+def test_llama_cpp_skips_dtypes_and_batches_it_does_not_have():
+    from infermatrix.variants.peers import LlamaCpp
 
-    matrix = parse_matrix({"cases": [{"model": "tiny", "variant": "llama_cpp", "workload": "decode",
-                                      "dtype": "bfloat16", "batch": 2}]})
-    reason = skip_reason(matrix.cases[0])
-    assert "llama_cpp" in reason and ("bfloat16" in reason or "llama-cpp-python" in reason)
+    def case(**fields):
+        return parse_matrix({"cases": [{"model": "tiny", "variant": "llama_cpp", **fields}]}).cases[0]
+
+    peer = LlamaCpp()
+    assert "its row is dtype float32, not bfloat16" in peer.skip_reason(case(workload="decode", dtype="bfloat16"))
+    assert peer.skip_reason(case(workload="decode", batch=2)) == "llama_cpp decodes one sequence at a time: batch 1"
+    assert peer.skip_reason(case(workload="drift", batch=2)) is None
+    assert peer.skip_reason(case(workload="decode")) is None
+
+
+def test_hf_transformers_on_a_tied_model_with_its_own_rope_theta():
+    """The tied head and a non-default RoPE base reach HF's config."""
+    import dataclasses
+
+    from infermatrix.weights import random_model
+
+    cfg = dataclasses.replace(load_model("tiny").model.config, tie_embeddings=True, rope_theta=1e5)
+    model = random_model(cfg, torch.float32, "cpu")
+    hf = apply_variants(model, parse_spec("hf_transformers"))
+    assert hf.hf.lm_head.weight is hf.hf.model.embed_tokens.weight
+    tokens = torch.randint(0, cfg.vocab_size, (1, 30))
+    with torch.no_grad():
+        assert (hf(tokens) - model(tokens)).abs().max() <= 1e-5 * model(tokens).abs().max()
 
 
 @pytest.mark.slow
@@ -99,3 +118,17 @@ def test_llama_cpp_on_the_smollm2_gguf_matches_the_reference_within_its_quantiza
     assert (p.exp() * (p - q)).sum(-1).mean() < 0.05
     torch.testing.assert_close(prefill[0, -1], full[0, 7], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(step[0, -1], full[0, 8], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_llama_cpp_drift_and_decode_records_through_the_harness(tmp_path):
+    """Where llama-cpp-python is installed: its drift row (several windows, so its
+    greedy check decodes several rows) and a decode row run and say which stack ran."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (built from source, see README)")
+    matrix = parse_matrix({"run": RUN, "cases": [{"model": "smollm2-135m", "variant": "llama_cpp",
+                                                  "workload": ["drift", "decode"], "windows": 2, "prompt_len": 64,
+                                                  "new_tokens": 4}]})
+    drift, decode = run_matrix(matrix, tmp_path, log=lambda _: None)
+    assert drift.status == decode.status == "ok", (drift.reason, decode.reason)
+    assert drift.metrics["top1_agree_pct"] >= 80 and drift.metrics["kl_mean"] < 0.1
+    assert decode.metrics["peer_path"].startswith("llama.cpp ") and decode.metrics["tokens_per_s"] > 0
