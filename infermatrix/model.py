@@ -110,6 +110,21 @@ SHAPE_PRESETS: dict[str, ModelConfig] = {
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
         max_seq_len=4096,
     ),
+    # One preset per decoder family, with each real model's shape and family fields
+    "llama-3.2-1b": ModelConfig(  # llama-1b with Llama 3.2's rope scaling
+        vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+        rope_theta=500000.0, max_seq_len=131072, tie_embeddings=True, rope_type="llama3", rope_factor=32.0,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max=8192,
+    ),
+    "qwen2.5-0.5b": ModelConfig(  # Qwen2.5-0.5B: q/k/v biases, 14 heads over 2 KV heads
+        vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, hidden_dim=4864,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=32768, tie_embeddings=True, qkv_bias=True,
+    ),
+    "qwen3-0.6b": ModelConfig(  # Qwen3-0.6B: q/k norms, head_dim 128 (16 heads over dim 1024)
+        vocab_size=151936, dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, hidden_dim=3072,
+        norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=True, attn_head_dim=128,
+        qk_norm=True,
+    ),
 }
 
 
