@@ -358,13 +358,15 @@ def gguf_tokenizer(reader):
 
 # ---------------------------------------------------------------- Hugging Face folders
 
-_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
 _HF_BLOCK_NAMES = {
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
     "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
     "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
     "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
+    # Phi-3 stores them fused: split on load (_split_fused)
+    "self_attn.qkv_proj": "attention.qkv_fused", "mlp.gate_up_proj": "feed_forward.gate_up_fused",
 }
 
 
@@ -387,6 +389,9 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
                         "supported yet")
     if raw.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; valid: 'silu'")
+    partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UserError(f"{source}: partial_rotary_factor={partial} is not supported yet; valid: 1.0")
     scaling = {}
     if rope_type in ("linear", "llama3"):
         scaling = {"rope_type": rope_type, "rope_factor": float(rope.get("factor", 1.0))}
@@ -444,13 +449,30 @@ def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
                     tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
-    model = _assign(_empty_model(cfg), tensors, dtype, device, str(folder))
+    model = _assign(_empty_model(cfg), _split_fused(tensors, cfg), dtype, device, str(folder))
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     return LoadedModel(model, tokenizer, f"hf {folder.name}")
+
+
+def _split_fused(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Phi-3's fused qkv_proj and gate_up_proj as the reference's separate projections
+    (row blocks q, k, v and gate, up), so every variant sees one model layout."""
+    out = {}
+    qkv = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+    for name, tensor in tensors.items():
+        if ".attention.qkv_fused." in name:
+            for part, block in zip(("wq", "wk", "wv"), tensor.split(qkv)):
+                out[name.replace("qkv_fused", part)] = block
+        elif ".feed_forward.gate_up_fused." in name:
+            gate, up = tensor.split(cfg.hidden_dim)
+            out[name.replace("gate_up_fused", "w1")], out[name.replace("gate_up_fused", "w3")] = gate, up
+        else:
+            out[name] = tensor
+    return out
 
 
 def _hf_name(key: str) -> str | None:

@@ -1,5 +1,6 @@
 """Decoder families as config fields of the one reference model: Qwen2 (q/k/v
-biases), Qwen3 (q/k RMSNorm, head_dim of its own) and Llama 3 (rope scaling) load
+biases), Qwen3 (q/k RMSNorm, head_dim of its own), Phi-3 (fused checkpoint
+projections) and Llama 3 (rope scaling) load
 from HF safetensors folders and match Hugging Face transformers' logits at fp32,
 and cached greedy decoding equals HF's generate."""
 
@@ -23,6 +24,9 @@ FAMILIES = {
     # an odd head count (3), head_dim 48 != 96 / 3 ... and 2 KV heads would not divide: 3 over 1
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         num_attention_heads=3, num_key_value_heads=1, head_dim=48, tie_word_embeddings=False, **COMMON)),
+    # Phi-3: q/k/v and gate/up stored fused in the checkpoint, split on load
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False, pad_token_id=0, **COMMON)),
     # Llama 3 rope scaling, with a pre-training context (32) shorter than the test's sequence
     "llama3": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
         num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
@@ -68,7 +72,8 @@ def test_the_hf_peer_builds_the_same_family(name, tmp_path):
     tokens = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         ours, theirs = loaded.model(tokens), peer(tokens)
-    assert type(peer.hf).__name__.lower().startswith(name[:4].replace("llam", "llama"))
+    if name != "phi3":  # Phi-3 is a Llama with fused checkpoints: the peer builds LlamaForCausalLM
+        assert type(peer.hf).__name__.lower().startswith(name[:4].replace("llam", "llama"))
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 
