@@ -20,6 +20,7 @@ naive baseline).
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import asdict, dataclass
 from typing import Callable, Protocol
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 AttentionFn = Callable[..., torch.Tensor]
 ROPE_TYPES = ("default", "linear", "llama3")
+MLP_ACTS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max: int = 8192  # llama3: the context pre-training used
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's (1 + w)
+    mlp_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (Gemma's GeGLU)
+    embed_scale: bool = False  # token embeddings times sqrt(dim) (Gemma)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -65,6 +70,8 @@ class ModelConfig:
                              "or attn_head_dim given")
         if self.attn_head_dim is not None and self.attn_head_dim <= 0:
             raise ValueError(f"ModelConfig.attn_head_dim must be positive, got {self.attn_head_dim}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"ModelConfig.mlp_act {self.mlp_act!r} is not supported; valid: {', '.join(MLP_ACTS)}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"ModelConfig.rope_type {self.rope_type!r} is not supported; valid: {', '.join(ROPE_TYPES)}")
         if self.rope_factor <= 0 or (self.rope_type == "llama3" and
@@ -174,14 +181,16 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset  # offset: Gemma scales by (1 + weight), in fp32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()  # normalize in fp32 whatever the model dtype
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
         return xf.to(x.dtype) * self.weight
 
 
@@ -271,7 +280,7 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); GeGLU (Gemma) with gelu_tanh."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -279,21 +288,22 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
         self.w13: nn.Module | None = None  # the `fused` variant's one GEMM for gate and up
+        self.act = F.silu if cfg.mlp_act == "silu" else partial(F.gelu, approximate="tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is None:
             gate, up = self.w1(x), self.w3(x)  # (B, T, hidden) each
         else:
             gate, up = self.w13(x).chunk(2, dim=-1)  # the same, one GEMM
-        return self.w2(F.silu(gate) * up)  # (B, T, C)
+        return self.w2(self.act(gate) * up)  # (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.attention = Attention(cfg, layer)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x, cos, sin, attention, input_pos, cache, mask=None):
@@ -308,7 +318,7 @@ class Transformer(nn.Module):
         self.attention: AttentionFn = math_attention  # seam 1: swapped by attention variants
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.norm_offset)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -334,6 +344,8 @@ class Transformer(nn.Module):
         inv_freq = rope_frequencies(cfg, input_pos.device) if cfg.rope_type != "default" else None
         cos, sin = rope_tables(cfg.head_dim, input_pos, cfg.rope_theta, inv_freq)  # (T, D) each
         x = self.tok_embeddings(tokens)  # (B, T, C)
+        if cfg.embed_scale:  # Gemma: sqrt(dim), rounded to the model's dtype as HF does
+            x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         mask = cache.mask(input_pos) if cache is not None else None  # (B|1, 1, T, Tk) or None
         for block in self.layers:
             x = block(x, cos, sin, self.attention, input_pos, cache, mask)  # (B, T, C)

@@ -358,7 +358,8 @@ def gguf_tokenizer(reader):
 
 # ---------------------------------------------------------------- Hugging Face folders
 
-_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
+_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                     "GemmaForCausalLM")
 _HF_BLOCK_NAMES = {
     "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
@@ -387,8 +388,11 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
     if raw.get("use_sliding_window"):
         raise UserError(f"{source}: config sets use_sliding_window=true; a model's own attention window is not "
                         "supported yet")
-    if raw.get("hidden_act", "silu") != "silu":
-        raise UserError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; valid: 'silu'")
+    gemma = arch == "GemmaForCausalLM"
+    act = raw.get("hidden_activation") or raw.get("hidden_act", "silu") if gemma else raw.get("hidden_act", "silu")
+    if act not in ("silu", "gelu_pytorch_tanh") or (act == "gelu_pytorch_tanh" and not gemma):
+        raise UserError(f"{source}: hidden activation {act!r} is not supported; valid: 'silu' "
+                        "(Gemma: 'gelu_pytorch_tanh')")
     partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise UserError(f"{source}: partial_rotary_factor={partial} is not supported yet; valid: 1.0")
@@ -411,6 +415,8 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attn_head_dim=head_dim if head_dim * n_heads != raw["hidden_size"] else None,
             qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM", **scaling,
+            norm_offset=1.0 if gemma else 0.0, mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
+            embed_scale=gemma,
         )
     except KeyError as exc:
         raise UserError(f"{source}: config.json lacks {exc.args[0]!r}") from None

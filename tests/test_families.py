@@ -1,6 +1,6 @@
 """Decoder families as config fields of the one reference model: Qwen2 (q/k/v
-biases), Qwen3 (q/k RMSNorm, head_dim of its own), Phi-3 (fused checkpoint
-projections) and Llama 3 (rope scaling) load
+biases), Qwen3 (q/k RMSNorm, head_dim of its own), Gemma ((1 + w) norms, GeGLU,
+embedding scale), Phi-3 (fused checkpoint projections) and Llama 3 (rope scaling) load
 from HF safetensors folders and match Hugging Face transformers' logits at fp32,
 and cached greedy decoding equals HF's generate."""
 
@@ -24,6 +24,10 @@ FAMILIES = {
     # an odd head count (3), head_dim 48 != 96 / 3 ... and 2 KV heads would not divide: 3 over 1
     "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
         num_attention_heads=3, num_key_value_heads=1, head_dim=48, tie_word_embeddings=False, **COMMON)),
+    # Gemma: (1 + w) RMSNorm, GeGLU, embeddings scaled by sqrt(dim), head_dim 32 != 96 / 6
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=32, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True, pad_token_id=0, **COMMON)),
     # Phi-3: q/k/v and gate/up stored fused in the checkpoint, split on load
     "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
         num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False, pad_token_id=0, **COMMON)),

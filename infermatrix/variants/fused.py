@@ -43,7 +43,10 @@ class FusedRMSNorm(nn.Module):
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
-        self.weight, self.eps = norm.weight, norm.eps
+        self.eps = norm.eps
+        # Gemma's (offset + weight) folded once into the scale (a small copy)
+        self.weight = norm.weight if not norm.offset else nn.Parameter(norm.weight.detach() + norm.offset,
+                                                                       requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

@@ -58,6 +58,12 @@ def hf_config(cfg, dtype: torch.dtype, attn: str):
         rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
         tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attn_implementation=attn, dtype=dtype,
     )
+    if cfg.embed_scale or cfg.norm_offset or cfg.mlp_act != "silu":
+        if not (cfg.embed_scale and cfg.norm_offset == 1.0 and cfg.mlp_act == "gelu_tanh"):
+            raise ValueError("hf_transformers: this mix of Gemma's fields has no transformers class")
+        common["hidden_act"] = "gelu_pytorch_tanh"
+        return transformers.GemmaForCausalLM, transformers.GemmaConfig(
+            head_dim=cfg.head_dim, hidden_activation="gelu_pytorch_tanh", **common)
     if cfg.qk_norm:
         return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
             head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, use_sliding_window=False, **common)
@@ -80,14 +86,13 @@ def hf_llama(model: Transformer, attn: str = "sdpa"):
     cfg = model.config
     weight = model.tok_embeddings.weight
     cls, config = hf_config(cfg, weight.dtype, attn)
-    with torch.device("meta"):  # no random init: every parameter is ours
+    # built on the weights' device, so buffers made at init (RoPE frequencies, Gemma's
+    # normalizer) are real; its random parameters are then replaced by ours, shared
+    with torch.device(weight.device):
         hf = cls(config)
     hf.load_state_dict(hf_state_dict(model), assign=True, strict=True)
     if cfg.tie_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
-    # RoPE's inverse frequencies are a buffer made at init: make them on the weights' device
-    with torch.device(weight.device):
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config)
     return hf.eval()
 
 
