@@ -446,16 +446,26 @@ def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
 
     cfg = _hf_folder_config(folder)
     shards = sorted(folder.glob("*.safetensors"))
-    tensors = {}
+    tensors, unknown = {}, []
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
                 ours = _hf_name(key)
                 if ours is not None:  # cast as read: peak memory is the model plus one tensor
                     tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
+                elif not key.endswith("rotary_emb.inv_freq"):  # a buffer some exports keep
+                    unknown.append(key)
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
-    model = _assign(_empty_model(cfg), _split_fused(tensors, cfg), dtype, device, str(folder))
+    tensors = _split_fused(tensors, cfg)
+    model = _empty_model(cfg)
+    # a tensor the config has no place for (a bias, a norm, another layer) means the
+    # config and the weights disagree: refuse rather than drop it silently
+    unused = unknown + sorted(tensors.keys() - {name for name, _ in model.named_parameters()})
+    if unused:
+        raise UserError(f"{folder}: checkpoint holds {len(unused)} tensors its config.json has no place for, "
+                        f"e.g. {unused[:3]}; check the architecture and its flags")
+    model = _assign(model, tensors, dtype, device, str(folder))
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

@@ -94,3 +94,16 @@ def test_unsupported_configs_are_refused_naming_the_field(tmp_path):
     hf.save_pretrained(tmp_path / "yarn", safe_serialization=True)
     with pytest.raises(UserError, match="rope type 'yarn' is not supported; valid: default, linear, llama3"):
         load_model(str(tmp_path / "yarn"))
+
+
+def test_a_checkpoint_with_tensors_its_config_has_no_place_for_is_refused(tmp_path):
+    """A Qwen2 checkpoint (q/k/v biases) relabelled as Llama: the biases would be
+    dropped silently and the logits be wrong; the loader names them instead."""
+    import json
+
+    hf, _ = build("qwen2", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="6 tensors its config.json has no place for, e.g. .*attention.wk.bias"):
+        load_model(str(tmp_path))
