@@ -148,15 +148,19 @@ def _linear_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return per_layer * cfg.n_layers + [(d, cfg.vocab_size)]
 
 
-def streamed_weight_bytes(cfg: ModelConfig, *, dtype_bytes: float, weight_bytes: float | None = None) -> float:
-    """Weight bytes one forward reads in full: all weights but an untied embedding table.
+def streamed_weight_bytes(cfg: ModelConfig, *, dtype_bytes: float, weight_bytes: float | None = None,
+                          table_is_head: bool | None = None) -> float:
+    """Weight bytes one forward reads in full: all weights but an embedding table that
+    is not also the output head (the lookup gathers only a row per token).
 
     ``weight_bytes`` is the model's whole weight storage (as ``Transformer.weight_bytes``
-    reports, tied weights once); the untied table is taken off at ``dtype_bytes``
-    because quantizing variants swap only the linear layers.
+    reports, tied weights once); the table is taken off at ``dtype_bytes`` because
+    quantizing variants swap only the linear layers. ``table_is_head`` (None: the
+    config's tie_embeddings) is False for a tied model whose head a variant replaced
+    with its own copy (int8, packed), leaving the table beside it.
     """
     total = cfg.num_params() * dtype_bytes if weight_bytes is None else float(weight_bytes)
-    if not cfg.tie_embeddings:
+    if not (cfg.tie_embeddings if table_is_head is None else table_is_head):
         total -= cfg.vocab_size * cfg.dim * dtype_bytes
     return total
 
@@ -170,6 +174,7 @@ def forward_cost(
     dtype_bytes: float,
     weight_bytes: float | None = None,
     kv_cache: bool = True,
+    table_is_head: bool | None = None,
 ) -> Cost:
     """One forward: q_len new tokens per sequence attending (causally) to k_len keys.
 
@@ -185,21 +190,23 @@ def forward_cost(
     attn = attention_cost(batch, cfg.n_heads, cfg.n_kv_heads, q_len, k_len, cfg.head_dim,
                           causal=True, dtype_bytes=dtype_bytes)
     cost = cost + cfg.n_layers * attn  # includes reading k_len cached keys and values
-    weights = streamed_weight_bytes(cfg, dtype_bytes=dtype_bytes, weight_bytes=weight_bytes)
+    weights = streamed_weight_bytes(cfg, dtype_bytes=dtype_bytes, weight_bytes=weight_bytes,
+                                    table_is_head=table_is_head)
     embedding_rows = m * cfg.dim * dtype_bytes  # the lookup gathers one row per token
     kv_write = 2 * cfg.n_layers * batch * cfg.n_kv_heads * q_len * cfg.head_dim * dtype_bytes if kv_cache else 0
     return cost + Cost(0.0, weights + embedding_rows + kv_write)
 
 
 def prefill_cost(cfg: ModelConfig, batch: int, prompt_len: int, *, dtype_bytes: float,
-                 weight_bytes: float | None = None, kv_cache: bool = True) -> Cost:
+                 weight_bytes: float | None = None, kv_cache: bool = True,
+                 table_is_head: bool | None = None) -> Cost:
     """The whole prompt in one forward (time to first token)."""
     return forward_cost(cfg, batch, prompt_len, prompt_len, dtype_bytes=dtype_bytes,
-                        weight_bytes=weight_bytes, kv_cache=kv_cache)
+                        weight_bytes=weight_bytes, kv_cache=kv_cache, table_is_head=table_is_head)
 
 
 def decode_step_cost(cfg: ModelConfig, batch: int, context_len: int, *, dtype_bytes: float, kv_cache: bool,
-                     weight_bytes: float | None = None) -> Cost:
+                     weight_bytes: float | None = None, table_is_head: bool | None = None) -> Cost:
     """One new token per sequence with context_len keys visible (the new one included).
 
     With a cache: one query against the cache, so every weight and the KV cache are read
@@ -207,7 +214,7 @@ def decode_step_cost(cfg: ModelConfig, batch: int, context_len: int, *, dtype_by
     """
     q_len = 1 if kv_cache else context_len
     return forward_cost(cfg, batch, q_len, context_len, dtype_bytes=dtype_bytes,
-                        weight_bytes=weight_bytes, kv_cache=kv_cache)
+                        weight_bytes=weight_bytes, kv_cache=kv_cache, table_is_head=table_is_head)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype_bytes: float) -> float:

@@ -106,14 +106,13 @@ def _model(case: Case, models: ModelCache) -> tuple[Transformer, LoadedModel]:
     return apply_variants(loaded.model, parse_spec(case.variant)), loaded
 
 
-def streamed_weight_bytes(model) -> int:
-    """model.weight_bytes as a forward reads them: a tied embedding table that a variant
-    left beside its own copy of the head (int8, packed) is gathered a row per token,
-    not streamed, so it is left out; roofline takes off an untied table itself."""
+def table_is_head(model) -> bool | None:
+    """Whether the embedding table is the output head's weight (tied and not replaced by
+    a variant's own head copy); None for a model without ours (a peer): its config says."""
     table, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
-    if model.config.tie_embeddings and table is not None and getattr(head, "weight", None) is not table.weight:
-        return model.weight_bytes - table.weight.numel() * table.weight.element_size()
-    return model.weight_bytes
+    if table is None or head is None:
+        return None
+    return getattr(head, "weight", None) is table.weight
 
 
 def _roofline(cost: roofline.Cost, seconds: float, case: Case, ctx: RunContext) -> dict:
@@ -145,7 +144,7 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     metrics["tokens_per_s"] = case.batch * case.prompt_len / median_s
     cfg = model.config
     cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=DTYPES[case.dtype].itemsize,
-                                 weight_bytes=streamed_weight_bytes(model), kv_cache=False)
+                                 weight_bytes=model.weight_bytes, kv_cache=False, table_is_head=table_is_head(model))
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
     return metrics, {"latency_ms": m.samples_ms}
@@ -196,12 +195,12 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     metrics["ttft_ms_p50"] = statistics.median(ttft)
     cfg, dtype_bytes = model.config, DTYPES[case.dtype].itemsize
     metrics["first_call_ms"] = first_call_ms
-    cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=dtype_bytes,
-                                 weight_bytes=streamed_weight_bytes(model), kv_cache=cache is not None) if end_to_end \
-        else roofline.Cost(0.0, 0.0)
+    weights = dict(weight_bytes=model.weight_bytes, table_is_head=table_is_head(model), kv_cache=cache is not None)
+    cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=dtype_bytes, **weights) \
+        if end_to_end else roofline.Cost(0.0, 0.0)
     for i in range(1, case.new_tokens):  # decode step i sees prompt_len + i tokens
         cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
-                                                kv_cache=cache is not None, weight_bytes=streamed_weight_bytes(model))
+                                                **weights)
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
                    kv_cache_bytes=cache.nbytes if cache is not None else 0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
