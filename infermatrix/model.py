@@ -29,6 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 AttentionFn = Callable[..., torch.Tensor]
+# A block's modules under Hugging Face's names (Llama, Qwen2/3, Gemma and Phi-3 share
+# them): the checkpoint loader reads by this table, the transformers peer writes by it
+HF_BLOCK_NAMES = {
+    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",
+    "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 MLP_ACTS = ("silu", "gelu_tanh")
 

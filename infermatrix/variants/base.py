@@ -25,8 +25,8 @@ from infermatrix.kernels import interpreting
 from infermatrix.model import Transformer
 
 # Axes in the order variants are applied: the weights' layout first, then their
-# precision, the graph last. A `peer` (a
-# whole model users deploy, such as Hugging Face transformers) replaces the model alone.
+# precision, the graph last. A `peer` (a whole model users deploy, such as Hugging
+# Face transformers) replaces the model alone.
 AXES = ("fusion", "linear", "attention", "cache", "graph", "peer")
 ENTRY_POINT_GROUP = "infermatrix.variants"
 # What running our Triton kernels needs: the package, and CUDA (or the CPU interpreter).
@@ -84,8 +84,8 @@ _paths_taken: dict[str, set[str]] = {}
 
 def note_path(seam: str, path: str) -> None:
     """Record that `seam` ran `path`. Skipped while torch.compile traces (a Python
-    side effect there would break the graph); a compiled case's path is noted by its
-    eager warm-up or when the variant is applied."""
+    side effect there would break the graph): a compiled case records only the paths
+    noted outside its graph, such as an int8 layer's when it is built."""
     if not torch.compiler.is_compiling():
         _paths_taken.setdefault(seam, set()).add(path)
 

@@ -1,10 +1,13 @@
 """Peers: what users deploy today, as rows of the same matrix (axis `peer`).
 
-* `hf_transformers(attn=sdpa)`: Hugging Face's `LlamaForCausalLM` built on the
-  case's own weights (shared, not copied), with HF's `StaticCache` for decoding.
-  The harness steps it with the same greedy loop and timers as our variants, so a
-  row measures HF's forward and cache, not its `generate()` bookkeeping (which
-  would only make it slower). Prefill, decode, generate and drift.
+* `hf_transformers(attn=sdpa)`: Hugging Face's model class of the case's family
+  (Llama, Qwen2, Qwen3, Gemma) built on the case's own weights (shared, not
+  copied), with HF's `StaticCache` for decoding. The harness steps it with the same
+  greedy loop and timers as our variants, so a row measures HF's forward and cache,
+  not its `generate()` bookkeeping (which would only make it slower). Prefill,
+  decode, generate and drift.
+* `llama_cpp(threads=0)`: llama-cpp-python on the case's GGUF file itself, in the
+  file's own quantization; batch 1 for timed rows.
 
 A peer replaces the whole model: it takes no other variant.
 """
@@ -17,33 +20,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from infermatrix.model import Transformer, storage_bytes
+from infermatrix.model import HF_BLOCK_NAMES, Transformer, storage_bytes
 from infermatrix.variants.base import Variant, note_path, register_variant
 
-# our parameter names -> Hugging Face Llama's, per block
-_HF_BLOCK = {
-    "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-}
 HF_ATTENTION = ("sdpa", "eager")
 
 
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face's Llama/Qwen names (the same tensors)."""
+    """Our weights under Hugging Face's names (the same tensors)."""
     out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.output.weight}
     for i, block in enumerate(model.layers):
-        for ours, theirs in {**_HF_BLOCK, "attention.q_norm": "self_attn.q_norm",
-                             "attention.k_norm": "self_attn.k_norm"}.items():
-            module = block.get_submodule(ours.split(".")[0]) if "." in ours else block
-            module = getattr(module, ours.split(".")[-1])
-            if module is None:
-                continue  # a field this family does not have (q/k norms)
-            out[f"model.layers.{i}.{theirs}.weight"] = module.weight
-            if getattr(module, "bias", None) is not None:
-                out[f"model.layers.{i}.{theirs}.bias"] = module.bias
+        for name, tensor in block.named_parameters():
+            module, kind = name.rsplit(".", 1)  # kind: weight | bias
+            out[f"model.layers.{i}.{HF_BLOCK_NAMES[module]}.{kind}"] = tensor
     return out
 
 
@@ -158,7 +148,7 @@ class HfTransformersModel(nn.Module):
 class HfTransformers(Variant):
     axis = "peer"
     requires = frozenset({"transformers"})
-    description = "peer: Hugging Face transformers' LlamaForCausalLM on the same weights, its StaticCache"
+    description = "peer: Hugging Face transformers' model of the family on the same weights, its StaticCache"
     attn: str = "sdpa"  # HF's attn_implementation: sdpa | eager
 
     def __post_init__(self) -> None:
