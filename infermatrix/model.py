@@ -330,6 +330,13 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # RoPE's cos and sin (max_seq_len, D) for every position, set by a variant (`fused`);
+        # None: computed for each forward's positions. Not a buffer: no weight bytes.
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_inv_freq(self, device) -> torch.Tensor | None:
+        """Scaled inverse frequencies, or None for rope_tables' plain ones."""
+        return rope_frequencies(self.config, device) if self.config.rope_type != "default" else None
 
     def forward(
         self,
@@ -349,8 +356,10 @@ class Transformer(nn.Module):
         elif input_pos.shape != (T,):  # shape check only: reading values would sync a GPU
             raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}; expected ({T},), one position per token")
         cfg = self.config
-        inv_freq = rope_frequencies(cfg, input_pos.device) if cfg.rope_type != "default" else None
-        cos, sin = rope_tables(cfg.head_dim, input_pos, cfg.rope_theta, inv_freq)  # (T, D) each
+        if self.rope_table is not None:  # a variant's tables for every position, looked up
+            cos, sin = self.rope_table[0][input_pos], self.rope_table[1][input_pos]  # (T, D) each
+        else:
+            cos, sin = rope_tables(cfg.head_dim, input_pos, cfg.rope_theta, self.rope_inv_freq(input_pos.device))
         x = self.tok_embeddings(tokens)  # (B, T, C)
         if cfg.embed_scale:  # Gemma: sqrt(dim), rounded to the model's dtype as HF does
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)

@@ -28,6 +28,7 @@ class Compile(Variant):
     axis = "graph"
     description = "torch.compile of the forward, static shapes (CUDA graphs on GPU)"
     mode: str = "auto"
+    freeze: bool = False  # weights as graph constants (inductor freezing): prepacked linears on the CPU
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -45,5 +46,9 @@ class Compile(Variant):
         if mode == "auto":
             mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
         compiled = shared_copy(model)  # the base model stays eager
-        compiled.forward = torch.compile(compiled.forward, mode=mode, dynamic=False, fullgraph=True)
+        if self.freeze:  # torch.compile takes a mode or options, not both: the mode's options, plus freezing
+            options = {**torch._inductor.list_mode_options(mode), "freezing": True}
+            compiled.forward = torch.compile(compiled.forward, options=options, dynamic=False, fullgraph=True)
+        else:
+            compiled.forward = torch.compile(compiled.forward, mode=mode, dynamic=False, fullgraph=True)
         return compiled

@@ -1,6 +1,8 @@
 """`fused` (axis `fusion`): one GEMM for each layer's q, k and v projections and one
-for its gate and up projections, RoPE on q and k in one pass, and each RMSNorm as
-one op (torch's rms_norm), on a copy of the model.
+for its gate and up projections, RoPE on q and k in one pass with its cos/sin
+tables computed once for every position (2 x max_seq_len x head_dim fp32) and
+looked up per step, and each RMSNorm as one op (torch's rms_norm), on a copy of
+the model.
 
 A decode step multiplies one row by each weight: three (or two) small GEMMs per
 layer become one, with fewer calls and one pass over the activations. The
@@ -17,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infermatrix.model import RMSNorm, Transformer
+from infermatrix.model import RMSNorm, Transformer, rope_tables
 from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 
@@ -54,6 +56,9 @@ class FusedRMSNorm(nn.Module):
 
 def fuse_projections(model: Transformer) -> Transformer:
     fused = shared_copy(model)
+    cfg, device = model.config, model.tok_embeddings.weight.device
+    positions = torch.arange(cfg.max_seq_len, device=device)
+    fused.rope_table = rope_tables(cfg.head_dim, positions, cfg.rope_theta, model.rope_inv_freq(device))
     fused.norm = FusedRMSNorm(model.norm)
     blocks = []
     for block in model.layers:
@@ -74,7 +79,8 @@ def fuse_projections(model: Transformer) -> Transformer:
 @dataclass(frozen=True)
 class Fused(Variant):
     axis = "fusion"
-    description = "one QKV GEMM and one gate/up GEMM per layer (weights concatenated once), one-op RMSNorm"
+    description = ("one QKV GEMM and one gate/up GEMM per layer (weights concatenated once), RoPE tables "
+                   "computed once, one-op RMSNorm")
 
     def apply(self, model: Transformer) -> Transformer:
         return fuse_projections(model)

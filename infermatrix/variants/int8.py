@@ -192,6 +192,7 @@ class Int8WeightOnly(Variant):
     axis = "linear"
     description = "int8 weights, per-channel scales, dequant fused in the matmul (Triton on CUDA, int8pack on CPU)"
     backend: str = "auto"
+    head: bool = True  # quantize the LM head too; false keeps it dense, so a table shows what it buys and costs
 
     def __post_init__(self) -> None:
         if self.backend not in WEIGHT_ONLY_BACKENDS:
@@ -202,6 +203,8 @@ class Int8WeightOnly(Variant):
 
     def apply(self, model: nn.Module) -> nn.Module:
         def make(name: str, linear: nn.Linear) -> nn.Module:
+            if name == "output" and not self.head:
+                return linear
             _check_float(linear, name, self.name)
             w = linear.weight
             return Int8WeightOnlyLinear(linear, weight_only_backend(self.backend, w.device, w.dtype,

@@ -1,7 +1,9 @@
 """`kv_cache`: decoding with a static, preallocated KV cache (the gpt-fast design).
 
 The cache is a small buffer module: per layer, keys and values of shape
-(batch, kv heads, max_len, head dim) in the model's dtype. Prefill writes the
+(batch, kv heads, max_len, head dim) in the model's dtype, each layer's its own
+tensor (a compiled step then writes one in place; a slice of one stacked buffer
+is copied out and back by the graph, measured at 2x a bf16 step's time). Prefill writes the
 prompt's positions; each decode step writes one position and attends over the
 whole buffer through a mask that hides unfilled slots (and left padding, for a
 batch of prompts of different lengths). Shapes never change between steps, which
@@ -32,9 +34,11 @@ class StaticKVCache(nn.Module):
         # prefix: the slots a forward attends over, [0, filled), set by mask(), which the
         # model calls once per forward before any layer's update() (KVCacheProtocol)
         self._filled = max_len
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # per layer
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        for t in (*self.k, *self.v):  # fixed addresses: CUDA graphs keep writing to the same cache
+            torch._dynamo.mark_static_address(t)
         # left padding per row: row b's real tokens start at slot pad[b]
         pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad.to(torch.long)
         if pad.shape != (batch,):
@@ -45,17 +49,18 @@ class StaticKVCache(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, D) at input_pos (T,); return the layer's full buffers."""
         if k.shape[0] != self.batch:
             raise ValueError(f"batch of {k.shape[0]} sequences, but this KV cache was built for "
                              f"{self.batch}; build one per batch size")
-        self.k[layer][:, :, input_pos] = k
-        self.v[layer][:, :, input_pos] = v
+        keys, values = self.k[layer], self.v[layer]
+        keys.index_copy_(2, input_pos, k)
+        values.index_copy_(2, input_pos, v)
         n = self._filled  # max_len, or with prefix the slots this forward attends over
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]  # (B, Hkv, n, D) each
+        return keys[:, :, :n], values[:, :, :n]  # (B, Hkv, n, D) each
 
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
         """(B, 1, T, max_len), True = attend: causal over filled slots, padding hidden.

@@ -56,7 +56,7 @@ class Packed(Variant):
             raise ValueError("packed needs PyTorch built with oneDNN (mkldnn)")
         if any(v.name == "compile" for v in spec):
             raise ValueError("packed with compile: inductor cannot lower an already-packed oneDNN linear (measured "
-                             "with torch 2.13); compile the plain weights instead")
+                             "with torch 2.13); use compile(freeze=true) on the plain weights, which packs them itself")
 
     def apply(self, model: Transformer) -> Transformer:
         def make(name: str, linear: nn.Linear) -> nn.Module:

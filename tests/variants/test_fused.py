@@ -30,6 +30,23 @@ def test_fused_logits_equal_the_separate_projections_at_fp32(tiny):
     assert fused.weight_bytes == tiny.weight_bytes
 
 
+def test_fused_looks_rope_up_in_tables_computed_once(tiny, monkeypatch):
+    """The cos/sin tables cover every position once; a forward only indexes them,
+    at any position (here the last one the context allows)."""
+    import infermatrix.model as model_module
+
+    fused = apply_variants(tiny, parse_spec("fused"))
+    cos, sin = fused.rope_table
+    assert cos.shape == sin.shape == (tiny.config.max_seq_len, tiny.config.head_dim) and tiny.rope_table is None
+    tokens = torch.randint(0, tiny.config.vocab_size, (1, 3))
+    positions = torch.tensor([0, 7, tiny.config.max_seq_len - 1])
+    with torch.no_grad():
+        expected = tiny(tokens, positions)
+        monkeypatch.setattr(model_module, "rope_tables", lambda *a: pytest.fail("RoPE recomputed per forward"))
+        got = fused(tokens, positions)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("spec", ["fused+kv_cache+sdpa", "fused+kv_cache(prefix=true)+sdpa"])
 def test_fused_cached_decode_equals_recompute(tiny, spec):
     prompt = torch.randint(0, tiny.config.vocab_size, (2, 10))

@@ -205,6 +205,10 @@ def test_weight_bytes_are_exact(tiny):
     assert not cfg.tie_embeddings
     q_bytes = sum(n * k + 4 * n for n, k in shapes)  # int8 weights + one fp32 scale per row
     assert apply_variants(tiny, parse_spec("int8_weight_only")).weight_bytes == others + q_bytes
+    head = tiny.output.out_features * tiny.output.in_features
+    head_dense = apply_variants(tiny, parse_spec("int8_weight_only(head=false)"))
+    assert type(head_dense.output) is nn.Linear and type(head_dense.layers[0].attention.wq) is not nn.Linear
+    assert head_dense.weight_bytes == others + q_bytes - (head + 4 * tiny.output.out_features) + 4 * head
     assert apply_variants(tiny, parse_spec("int8_llm")).weight_bytes == others + q_bytes  # SCB: fp32 per row
     assert apply_variants(tiny, parse_spec("int8_dynamic")).weight_bytes == others + q_bytes
     smooth = apply_variants(tiny, parse_spec("int8_dynamic(alpha=0.5)")).weight_bytes

@@ -63,7 +63,8 @@ def test_cached_and_recomputed_greedy_tokens_agree(tiny):
 def test_cache_holds_kv_heads_in_the_model_dtype_and_counts_its_bytes(tiny):
     cfg = tiny.config
     cache = apply_variants(tiny.to(torch.bfloat16), parse_spec("kv_cache")).new_cache(3, 40)
-    assert cache.k.shape == (cfg.n_layers, 3, cfg.n_kv_heads, 40, cfg.head_dim) and cache.k.dtype == torch.bfloat16
+    assert len(cache.k) == cfg.n_layers and all(
+        k.shape == (3, cfg.n_kv_heads, 40, cfg.head_dim) and k.dtype == torch.bfloat16 for k in (*cache.k, *cache.v))
     assert cache.nbytes == 2 * cfg.n_layers * 3 * cfg.n_kv_heads * 40 * cfg.head_dim * 2
     tiny.to(torch.float32)
 
@@ -102,14 +103,21 @@ def test_smollm2_64_greedy_tokens_match_recompute(smollm2):
 
 
 @pytest.mark.slow
-def test_compiled_cached_decode_matches_eager(tiny):
-    """torch.compile (inductor on the CPU; the first call compiles, ~1 min here)."""
-    eager = apply_variants(tiny, parse_spec("kv_cache+sdpa"))
-    compiled = apply_variants(tiny, parse_spec("kv_cache+sdpa+compile"))
+@pytest.mark.parametrize("eager_spec,compiled_spec", [
+    ("kv_cache+sdpa", "kv_cache+sdpa+compile"),
+    # freezing: weights as graph constants, linears prepacked by inductor; grouped decode traced
+    ("fused+kv_cache+sdpa(decode=grouped)", "fused+kv_cache+sdpa(decode=grouped)+compile(freeze=true)"),
+])
+def test_compiled_cached_decode_matches_eager(tiny, eager_spec, compiled_spec):
+    """torch.compile (inductor on the CPU; the first call compiles, ~1 min here).
+    The compiled step writes the cache's own per-layer tensors in place."""
+    eager = apply_variants(tiny, parse_spec(eager_spec))
+    compiled = apply_variants(tiny, parse_spec(compiled_spec))
     assert not hasattr(eager, "_orig_mod") and compiled.forward is not eager.forward
     prompt = torch.randint(0, tiny.config.vocab_size, (2, 12))
     with torch.inference_mode():
         cache = compiled.new_cache(2, 20)
+        layer0_keys = cache.k[0]
         for t in range(2):  # the second generation reuses the compiled graphs and the cache
             decoder = GreedyDecoder(compiled, prompt, 8, cache=cache)
             tokens = torch.cat([decoder.step() for _ in range(8)], dim=1)
@@ -118,6 +126,8 @@ def test_compiled_cached_decode_matches_eager(tiny):
         ref_cache = eager.new_cache(2, 20)
         eager(decoder.tokens[:, :12], torch.arange(12), ref_cache)
         torch.testing.assert_close(step, eager(prompt[:, :1], torch.tensor([12]), ref_cache), **FP32)
+        assert cache.k[0] is layer0_keys  # the same tensor, written in place by the graph
+        torch.testing.assert_close(cache.k[0][:, :, :13], ref_cache.k[0][:, :, :13], **FP32)
 
 
 def test_compile_mode_is_checked():
