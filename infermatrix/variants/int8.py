@@ -13,8 +13,9 @@ file knows nothing of:
 
 Every variant builds new modules on a shallow copy of the module tree (`swap_linears`),
 so the runner's cached dense model is left as it was. All nn.Linear layers are
-quantized, the LM head too (gpt-fast does the same); with tied embeddings the
-embedding table stays dense beside the head's int8 copy, and `weight_bytes` counts both.
+quantized, the LM head too (gpt-fast does the same; `int8_weight_only(head=false)`
+keeps it dense); with tied embeddings the embedding table stays dense beside the
+head's int8 copy, and `weight_bytes` counts both.
 """
 
 from __future__ import annotations
