@@ -194,8 +194,10 @@ _GGUF_BLOCK_NAMES = {
 }
 # Phi-3 keeps HF's fused projections: q|k|v rows in attn_qkv, gate|up rows in ffn_up
 _GGUF_PHI3_FUSED = {"attn_qkv": "attention.qkv_fused", "ffn_up": "feed_forward.gate_up_fused"}
-# Tensors that carry a RoPE scaling we do not implement (Llama 3.1 frequencies, Phi-3 longrope)
-_GGUF_ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# Tensors that carry a RoPE scaling we do not read back into rope fields
+_GGUF_ROPE_TENSORS = {"rope_freqs.weight": "rope_freqs (Llama 3.1 style)",
+                      "rope_factors_long.weight": "rope_factors_long (Phi-3 longrope)",
+                      "rope_factors_short.weight": "rope_factors_short (Phi-3 longrope)"}
 
 
 def _gguf_field(reader, key: str, source: str, default=None):
@@ -269,7 +271,7 @@ def _gguf_config(reader, source: str) -> ModelConfig:
     scaling = field("rope.scaling.type", default="none")
     rope_tensors = [name for name in _GGUF_ROPE_TENSORS if name in tensors]
     if scaling != "none" or rope_tensors:
-        kind = scaling if scaling != "none" else f"{rope_tensors[0]} tensor"
+        kind = scaling if scaling != "none" else _GGUF_ROPE_TENSORS[rope_tensors[0]]
         raise UserError(f"{source}: scaled RoPE ({kind}) is not supported; valid: plain RoPE")
     rope_dims = int(field("rope.dimension_count", default=cfg.head_dim))
     if rope_dims != cfg.head_dim:
@@ -408,7 +410,8 @@ def gguf_tokenizer(reader):
     # 4 USER_DEFINED (matched whole, ordinary text otherwise: Qwen's <tool_call>, <think>)
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i, kind in enumerate(types) if kind == 3])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i, kind in enumerate(types) if kind == 4])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, kind in enumerate(types) if kind == 4])
     return tok
 
 
