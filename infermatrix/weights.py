@@ -172,6 +172,15 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) ->
 
 # ---------------------------------------------------------------- GGUF
 
+# GGUF architectures we read -> the ModelConfig fields llama.cpp's graph for each implies
+# (metadata keys are prefixed by the architecture's name: "qwen2.embedding_length").
+_GGUF_ARCHS = {
+    "llama": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+    "gemma": {"norm_offset": 1.0, "mlp_act": "gelu_tanh", "embed_scale": True},
+    "phi3": {},
+}
 _GGUF_NAMES = {
     "token_embd.weight": "tok_embeddings.weight",
     "output_norm.weight": "norm.weight",
@@ -180,8 +189,15 @@ _GGUF_NAMES = {
 _GGUF_BLOCK_NAMES = {
     "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "attn_q_norm": "attention.q_norm", "attn_k_norm": "attention.k_norm",
     "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
 }
+# Phi-3 keeps HF's fused projections: q|k|v rows in attn_qkv, gate|up rows in ffn_up
+_GGUF_PHI3_FUSED = {"attn_qkv": "attention.qkv_fused", "ffn_up": "feed_forward.gate_up_fused"}
+# Tensors that carry a RoPE scaling we do not read back into rope fields
+_GGUF_ROPE_TENSORS = {"rope_freqs.weight": "rope_freqs (Llama 3.1 style)",
+                      "rope_factors_long.weight": "rope_factors_long (Phi-3 longrope)",
+                      "rope_factors_short.weight": "rope_factors_short (Phi-3 longrope)"}
 
 
 def _gguf_field(reader, key: str, source: str, default=None):
@@ -203,7 +219,7 @@ def unpermute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 @lru_cache(maxsize=2)
 def _gguf_reader(path: Path):
-    """An open (memory-mapped) GGUF of a Llama model; parsing its metadata takes seconds."""
+    """An open (memory-mapped) GGUF of a supported architecture; parsing its metadata takes seconds."""
     import gguf
 
     try:
@@ -211,37 +227,58 @@ def _gguf_reader(path: Path):
     except Exception as exc:  # the gguf reader raises bare ValueErrors on bad files
         raise UserError(f"{path}: not a readable GGUF file ({exc})") from None
     arch = _gguf_field(reader, "general.architecture", str(path))
-    if arch != "llama":
-        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; valid: 'llama'")
+    if arch not in _GGUF_ARCHS:
+        valid = ", ".join(repr(a) for a in _GGUF_ARCHS)
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; valid: {valid}")
     return reader
 
 
 def _gguf_config(reader, source: str) -> ModelConfig:
-    n_heads = int(_gguf_field(reader, "llama.attention.head_count", source))
+    arch = _gguf_field(reader, "general.architecture", source)
+
+    def field(key: str, default=None):
+        return _gguf_field(reader, f"{arch}.{key}", source, default)
+
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads = int(field("attention.head_count"))
+    dim = int(field("embedding_length"))
+    # converters other than llama's write no vocab_size: the token list, else the table's rows
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
-    vocab_default = len(tokens_field.data) if tokens_field else None
+    embd = tensors.get("token_embd.weight")
+    vocab_default = len(tokens_field.data) if tokens_field else int(embd.shape[-1]) if embd is not None else None
+    head_dim = int(field("attention.key_length", default=dim // n_heads))
+    value_dim = int(field("attention.value_length", default=head_dim))
+    if value_dim != head_dim:
+        raise UserError(f"{source}: {arch}.attention.value_length {value_dim} differs from key_length {head_dim}; "
+                        "the reference model takes one head_dim for q, k and v")
     try:
         cfg = ModelConfig(
-            vocab_size=int(_gguf_field(reader, "llama.vocab_size", source, default=vocab_default)),
-            dim=int(_gguf_field(reader, "llama.embedding_length", source)),
-            n_layers=int(_gguf_field(reader, "llama.block_count", source)),
+            vocab_size=int(field("vocab_size", default=vocab_default)),
+            dim=dim,
+            n_layers=int(field("block_count")),
             n_heads=n_heads,
-            n_kv_heads=int(_gguf_field(reader, "llama.attention.head_count_kv", source, default=n_heads)),
-            hidden_dim=int(_gguf_field(reader, "llama.feed_forward_length", source)),
-            norm_eps=float(_gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", source)),
-            rope_theta=float(_gguf_field(reader, "llama.rope.freq_base", source, default=10000.0)),
-            max_seq_len=int(_gguf_field(reader, "llama.context_length", source)),
-            tie_embeddings="output.weight" not in {t.name for t in reader.tensors},
+            n_kv_heads=int(field("attention.head_count_kv", default=n_heads)),
+            hidden_dim=int(field("feed_forward_length")),
+            norm_eps=float(field("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(field("rope.freq_base", default=10000.0)),  # llama.cpp's default too
+            max_seq_len=int(field("context_length")),
+            tie_embeddings="output.weight" not in tensors,
+            attn_head_dim=head_dim if head_dim * n_heads != dim else None,
+            **_GGUF_ARCHS[arch],
         )
     except ValueError as exc:
         raise UserError(f"{source}: {exc}") from None
-    scaling = _gguf_field(reader, "llama.rope.scaling.type", source, default="none")
-    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        kind = scaling if scaling != "none" else "rope_freqs (Llama 3.1 style)"
+    scaling = field("rope.scaling.type", default="none")
+    rope_tensors = [name for name in _GGUF_ROPE_TENSORS if name in tensors]
+    if scaling != "none" or rope_tensors:
+        kind = scaling if scaling != "none" else _GGUF_ROPE_TENSORS[rope_tensors[0]]
         raise UserError(f"{source}: scaled RoPE ({kind}) is not supported; valid: plain RoPE")
-    rope_dims = int(_gguf_field(reader, "llama.rope.dimension_count", source, default=cfg.head_dim))
+    rope_dims = int(field("rope.dimension_count", default=cfg.head_dim))
     if rope_dims != cfg.head_dim:
         raise UserError(f"{source}: partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
+    if cfg.head_dim % 2:
+        raise UserError(f"{source}: head_dim {cfg.head_dim} is odd; RoPE rotates pairs and needs an even head_dim")
+    # phi3.attention.sliding_window is ignored, as llama.cpp itself ignores it (full attention)
     return cfg
 
 
@@ -251,31 +288,44 @@ def _convert_gguf(path: Path):
 
     source = str(path)
     reader = _gguf_reader(path)
+    arch = _gguf_field(reader, "general.architecture", source)
     cfg = _gguf_config(reader, source)
-    tensors = {}
+    block_names = {**_GGUF_BLOCK_NAMES, **(_GGUF_PHI3_FUSED if arch == "phi3" else {})}
+    tensors, origin, unexpected = {}, {}, []
     for t in reader.tensors:
         kind = None
         if t.name.startswith("blk."):
-            _, layer, kind, _ = t.name.split(".", 3)
-            if kind not in _GGUF_BLOCK_NAMES:
-                raise UserError(f"{source}: unexpected tensor {t.name}; only plain Llama blocks are supported")
-            ours = f"layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.weight"
-        elif t.name in _GGUF_NAMES:
-            ours = _GGUF_NAMES[t.name]
+            _, layer, kind, suffix = t.name.split(".", 3)  # suffix: weight | bias
+            ours = f"layers.{layer}.{block_names[kind]}.{suffix}" if kind in block_names else None
         else:
-            raise UserError(f"{source}: unexpected tensor {t.name}; only plain Llama models are supported")
+            ours = _GGUF_NAMES.get(t.name)
+        if ours is None:
+            unexpected.append(t.name)
+            continue
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())  # writable
-        if kind == "attn_q":
-            w = unpermute_gguf_qk(w, cfg.n_heads)
-        elif kind == "attn_k":
-            w = unpermute_gguf_qk(w, cfg.n_kv_heads)
-        tensors[ours] = w
+        # only llama's converter permutes Q/K (llama.cpp runs RoPE over adjacent pairs there);
+        # qwen2, qwen3, gemma and phi3 run NeoX RoPE, our layout, and are stored as in HF
+        if arch == "llama" and kind in ("attn_q", "attn_k") and suffix == "weight":
+            w = unpermute_gguf_qk(w, cfg.n_heads if kind == "attn_q" else cfg.n_kv_heads)
+        # Gemma's converter stores RMSNorm weights as 1 + w; our norm adds the 1 itself
+        if arch == "gemma" and ours.endswith("norm.weight"):
+            w = w - 1.0
+        tensors[ours], origin[ours] = w, t.name
+    if arch == "phi3":
+        tensors = _split_fused(tensors, cfg)
+    # a tensor the config has no place for (a bias under llama, another layer) would be
+    # dropped silently and the logits be wrong: refuse, naming it
+    expected = {name for name, _ in _empty_model(cfg).named_parameters()} | {"output.weight"}
+    unexpected += sorted(origin.get(name, name) for name in tensors if name not in expected)
+    if unexpected:
+        raise UserError(f"{source}: GGUF holds {len(unexpected)} tensors a plain {arch!r} model has no place for, "
+                        f"e.g. {unexpected[:3]}")
     return cfg, tensors, gguf_tokenizer(reader)
 
 
 # Bump when the conversion changes, so old converted files are no longer read (and,
 # through the reference-logits key, the fp32 references computed from them).
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2  # 2: USER_DEFINED tokens of a GGUF's vocabulary are matched whole
 
 
 def _converted_dir(path: Path) -> Path:
@@ -323,6 +373,11 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
+# Qwen2's (and Qwen3's): as Llama 3's but digits one by one
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 
 def gguf_tokenizer(reader):
@@ -338,9 +393,9 @@ def gguf_tokenizer(reader):
         pre_tok = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("gpt2", "default"):
         pre_tok = byte_level
-    elif pre == "llama-bpe":
+    elif pre in ("llama-bpe", "qwen2"):
         pre_tok = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
     else:
@@ -351,8 +406,12 @@ def gguf_tokenizer(reader):
     tok.pre_tokenizer = pre_tok
     tok.decoder = decoders.ByteLevel()
     types = reader.fields["tokenizer.ggml.token_type"].contents() if "tokenizer.ggml.token_type" in reader.fields else []
-    control = [tokens[i] for i, kind in enumerate(types) if kind == 3]  # 3: llama.cpp's CONTROL
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    # llama.cpp's token types: 3 CONTROL (matched whole, dropped by skip_special_tokens),
+    # 4 USER_DEFINED (matched whole, ordinary text otherwise: Qwen's <tool_call>, <think>)
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                            for i, kind in enumerate(types) if kind == 3])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, kind in enumerate(types) if kind == 4])
     return tok
 
 

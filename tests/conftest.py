@@ -8,6 +8,7 @@ import torch
 from infermatrix.weights import load_model
 
 PLUGINS = Path(__file__).parent / "plugins"
+sys.path.insert(0, str(Path(__file__).parent))  # shared test helpers (hf_twins), with --import-mode=importlib
 
 # Without a GPU, Triton kernels run through Triton's CPU interpreter (numpy), which
 # must be chosen before any kernel module is imported. On a CUDA machine the same

@@ -14,39 +14,11 @@ from infermatrix.model import generate_greedy  # noqa: E402
 from infermatrix.variants import apply_variants, parse_spec  # noqa: E402
 from infermatrix.weights import load_model  # noqa: E402
 
-COMMON = dict(vocab_size=256, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-              max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=50000.0)
-
-FAMILIES = {
-    # GQA ratio 3 (6 query heads over 2 KV heads), q/k/v biases
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True, **COMMON)),
-    # an odd head count (3), head_dim 48 != 96 / 3 ... and 2 KV heads would not divide: 3 over 1
-    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        num_attention_heads=3, num_key_value_heads=1, head_dim=48, tie_word_embeddings=False, **COMMON)),
-    # Gemma: (1 + w) RMSNorm, GeGLU, embeddings scaled by sqrt(dim), head_dim 32 != 96 / 6
-    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
-        num_attention_heads=6, num_key_value_heads=2, head_dim=32, hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True, pad_token_id=0, **COMMON)),
-    # Phi-3: q/k/v and gate/up stored fused in the checkpoint, split on load
-    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
-        num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False, pad_token_id=0, **COMMON)),
-    # Llama 3 rope scaling, with a pre-training context (32) shorter than the test's sequence
-    "llama3": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 32}, **COMMON)),
-}
+from hf_twins import COMMON, FAMILIES, hf_twin  # noqa: E402
 
 
 def build(name: str, tmp_path):
-    torch.manual_seed(0)
-    hf = FAMILIES[name]().eval()
-    with torch.no_grad():  # non-trivial values everywhere, norms and biases included
-        for pname, p in hf.named_parameters():
-            p.uniform_(0.5, 1.5) if "norm" in pname else p.normal_(0.0, 0.08)
-    hf.save_pretrained(tmp_path, safe_serialization=True)
-    return hf, load_model(str(tmp_path))
+    return hf_twin(name, tmp_path), load_model(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
