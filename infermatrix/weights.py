@@ -294,9 +294,11 @@ def _convert_gguf(path: Path):
     tensors, origin, unexpected = {}, {}, []
     for t in reader.tensors:
         kind = None
-        if t.name.startswith("blk."):
-            _, layer, kind, suffix = t.name.split(".", 3)  # suffix: weight | bias
-            ours = f"layers.{layer}.{block_names[kind]}.{suffix}" if kind in block_names else None
+        parts = t.name.split(".", 3)  # blk.<layer>.<kind>.<weight | bias>
+        if parts[0] == "blk":
+            layer, kind, suffix = (parts[1:] + ["", "", ""])[:3]  # a malformed name is refused, not a crash
+            known = kind in block_names and layer.isdigit() and suffix in ("weight", "bias")
+            ours = f"layers.{layer}.{block_names[kind]}.{suffix}" if known else None
         else:
             ours = _GGUF_NAMES.get(t.name)
         if ours is None:

@@ -234,3 +234,12 @@ def test_vocab_size_falls_back_to_the_embedding_table(tmp_path):
     _, path = twin_and_gguf("qwen2", tmp_path, vocab=False)
     assert model_config(str(path)).vocab_size == 256
     assert load_model(str(path)).tokenizer is None
+
+
+def test_a_malformed_block_tensor_name_is_refused_by_name(tmp_path):
+    """`blk.` names that do not split into layer, kind and weight|bias are refused
+    with the others a model has no place for, not an unpacking crash."""
+    one = np.ones(4, dtype=np.float32)
+    _, path = twin_and_gguf("llama", tmp_path, extra=lambda w: w.add_tensor("blk.norm", one))
+    with pytest.raises(UserError, match=r"no place for, e.g. \['blk.norm'\]"):
+        load_model(str(path))
