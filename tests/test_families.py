@@ -129,6 +129,8 @@ def test_a_windowed_model_refuses_what_would_change_it(tmp_path):
     compute another model: refused before running, naming the window and the fix,
     both when variants are applied and when a matrix is read."""
     from infermatrix.bench.matrix import parse_matrix
+    from infermatrix.bench.runner import run_matrix
+    from infermatrix.reports.derived import ran
 
     _, loaded = build("mistral", tmp_path)
     for spec in ("block_sparse(pattern=sliding,window=16,block=8)", "block_sparse(block=8)",
@@ -139,8 +141,13 @@ def test_a_windowed_model_refuses_what_would_change_it(tmp_path):
              "prompt_len": 16}
     with pytest.raises(UserError, match="flex.*its own sliding window of 8 tokens"):
         parse_matrix({"cases": [cases]})
-    parse_matrix({"cases": [{**cases, "variant": "block_sparse(pattern=sliding,window=8,block=8)"}]})
     parse_matrix({"cases": [{**cases, "workload": "attention"}]})  # an op workload runs no model: no window
+    exact = parse_matrix({"run": {"isolate": False, "min_runs": 1, "max_runs": 1, "warmup": 0},
+                          "cases": [{**cases, "variant": "block_sparse(pattern=sliding,window=8,block=8)"}]})
+    record = run_matrix(exact, tmp_path / "run", log=lambda line: None)[0]
+    assert record.status == "ok", record.reason
+    assert record.metrics["model_window"] == 8  # the record says the model's own window was in force
+    assert ran(record) == "attention block_sparse_cpu, model window 8"
 
 
 def test_qwen2s_window_maps_when_it_covers_every_layer(tmp_path):
