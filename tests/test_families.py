@@ -6,6 +6,7 @@ folders and match Hugging Face transformers' logits at fp32, and cached greedy
 decoding equals HF's generate."""
 
 import dataclasses
+import importlib.util
 
 import pytest
 import torch
@@ -94,6 +95,8 @@ def test_the_hf_peer_builds_the_same_family(name, tmp_path):
 WINDOWED = ["kv_cache", "kv_cache(prefix=true)+sdpa(decode=grouped)", "kv_cache+sdpa(decode=grouped)",
             "block_sparse(pattern=sliding,window=8,block=8)", "kv_cache+block_sparse(pattern=sliding,window=8,block=8)",
             "fused+kv_cache(prefix=true)+sdpa"]
+if importlib.util.find_spec("triton"):  # the window reaches its kernels as per-row key ranges (interpreted on CPUs)
+    WINDOWED += ["triton", "kv_cache+triton"]
 
 
 def test_a_models_own_sliding_window_matches_mistral_past_the_window(tmp_path):
@@ -163,6 +166,8 @@ def test_qwen2s_window_maps_when_it_covers_every_layer(tmp_path):
     with torch.no_grad():
         theirs = hf(tokens).logits
         assert (loaded.model(tokens) - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+        peer = apply_variants(loaded.model, parse_spec("hf_transformers"))  # Qwen2 windowed on every layer
+        assert (peer(tokens) - theirs).abs().max() <= 1e-4 * theirs.abs().max()
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
         max_window_layers=1, **COMMON))

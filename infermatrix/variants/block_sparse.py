@@ -256,6 +256,8 @@ class BlockSparse(LayoutConfig):
         return self.requires | (TRITON_KERNELS if self.backend == "triton" else frozenset())
 
     def apply(self, model: Transformer) -> Transformer:
-        self.check_model(model.config)
-        return with_attention(model, BlockSparseAttention(self, model.config.sliding_window))
+        config = getattr(model, "config", None)  # None: the attention workload's bare seam, no model
+        if config is not None:
+            self.check_model(config)
+        return with_attention(model, BlockSparseAttention(self, config.sliding_window if config else None))
 
