@@ -66,7 +66,8 @@ def test_causal_pairs_match_model_mask(q_len, k_len):
 def test_a_models_own_window_counts_only_the_pairs_and_keys_it_sees(q_len, k_len, window):
     """Mistral-style window: the model mask's visible pairs, and a decode step past the
     window reads window keys of a longer cache, not all of them."""
-    assert roofline.causal_pairs(q_len, k_len, window) == int(causal_mask(q_len, k_len, torch.device("cpu"), window).sum())
+    visible = causal_mask(q_len, k_len, torch.device("cpu"), window)
+    assert roofline.causal_pairs(q_len, k_len, window) == int(visible.sum())
     cfg = dataclasses.replace(SHAPE_PRESETS["tiny"], sliding_window=window)
     windowed, plain = (attention_cost(1, 4, 2, q_len, k_len, 16, causal=True, dtype_bytes=4, window=w)
                        for w in (window, None))
