@@ -356,8 +356,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<20} real weights       {status}; {about}")
     for name, cfg in SHAPE_PRESETS.items():
         params = cfg.num_params()
+        window = f", its own attention window of {cfg.sliding_window}" if cfg.sliding_window else ""
         print(f"  {name:<20} random weights     available; {params:,} params, "
-              f"{params * 2 / 2**30:.2f} GiB in bfloat16")
+              f"{params * 2 / 2**30:.2f} GiB in bfloat16{window}")
     print("  PATH.gguf / DIR      a Llama GGUF file or a Hugging Face Llama checkpoint folder")
     return 0
 

@@ -7,7 +7,9 @@ KV heads. The model has exactly two seams for optimized variants:
   with q (B, H, Tq, D) and k, v (B, Hkv, Tk, D). Without a mask the last Tq keys are
   the queries' own positions (a query shorter than the keys sits at the end). A
   boolean mask (B or 1, 1, Tq, Tk), True = attend, replaces the causal rule: a
-  static KV cache passes one that hides unfilled slots and left padding.
+  static KV cache passes one that hides unfilled slots and left padding, and a model
+  with its own sliding window passes its window that way too (so any variant that
+  honours the mask runs the model as it is).
 * the ``nn.Linear`` layers, which a quantizing variant swaps for its own module.
 
 Decoding uses ``input_pos`` and an optional cache object with
@@ -65,6 +67,10 @@ class ModelConfig:
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's (1 + w)
     mlp_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) | gelu_tanh (Gemma's GeGLU)
     embed_scale: bool = False  # token embeddings times sqrt(dim) (Gemma)
+    # a model's own attention window (Mistral, Phi-3): a query at position t sees keys
+    # t-W+1 .. t, W of them itself included (HF's `kv_idx > q_idx - W`); None: all earlier keys
+    sliding_window: int | None = None
+    rotary_dim: int | None = None  # RoPE on each head's first rotary_dim dims only (HF's partial_rotary_factor)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -92,10 +98,21 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelConfig.sliding_window must be positive (or None: no window), "
+                             f"got {self.sliding_window}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"ModelConfig.rotary_dim must be even and in 2..head_dim ({self.head_dim}), "
+                             f"got {self.rotary_dim}")
 
     @property
     def head_dim(self) -> int:
         return self.attn_head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates."""
+        return self.rotary_dim or self.head_dim
 
     def num_params(self) -> int:
         """Exact parameter count, computed without building the model."""
@@ -140,6 +157,15 @@ SHAPE_PRESETS: dict[str, ModelConfig] = {
         norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=40960, tie_embeddings=True, attn_head_dim=128,
         qk_norm=True,
     ),
+    "gemma-2b": ModelConfig(  # Gemma 2B: one KV head, head_dim 256, GeGLU, (1 + w) norms, scaled embeddings
+        vocab_size=256000, dim=2048, n_layers=18, n_heads=8, n_kv_heads=1, hidden_dim=16384, norm_eps=1e-6,
+        max_seq_len=8192, tie_embeddings=True, attn_head_dim=256, norm_offset=1.0, mlp_act="gelu_tanh",
+        embed_scale=True,
+    ),
+    "phi-3-mini": ModelConfig(  # Phi-3-mini-4k-instruct: 32 heads of 96, and HF applies its window of 2047
+        vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=8192, norm_eps=1e-5,
+        max_seq_len=4096, sliding_window=2047,
+    ),
 }
 
 
@@ -151,14 +177,17 @@ class KVCacheProtocol(Protocol):
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None: ...
 
 
-def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+def causal_mask(q_len: int, k_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
     """Boolean (Tq, Tk) mask, True where attention is allowed.
 
     Queries are the last q_len positions of the k_len keys (bottom-right aligned),
-    so query i may see keys 0 .. i + (k_len - q_len).
+    so query i may see keys 0 .. i + (k_len - q_len); with a window W only the last
+    W of those (ModelConfig.sliding_window).
     """
     q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
+    if window is not None:
+        return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (Tq, Tk)
     return k_pos <= q_pos  # (Tq, Tk)
 
 
@@ -207,7 +236,7 @@ def rope_frequencies(cfg: ModelConfig, device) -> torch.Tensor:
     them all by the factor; `llama3` divides the low frequencies (wavelengths past
     original_max / low_freq_factor) by it, keeps the high ones (shorter than
     original_max / high_freq_factor) and blends in between."""
-    D = cfg.head_dim
+    D = cfg.rope_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=device).float() / D)  # (D/2,)
     if cfg.rope_type == "linear":
         return inv_freq / cfg.rope_factor
@@ -234,7 +263,12 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[i], x[i + D/2]); x (B, H, T, D), cos/sin (T, D)."""
+    """Rotate pairs (x[i], x[i + R/2]); x (B, H, T, D), cos/sin (T, R). With R < D
+    (partial rotary) the first R dims rotate, half-split among themselves, and the
+    rest of each head passes unchanged, as Hugging Face's Phi-3 does."""
+    R = cos.shape[-1]
+    if R < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :R], cos, sin), x[..., R:]], dim=-1)  # (B, H, T, D)
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, D)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -359,11 +393,13 @@ class Transformer(nn.Module):
         if self.rope_table is not None:  # a variant's tables for every position, looked up
             cos, sin = self.rope_table[0][input_pos], self.rope_table[1][input_pos]  # (T, D) each
         else:
-            cos, sin = rope_tables(cfg.head_dim, input_pos, cfg.rope_theta, self.rope_inv_freq(input_pos.device))
+            cos, sin = rope_tables(cfg.rope_dim, input_pos, cfg.rope_theta, self.rope_inv_freq(input_pos.device))
         x = self.tok_embeddings(tokens)  # (B, T, C)
         if cfg.embed_scale:  # Gemma: sqrt(dim), rounded to the model's dtype as HF does
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)
         mask = cache.mask(input_pos) if cache is not None else None  # (B|1, 1, T, Tk) or None
+        if cache is None and cfg.sliding_window is not None and T > cfg.sliding_window:
+            mask = causal_mask(T, T, tokens.device, cfg.sliding_window)[None, None]  # (1, 1, T, T)
         for block in self.layers:
             x = block(x, cos, sin, self.attention, input_pos, cache, mask)  # (B, T, C)
         return self.output(self.norm(x))  # (B, T, vocab)

@@ -419,8 +419,8 @@ def gguf_tokenizer(reader):
 
 # ---------------------------------------------------------------- Hugging Face folders
 
-_HF_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                     "GemmaForCausalLM")
+_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Phi3ForCausalLM", "GemmaForCausalLM")
 _HF_BLOCK_NAMES = {
     **{theirs: ours for ours, theirs in HF_BLOCK_NAMES.items()},
     # Phi-3 stores them fused: split on load (_split_fused)
@@ -442,17 +442,16 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
         if raw.get(flag):
             raise UserError(f"{source}: config sets {flag}=true; the reference model takes biases only on "
                             "q, k and v (Qwen2)")
-    if raw.get("use_sliding_window"):
-        raise UserError(f"{source}: config sets use_sliding_window=true; a model's own attention window is not "
-                        "supported yet")
+    window = _hf_sliding_window(raw, arch, source)
     gemma = arch == "GemmaForCausalLM"
     act = raw.get("hidden_activation") or raw.get("hidden_act", "silu") if gemma else raw.get("hidden_act", "silu")
     if act not in ("silu", "gelu_pytorch_tanh") or (act == "gelu_pytorch_tanh" and not gemma):
         raise UserError(f"{source}: hidden activation {act!r} is not supported; valid: 'silu' "
                         "(Gemma: 'gelu_pytorch_tanh')")
     partial = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UserError(f"{source}: partial_rotary_factor={partial} is not supported yet; valid: 1.0")
+    if partial != 1.0 and arch != "Phi3ForCausalLM":  # the other classes here rotate whole heads
+        raise UserError(f"{source}: partial_rotary_factor={partial} is taken for Phi3ForCausalLM only; "
+                        f"{arch} rotates whole heads (valid: 1.0)")
     scaling = {}
     if rope_type in ("linear", "llama3"):
         scaling = {"rope_type": rope_type, "rope_factor": float(rope.get("factor", 1.0))}
@@ -463,6 +462,10 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
     try:
         n_heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // n_heads
+        rotary_dim = int(head_dim * partial)  # HF truncates the same way
+        if partial != 1.0 and (rotary_dim % 2 or not 0 < rotary_dim <= head_dim):
+            raise UserError(f"{source}: partial_rotary_factor={partial} gives {rotary_dim} rotary dims of "
+                            f"{head_dim}; RoPE needs an even count in 2..head_dim")
         cfg = ModelConfig(
             vocab_size=raw["vocab_size"], dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
             n_heads=n_heads, n_kv_heads=raw.get("num_key_value_heads") or n_heads,
@@ -473,7 +476,7 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
             attn_head_dim=head_dim if head_dim * n_heads != raw["hidden_size"] else None,
             qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM", **scaling,
             norm_offset=1.0 if gemma else 0.0, mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
-            embed_scale=gemma,
+            embed_scale=gemma, sliding_window=window, rotary_dim=rotary_dim if partial != 1.0 else None,
         )
     except KeyError as exc:
         raise UserError(f"{source}: config.json lacks {exc.args[0]!r}") from None
@@ -482,6 +485,34 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
     if cfg.head_dim % 2:
         raise UserError(f"{source}: head_dim {cfg.head_dim} is odd; RoPE rotates pairs and needs an even head_dim")
     return cfg
+
+
+def _hf_sliding_window(raw: dict, arch: str, source: str) -> int | None:
+    """The model's own attention window, as transformers applies it: Mistral and Phi-3
+    on every layer whenever `sliding_window` is set; Qwen2/3 only with
+    use_sliding_window=true and only on the layers `layer_types` marks (by default those
+    from max_window_layers on), which maps onto the one window field when it is all
+    of them or none."""
+    if arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        window = raw.get("sliding_window")
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"):
+        window = raw.get("sliding_window")
+        n_layers = raw.get("num_hidden_layers", 0)
+        first = raw.get("max_window_layers", n_layers)
+        kinds = raw.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                           for i in range(n_layers)]
+        sliding = sum(kind == "sliding_attention" for kind in kinds)
+        if window is not None and 0 < sliding < len(kinds):
+            raise UserError(f"{source}: config sets use_sliding_window=true with max_window_layers="
+                            f"{raw.get('max_window_layers')}: a window on {sliding} of {len(kinds)} layers; the "
+                            "reference model takes one window for every layer (valid: max_window_layers=0, or "
+                            "use_sliding_window=false)")
+        window = window if sliding else None
+    else:
+        window = None
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise UserError(f"{source}: sliding_window={window!r} must be a positive integer (or null)")
+    return window
 
 
 def _hf_folder_config(folder: Path) -> ModelConfig:

@@ -25,6 +25,12 @@ FAMILIES = {
                             hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0)),
     # Phi-3: q/k/v and gate/up stored fused in the checkpoint, split on load
     "phi3": ("Phi3", dict(num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False, pad_token_id=0)),
+    # Phi-3 with RoPE on half of each head (the first 8 of 16 dims), the rest unrotated
+    "phi3_partial": ("Phi3", dict(num_attention_heads=6, num_key_value_heads=3, partial_rotary_factor=0.5,
+                                  tie_word_embeddings=False, pad_token_id=0)),
+    # Mistral: a sliding window of 8 tokens, shorter than the 28 generated and the 80 scored
+    "mistral": ("Mistral", dict(num_attention_heads=6, num_key_value_heads=2, sliding_window=8,
+                                tie_word_embeddings=False)),
     # Llama 3 rope scaling, with a pre-training context (32) shorter than the test's sequence
     "llama3": ("Llama", dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True,
                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -36,6 +36,23 @@ def test_rope_makes_logits_invariant_to_a_shift_of_all_positions(tiny):
     torch.testing.assert_close(shifted, base, rtol=1e-4, atol=1e-5)
 
 
+def test_a_sliding_window_mask_keeps_the_last_w_keys_of_each_query():
+    mask = causal_mask(3, 6, torch.device("cpu"), window=2)  # queries at positions 3, 4, 5
+    assert mask.tolist() == [[False, False, True, True, False, False], [False, False, False, True, True, False],
+                             [False, False, False, False, True, True]]
+
+
+def test_partial_rotary_rotates_the_leading_dims_and_leaves_the_rest():
+    from infermatrix.model import apply_rope, rope_tables
+
+    x = torch.randn(1, 2, 5, 16)
+    cos, sin = rope_tables(8, torch.arange(5), 10000.0)  # (5, 8): half of each head rotates
+    out = apply_rope(x, cos, sin)
+    assert torch.equal(out[..., 8:], x[..., 8:])
+    torch.testing.assert_close(out[..., :8], apply_rope(x[..., :8], cos, sin))
+    assert not torch.allclose(out[..., :8], x[..., :8])
+
+
 def test_causal_mask_aligns_queries_with_the_last_keys():
     mask = causal_mask(2, 5, torch.device("cpu"))
     assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
@@ -95,6 +112,9 @@ def test_context_overflow_is_a_clear_error(tiny):
         (dict(dim=30, n_heads=4), "divisible by n_heads"),
         (dict(n_heads=4, n_kv_heads=3, dim=32), "multiple of n_kv_heads"),
         (dict(n_layers=0), "n_layers must be positive"),
+        (dict(sliding_window=0), "sliding_window must be positive"),
+        (dict(dim=64, n_heads=4, rotary_dim=7), "rotary_dim must be even and in 2..head_dim \\(16\\), got 7"),
+        (dict(dim=64, n_heads=4, rotary_dim=18), "rotary_dim must be even"),
     ],
 )
 def test_config_validation(kwargs, message):

@@ -169,7 +169,7 @@ def test_checkpoint_folder_problems_are_named(tmp_path):
 
 
 def test_unknown_model_lists_presets():
-    with pytest.raises(UserError, match="unknown model 'llama-70x'.*presets: smollm2-135m, llama-1b"):
+    with pytest.raises(UserError, match="unknown model 'llama-70x'.*presets: smollm2-135m, gemma-2b, llama-1b"):
         load_model("llama-70x")
 
 

@@ -202,6 +202,8 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         for variant in spec:
             try:
                 variant.check_case(case.workload, torch.device(case.device), spec)
+                if case.workload in ("prefill", "decode", "generate", "drift"):  # op workloads run no model
+                    variant.check_model(model_config(case.model))
             except ValueError as exc:
                 raise UserError(f"{source}: {case.case_id}: {exc}") from None
     stepped = sorted({c.workload for c in cases if c.workload in ("decode", "generate")})

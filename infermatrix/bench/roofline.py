@@ -18,7 +18,10 @@ from main memory of an ideal implementation that touches each operand once):
     - causal: queries sit at the last q_len of the k_len key positions (as in
       ``model.causal_mask``), so query i (0-based) sees ``k_len - q_len + i + 1``
       keys, and ``pairs = q_len*(k_len - q_len) + q_len*(q_len + 1)/2``; for
-      q_len == k_len that is exactly ``q*(q+1)/2``, about half of q*k.
+      q_len == k_len that is exactly ``q*(q+1)/2``, about half of q*k;
+    - a model's own sliding window W (``ModelConfig.sliding_window``): the query at
+      position p sees ``min(p + 1, W)`` keys, and only the last ``W + q_len - 1``
+      keys are read.
   Bytes: read Q (B*H*q_len*D), K and V (2*B*Hkv*k_len*D: grouped-query heads are
   read once per KV head, not per query head), write O (B*H*q_len*D). The score
   matrix is not counted: a fused (flash) kernel never writes it, and the limit is
@@ -111,10 +114,16 @@ def linear_cost(m: int, k: int, n: int, *, act_bytes: float, weight_bytes_per_el
     )
 
 
-def causal_pairs(q_len: int, k_len: int) -> int:
-    """Visible (query, key) pairs per head, queries aligned to the last q_len keys."""
+def causal_pairs(q_len: int, k_len: int, window: int | None = None) -> int:
+    """Visible (query, key) pairs per head, queries aligned to the last q_len keys
+    (each seeing at most `window` keys, itself included, when given)."""
     if q_len > k_len:
         raise ValueError(f"causal attention needs q_len <= k_len, got q_len={q_len}, k_len={k_len}")
+    if window is not None:  # positions p < window see p + 1 keys, the others window keys
+        first, last = k_len - q_len, k_len - 1
+        short_end = min(last, window - 1)  # last position still seeing fewer than window keys
+        short = (short_end + first + 2) * (short_end - first + 1) // 2 if short_end >= first else 0
+        return short + (last - max(first, window) + 1) * window if last >= window else short
     # query i sees k_len - q_len + i + 1 keys; sum over i = 0 .. q_len - 1
     return q_len * (k_len - q_len) + q_len * (q_len + 1) // 2
 
@@ -130,14 +139,17 @@ def attention_cost(
     causal: bool,
     dtype_bytes: float,
     density: float | None = None,
+    window: int | None = None,
 ) -> Cost:
     """softmax(Q Kᵀ / √D) V: two matmuls over the visible pairs; read Q, K, V, write O.
-    density: the share of (query, key) pairs a sparse layout computes, when it has one."""
-    pairs = causal_pairs(q_len, k_len) if causal else q_len * k_len
+    density: the share of (query, key) pairs a sparse layout computes, when it has one;
+    window: a model's own sliding window (causal), which bounds pairs and keys read."""
+    pairs = causal_pairs(q_len, k_len, window if causal else None) if causal else q_len * k_len
     if density is not None:
         pairs = density * q_len * k_len
+    keys_read = min(k_len, window + q_len - 1) if causal and window is not None else k_len
     q_and_o = 2 * batch * heads * q_len * head_dim
-    k_and_v = 2 * batch * kv_heads * k_len * head_dim
+    k_and_v = 2 * batch * kv_heads * keys_read * head_dim
     return Cost(flops=4.0 * batch * heads * pairs * head_dim, bytes=dtype_bytes * (q_and_o + k_and_v))
 
 
@@ -188,7 +200,7 @@ def forward_cost(
         # weights are added once below, so only FLOPs and activation traffic here
         cost = cost + linear_cost(m, k, n, act_bytes=dtype_bytes, weight_bytes_per_elem=0)
     attn = attention_cost(batch, cfg.n_heads, cfg.n_kv_heads, q_len, k_len, cfg.head_dim,
-                          causal=True, dtype_bytes=dtype_bytes)
+                          causal=True, dtype_bytes=dtype_bytes, window=cfg.sliding_window)
     cost = cost + cfg.n_layers * attn  # includes reading k_len cached keys and values
     weights = streamed_weight_bytes(cfg, dtype_bytes=dtype_bytes, weight_bytes=weight_bytes,
                                     table_is_head=table_is_head)

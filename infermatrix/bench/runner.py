@@ -134,6 +134,9 @@ def run_case(case: Case, ctx: RunContext, models: ModelCache) -> Record:
             metrics, samples = WORKLOAD_FNS[case.workload](case, ctx, models)
         paths = take_paths()  # which attention / linear implementations really ran
         metrics.update(paths)
+        window = model_config(case.model).sliding_window
+        if window is not None and case.workload in ("prefill", "decode", "generate", "drift"):
+            metrics["model_window"] = window  # the model's own attention window was in force
         if runs_in_triton_interpreter(parse_spec(case.variant), paths):
             metrics["triton_interpreted"] = True  # CPU interpreter: correct numbers, meaningless timings
         if device.type == "cuda":

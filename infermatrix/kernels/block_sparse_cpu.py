@@ -86,6 +86,8 @@ def _plan(layout: BlockLayout, head: int) -> list[_Group]:
                            step if runs and contiguous and step is not None and step >= 0 else None)
             merge = next((m for m in MERGES if len(rows) >= m and (m - 1) / (count + m - 1) <= MERGE_WASTE
                           and m * layout.block_size <= 1024), 1)
+            if layout.window is not None:  # a token window masks per row: one tile per query block
+                merge = 1
             if group.run_step == 1 and not group.ragged_last and merge > 1:
                 cut = len(rows) // merge * merge  # whole tiles of `merge` blocks, then the rest alone
                 groups.append(dataclasses.replace(group, rows=rows[:cut], indices=idx[:cut].reshape(-1).contiguous(),
@@ -235,10 +237,14 @@ def _attend(q, k, v, layout: BlockLayout, head: int, scale: float) -> torch.Tens
             kg = kb[h0:h1].index_select(1, flat).view(h1 - h0, m, keys, dim)  # (h, m, c*bs, D)
             vg = vb[h0:h1].index_select(1, flat).view(h1 - h0, m, keys, dim)
         mask = diag[:, n * bs - keys:] if g.diag_last else None  # (R, keys)
-        if g.ragged_last:  # keys past seq_len in the short last block
+        if g.ragged_last or layout.window is not None:
             flat = g.indices[c0 * g.count:(c0 + m) * g.count].to(q.device)
             kpos = (flat.view(m, g.count, 1) * bs + torch.arange(bs, device=q.device)).view(m, 1, keys)
-            past = torch.zeros(m, 1, keys, dtype=q.dtype, device=q.device).masked_fill_(kpos >= seq, float("-inf"))
+            hidden = kpos >= seq  # (m, 1, keys): keys past seq_len in the short last block
+            if layout.window is not None:  # keys older than each query's token window
+                qpos = rows.view(m, 1, 1) * bs + (torch.arange(rows_per_tile, device=q.device) % bs).view(1, -1, 1)
+                hidden = hidden | (kpos <= qpos - layout.window)  # (m, R, keys)
+            past = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
             mask = past if mask is None else mask + past  # (m, R, keys)
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)  # (h, m, R, D)
         if g.row_start is not None:

@@ -8,9 +8,11 @@ per head (a leading head dim of 1 means one layout for all heads).
 
 With `causal` set, attention inside a block is causal too: in the diagonal
 block query i sees keys <= i, and blocks above the diagonal are never active.
-Every other active block is attended in full.
+Every other active block is attended in full, except with a token `window` W
+(`token_window`, a model's own sliding window): then query q sees only keys
+k > q - W, which masks the oldest active block of a row element by element.
 
-Builders: `causal`, `sliding_window`, `strided` (Sparse Transformer "strided"),
+Builders: `causal`, `sliding_window`, `token_window`, `strided` (Sparse Transformer "strided"),
 `fixed` (Sparse Transformer "fixed"), `bigbird` (window + global + seeded
 random), `longformer` (window + global tokens), `from_block_fn` (any predicate
 evaluated per block), and `make_layout(pattern, seq_len, block_size, **params)`
@@ -44,6 +46,7 @@ class BlockLayout:
     kv_indices: torch.Tensor  # (Hl, n_q_blocks, max_count) int32, ascending; past the count: padding
     causal: bool  # element-level causal masking inside diagonal blocks
     pattern: str = "custom"  # how it was built, for reports
+    window: int | None = None  # causal only: query q sees keys k > q - window (element-level), else no limit
     plans: dict = field(default_factory=dict, repr=False)  # built once per layout: schedules, prefixes
 
     @property
@@ -75,6 +78,8 @@ class BlockLayout:
         dense = dense[:, : self.seq_len, : self.seq_len]
         if self.causal:
             dense = dense & torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).tril()
+        if self.window is not None:
+            dense = dense & torch.ones(self.seq_len, self.seq_len, dtype=torch.bool).triu(1 - self.window)
         return dense
 
     def rows_mask(self, q_pos: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,8 @@ class BlockLayout:
         rows = rows.repeat_interleave(self.block_size, -1)[..., : self.seq_len]  # (Hl, *S, seq_len)
         if self.causal:
             rows = rows & (torch.arange(self.seq_len, device=q_pos.device) <= q_pos[..., None])
+        if self.window is not None:
+            rows = rows & (torch.arange(self.seq_len, device=q_pos.device) > q_pos[..., None] - self.window)
         return rows
 
     def prefix(self, seq_len: int) -> "BlockLayout":
@@ -101,7 +108,7 @@ class BlockLayout:
             m = math.ceil(seq_len / self.block_size)
             blocks = self.block_mask()[:, :m, :m]  # (Hl, m, m)
             self.plans[key] = from_block_mask(blocks if self.heads > 1 else blocks[0], seq_len, self.block_size,
-                                              causal=self.causal, pattern=self.pattern)
+                                              causal=self.causal, pattern=self.pattern, window=self.window)
         return self.plans[key]
 
     def row_keys(self, pos: int) -> torch.Tensor:
@@ -113,7 +120,8 @@ class BlockLayout:
         blocks = self.kv_indices[0, row, : int(self.kv_num_blocks[0, row])].long()  # (c,)
         keys = (blocks[:, None] * self.block_size + torch.arange(self.block_size)).flatten()  # (c * bs,)
         end = pos + 1 if self.causal else self.seq_len
-        return keys[keys < end]
+        keys = keys[keys < end]
+        return keys if self.window is None else keys[keys > pos - self.window]
 
     def check_seq_len(self, seq_len: int, what: str = "input") -> None:
         if seq_len != self.seq_len:
@@ -141,14 +149,18 @@ class BlockLayout:
 
     def describe(self) -> str:
         return (f"{self.pattern}: seq {self.seq_len}, block {self.block_size}, {self.n_blocks}x{self.n_blocks} "
-                f"blocks, density {self.density:.1%}{', causal' if self.causal else ''}")
+                f"blocks, density {self.density:.1%}{', causal' if self.causal else ''}"
+                f"{f', window {self.window} tokens' if self.window is not None else ''}")
 
 
 def from_block_mask(blocks: torch.Tensor, seq_len: int, block_size: int, *, causal: bool,
-                    pattern: str = "custom") -> BlockLayout:
+                    pattern: str = "custom", window: int | None = None) -> BlockLayout:
     """A (nq, nk) or (H, nq, nk) boolean block mask to the compressed layout.
-    With causal, blocks above the diagonal are dropped (no key in them is visible)."""
+    With causal, blocks above the diagonal are dropped (no key in them is visible);
+    `window` (causal only): the element-level token window on top of the blocks."""
     _check_sizes(seq_len, block_size)
+    if window is not None and (not causal or isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ValueError(f"block layout window={window!r}: a token window is a positive integer on a causal layout")
     n = math.ceil(seq_len / block_size)
     if blocks.dim() == 2:
         blocks = blocks[None]
@@ -166,7 +178,8 @@ def from_block_mask(blocks: torch.Tensor, seq_len: int, block_size: int, *, caus
                          f"{min((qb + 1) * block_size, seq_len) - 1}, head {h}) attends to no key block; "
                          f"{len(empty)} such row(s). Every query must see at least one key")
     counts, order = compress_blocks(blocks)
-    return BlockLayout(seq_len, block_size, counts, order[..., :int(counts.max())].contiguous(), causal, pattern)
+    return BlockLayout(seq_len, block_size, counts, order[..., :int(counts.max())].contiguous(), causal, pattern,
+                       window)
 
 
 def compress_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,6 +238,19 @@ def sliding_window(seq_len: int, block_size: int, window: int, causal: bool = Tr
     i, j = _grid(math.ceil(seq_len / block_size))
     near = (i - j < w) & (j - i < w)
     return from_block_mask(near, seq_len, block_size, causal=causal, pattern="sliding")
+
+
+def token_window(seq_len: int, block_size: int, window: int) -> BlockLayout:
+    """Exactly a causal sliding window of `window` tokens (a model's own, Mistral's
+    rule): query q sees keys q-window+1 .. q. Active: every key block holding such a
+    key (one more than window / block_size when the window is a whole number of
+    blocks); the oldest is masked element by element. Any window, any block size."""
+    _check_sizes(seq_len, block_size)
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise ValueError(f"block layout window must be a positive integer number of tokens, got {window!r}")
+    reach = (window + block_size - 2) // block_size  # query block i sees key blocks i-reach .. i
+    i, j = _grid(math.ceil(seq_len / block_size))
+    return from_block_mask(i - j <= reach, seq_len, block_size, causal=True, pattern="sliding", window=window)
 
 
 def strided(seq_len: int, block_size: int, stride: int, causal: bool = True) -> BlockLayout:

@@ -5,9 +5,10 @@ One program owns one query block (the layout's block size is the tile) of one
 lists (`kv_num_blocks`, `kv_indices`), folding each into the running online
 softmax with `attend_block`, the core shared with the fused attention kernel in
 attention_triton.py. A block is masked only where it must be: the diagonal
-block of a causal layout (row_hi = query position + 1) and the short last
-block of a sequence that is not a whole number of blocks; every other active
-block takes the mask-free path.
+block of a causal layout (row_hi = query position + 1), the short last
+block of a sequence that is not a whole number of blocks, and with a token
+window (row_lo = query position - window + 1) a row's oldest blocks; every other
+active block takes the mask-free path.
 
 Pure functions on tensors; nothing here knows about models or variants.
 """
@@ -39,7 +40,7 @@ BLOCK_SIZES = (16, 256)  # tile sizes the kernel takes (powers of two)
 def _block_sparse_kernel(Q, K, V, Out, KvNum, KvIdx, qk_scale,
                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                         n_heads, n_q, n_keys, n_q_blocks, idx_width, layout_heads,
+                         n_heads, n_q, n_keys, n_q_blocks, idx_width, layout_heads, window,
                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -52,6 +53,8 @@ def _block_sparse_kernel(Q, K, V, Out, KvNum, KvIdx, qk_scale,
     row_ok = offs_m < n_q
     rows = tl.minimum(offs_m, n_q - 1)  # rows past the end mirror the last one
     row_lo = tl.zeros([BLOCK], dtype=tl.int32)
+    if window > 0:  # a token window (causal layouts only): query q sees keys > q - window
+        row_lo = tl.maximum(rows - window + 1, 0)
     if CAUSAL:
         row_hi = tl.minimum(rows + 1, n_keys)  # queries are the keys' own positions
     else:
@@ -66,6 +69,8 @@ def _block_sparse_kernel(Q, K, V, Out, KvNum, KvIdx, qk_scale,
         edge = start_n + BLOCK > n_keys  # the short last block: loads past the keys are guarded
         if CAUSAL:
             edge = edge | (start_n == pid_m * BLOCK)  # the diagonal block: causal inside it
+        if window > 0:
+            edge = edge | (start_n < pid_m * BLOCK + BLOCK - window)  # below the tile's last row_lo
         if edge:
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys,
                                          row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK, True, DOT_PRECISION)
@@ -113,7 +118,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     _block_sparse_kernel[(layout.n_blocks, batch * heads)](
         q, k, v, out, kv_num, kv_idx, scale * LOG2E,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        heads, n_q, n_keys, layout.n_blocks, kv_idx.shape[-1], layout.heads,
+        heads, n_q, n_keys, layout.n_blocks, kv_idx.shape[-1], layout.heads, layout.window or 0,
         GROUP=heads // k.shape[1], CAUSAL=layout.causal, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=1 if interpreting() else (8 if big else 4), num_stages=1 if interpreting() else 2,

@@ -32,9 +32,11 @@ def timings_meaningful(record: Record) -> bool:
 
 def ran(record: Record) -> str:
     """The paths a record ran, for a table cell: `attention block_sparse_gather,
-    linear fp32_fallback, Triton interpreted`; empty when none were noted."""
+    linear fp32_fallback, model window 4096, Triton interpreted`; empty when none were noted."""
     m = record.metrics or {}
     parts = [f"{name.removesuffix('_path')} {m[name]}" for name in PATH_METRICS if m.get(name)]
+    if m.get("model_window"):  # the model's own sliding window (Mistral, Phi-3) was in force
+        parts.append(f"model window {m['model_window']}")
     if not timings_meaningful(record):
         parts.append("Triton interpreted")
     return ", ".join(parts)

@@ -22,7 +22,7 @@ import torch
 
 from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
-from infermatrix.model import Transformer
+from infermatrix.model import ModelConfig, Transformer
 
 # Axes in the order variants are applied: the weights' layout first, then their
 # precision, the graph last. A `peer` (a whole model users deploy, such as Hugging
@@ -64,6 +64,11 @@ class Variant:
         """Refuse, with a ValueError giving the reason, a case (`workload` on `device`,
         composed with `spec`) this variant cannot run as its label says (called when a
         matrix is read, after its excludes)."""
+
+    def check_model(self, config: ModelConfig) -> None:
+        """Refuse, with a ValueError giving the reason, a model this variant cannot run
+        as it is (e.g. one with its own sliding window the variant would change);
+        called when a matrix is read (model workloads) and by apply_variants."""
 
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""
@@ -310,6 +315,10 @@ def runs_in_triton_interpreter(variants: tuple[Variant, ...], paths: dict[str, s
 
 
 def apply_variants(model: Transformer, variants: tuple[Variant, ...]) -> Transformer:
+    config = getattr(model, "config", None)  # None: an op workload's bare attention or linear holder
+    for variant in variants:  # the same refusals as a matrix's, before anything is built
+        if config is not None:
+            variant.check_model(config)
     for variant in variants:  # already in axis order
         model = variant.apply(model)
     return model

@@ -13,6 +13,10 @@ what the cache path cannot do sparsely runs dense and says so in the record's
 `attention_path`.
 
 It changes what the model computes; the drift workload measures by how much.
+On a model with its own sliding window (Mistral, Phi-3) it is the one layout that
+does not: ``block_sparse(pattern=sliding,window=W)`` with the model's W computes
+exactly the model's token window (the oldest block of each row masked element by
+element); any other layout there is refused, since it would change the model.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from infermatrix.kernels.block_sparse_layout import (
     default_block_size,
     make_layout,
     pattern_params,
+    token_window,
 )
-from infermatrix.model import Transformer, causal_mask, last_visible_key
+from infermatrix.model import ModelConfig, Transformer, causal_mask, last_visible_key
 from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, with_attention
 from infermatrix.variants.sdpa import sdpa_attention
 
@@ -90,7 +95,12 @@ class LayoutConfig(Variant):
                                  f"e.g. 0;512") from None
         return params
 
-    def build(self, seq_len: int, *, causal: bool, block: int) -> BlockLayout:
+    def build(self, seq_len: int, *, causal: bool, block: int, model_window: int | None = None) -> BlockLayout:
+        """The layout for `seq_len` positions; on a model with its own sliding window
+        (check_model: this config is `sliding` with that window) exactly the model's
+        token window, its oldest block masked element by element."""
+        if model_window is not None:
+            return token_window(seq_len, block, model_window)
         params = self.layout_params()
         if "causal" in pattern_params(self.pattern):  # the `causal` pattern is causal by definition
             params["causal"] = causal
@@ -98,6 +108,14 @@ class LayoutConfig(Variant):
 
     def block_for(self, device: torch.device) -> int:
         return self.block or default_block_size(device)
+
+    def check_model(self, config: ModelConfig) -> None:
+        window = config.sliding_window
+        if window is not None and (self.pattern != "sliding" or self.window != window):
+            raise ValueError(f"the model has its own sliding window of {window} tokens; {self.spec()} would "
+                             f"attend over other keys and change the model: use {self.name}(pattern=sliding,"
+                             f"window={window}) with a block size that divides {window}, which is then exactly "
+                             "the model's window")
 
     def layout_metrics(self, seq_len: int, causal: bool, device) -> dict:
         """For reports: the layout's density and a small picture of it."""
@@ -122,8 +140,9 @@ class LayoutAttention:
 
     sparse_decode = True  # a decode step attends over its row's keys only (gathered)
 
-    def __init__(self, config: LayoutConfig):
+    def __init__(self, config: LayoutConfig, model_window: int | None = None):
         self.config = config
+        self.model_window = model_window  # the model's own sliding window: the layout is exactly it
         self._layouts: dict[tuple, BlockLayout] = {}
         # the model passes one mask to every layer of a forward: its plan is made once
         self._plan_src: tuple | None = None
@@ -132,7 +151,8 @@ class LayoutAttention:
     def layout(self, seq_len: int, causal: bool, device: torch.device) -> BlockLayout:
         key = (seq_len, causal, device.type)
         if key not in self._layouts:
-            self._layouts[key] = self.config.build(seq_len, causal=causal, block=self.config.block_for(device))
+            self._layouts[key] = self.config.build(seq_len, causal=causal, block=self.config.block_for(device),
+                                                   model_window=self.model_window)
         return self._layouts[key]
 
     def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -170,16 +190,19 @@ class LayoutAttention:
     def _make_plan(self, q: torch.Tensor, k: torch.Tensor, causal: bool, mask: torch.Tensor | None) -> tuple:
         n_q, n_keys = q.shape[2], k.shape[2]
         layout = self.layout(n_keys, causal, q.device)
+        window = self.model_window
         if mask is None:  # the last n_q positions, causal
             q_pos = torch.arange(n_keys - n_q, n_keys, device=q.device)[None]  # (1, Tq)
-            base = causal_mask(n_q, n_keys, q.device) if causal else torch.ones(n_q, n_keys, dtype=torch.bool,
-                                                                                device=q.device)
+            base = causal_mask(n_q, n_keys, q.device, window) if causal else torch.ones(
+                n_q, n_keys, dtype=torch.bool, device=q.device)
             plain = causal
         else:
             q_pos = last_visible_key(mask)  # (B|1, Tq)
             base = mask  # (B|1, 1, Tq, Tk)
-            # every row sees exactly keys 0..its position (no padding), all rows in step
-            plain = causal and ((mask[:, 0].sum(-1) == q_pos + 1).all() & (q_pos == q_pos[:1]).all())
+            # every row sees exactly keys 0..its position (within the model's window; no
+            # padding), all rows in step
+            seen = q_pos + 1 if window is None else (q_pos + 1).clamp(max=window)
+            plain = causal and ((mask[:, 0].sum(-1) == seen).all() & (q_pos == q_pos[:1]).all())
         if layout.heads == 1:
             # one read of the device per forward: whether the mask is plain, and the positions
             plain, *pos = torch.cat([torch.as_tensor(plain, device=q.device).view(1).long(), q_pos[0]]).tolist()
@@ -195,8 +218,8 @@ class LayoutAttention:
 
 
 class BlockSparseAttention(LayoutAttention):
-    def __init__(self, config: "BlockSparse"):
-        super().__init__(config)
+    def __init__(self, config: "BlockSparse", model_window: int | None = None):
+        super().__init__(config, model_window)
         self.backend = config.backend
 
     def _triton(self, device: torch.device) -> bool:
@@ -233,5 +256,8 @@ class BlockSparse(LayoutConfig):
         return self.requires | (TRITON_KERNELS if self.backend == "triton" else frozenset())
 
     def apply(self, model: Transformer) -> Transformer:
-        return with_attention(model, BlockSparseAttention(self))
+        config = getattr(model, "config", None)  # None: the attention workload's bare seam, no model
+        if config is not None:
+            self.check_model(config)
+        return with_attention(model, BlockSparseAttention(self, config.sliding_window if config else None))
 

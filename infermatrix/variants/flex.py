@@ -21,7 +21,7 @@ import torch
 
 from infermatrix.errors import UserError
 from infermatrix.kernels.block_sparse_layout import BlockLayout, compress_blocks
-from infermatrix.model import Transformer
+from infermatrix.model import ModelConfig, Transformer
 from infermatrix.variants.base import register_variant, with_attention
 from infermatrix.variants.block_sparse import LayoutAttention, LayoutConfig
 
@@ -112,5 +112,13 @@ class Flex(LayoutConfig):
                              "dense attention under a sparse label; time decode with kv_cache+block_sparse, or "
                              "flex without kv_cache")
 
+    def check_model(self, config: ModelConfig) -> None:
+        if config.sliding_window is not None:
+            raise ValueError(f"the model has its own sliding window of {config.sliding_window} tokens, and flex's "
+                             "BlockMask here is block-granular without it: it would change the model; use "
+                             f"block_sparse(pattern=sliding,window={config.sliding_window}), exact on such a model")
+
     def apply(self, model: Transformer) -> Transformer:
+        if getattr(model, "config", None) is not None:  # the attention workload's bare seam has none
+            self.check_model(model.config)
         return with_attention(model, FlexAttention(self))

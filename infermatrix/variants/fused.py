@@ -58,7 +58,7 @@ def fuse_projections(model: Transformer) -> Transformer:
     fused = shared_copy(model)
     cfg, device = model.config, model.tok_embeddings.weight.device
     positions = torch.arange(cfg.max_seq_len, device=device)
-    fused.rope_table = rope_tables(cfg.head_dim, positions, cfg.rope_theta, model.rope_inv_freq(device))
+    fused.rope_table = rope_tables(cfg.rope_dim, positions, cfg.rope_theta, model.rope_inv_freq(device))
     fused.norm = FusedRMSNorm(model.norm)
     blocks = []
     for block in model.layers:

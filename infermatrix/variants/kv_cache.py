@@ -13,6 +13,10 @@ is what a compiled or CUDA-graph decode step needs.
 [0, last position] only, with no mask at all when there is no padding (one query
 sees every key; a prefill from slot 0 is plain causal), so SDPA takes its fused
 path over the keys that exist instead of a masked pass over the whole buffer.
+
+A model with its own sliding window W (ModelConfig.sliding_window) has it in both
+masks; with prefix, an unpadded decode step attends over only the window's slots
+[p-W+1, p], again without a mask.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 class StaticKVCache(nn.Module):
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device, pad: torch.Tensor | None = None, prefix: bool = False):
+                 dtype: torch.dtype, device, pad: torch.Tensor | None = None, prefix: bool = False,
+                 window: int | None = None):
         super().__init__()
-        self.batch, self.max_len, self.prefix = batch, max_len, prefix
-        # prefix: the slots a forward attends over, [0, filled), set by mask(), which the
+        self.batch, self.max_len, self.prefix, self.window = batch, max_len, prefix, window
+        # prefix: the slots a forward attends over, [start, filled), set by mask(), which the
         # model calls once per forward before any layer's update() (KVCacheProtocol)
-        self._filled = max_len
+        self._start, self._filled = 0, max_len
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # per layer
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -59,24 +64,32 @@ class StaticKVCache(nn.Module):
         keys, values = self.k[layer], self.v[layer]
         keys.index_copy_(2, input_pos, k)
         values.index_copy_(2, input_pos, v)
-        n = self._filled  # max_len, or with prefix the slots this forward attends over
-        return keys[:, :, :n], values[:, :, :n]  # (B, Hkv, n, D) each
+        lo, n = self._start, self._filled  # [0, max_len), or with prefix the slots this forward attends over
+        return keys[:, :, lo:n], values[:, :, lo:n]  # (B, Hkv, n - lo, D) each
 
     def mask(self, input_pos: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, T, max_len), True = attend: causal over filled slots, padding hidden.
-        A padded query slot sees only itself, so its (unused) output stays finite.
+        """(B, 1, T, max_len), True = attend: causal over filled slots (within the
+        model's window, if it has one), padding hidden. A padded query slot sees only
+        itself, so its (unused) output stays finite.
 
         With prefix, the keys end at the last query's slot and the mask is cut there;
         without padding it is None where the rule needs no mask: one query sees every
-        key, and a prefill from slot 0 is plainly causal (as many queries as keys)."""
+        key (with a window: the keys from the window's first slot on), and a prefill
+        from slot 0 no longer than the window is plainly causal."""
         if self.prefix:
             self._filled = int(input_pos[-1]) + 1  # one device read per forward
-            if not self.padded and (len(input_pos) == 1 or len(input_pos) == self._filled):
+            one = len(input_pos) == 1 and not self.padded
+            self._start = max(0, self._filled - self.window) if one and self.window else 0
+            if one or (not self.padded and len(input_pos) == self._filled
+                       and (self.window is None or self._filled <= self.window)):
                 return None
         q = input_pos[None, :, None]  # (1, T, 1)
         k = self.slots[None, None, : self._filled]  # (1, 1, L)
         real = k >= self.pad[:, None, None]  # (B, 1, L)
-        return ((k <= q) & real | (k == q))[:, None]  # (B, 1, T, L)
+        seen = (k <= q) & real  # (B, T, L)
+        if self.window is not None:
+            seen &= q - k < self.window
+        return (seen | (k == q))[:, None]  # (B, 1, T, L)
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +112,7 @@ def new_cache(model: Transformer, batch: int, max_len: int, pad: torch.Tensor | 
                          f"max_seq_len={cfg.max_seq_len}; use a shorter prompt or fewer new tokens")
     weight = model.tok_embeddings.weight
     return StaticKVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim, weight.dtype, weight.device,
-                         pad, prefix)
+                         pad, prefix, cfg.sliding_window)
 
 
 @register_variant("kv_cache")

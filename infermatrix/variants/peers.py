@@ -1,8 +1,9 @@
 """Peers: what users deploy today, as rows of the same matrix (axis `peer`).
 
 * `hf_transformers(attn=sdpa)`: Hugging Face's model class of the case's family
-  (Llama, Qwen2, Qwen3, Gemma) built on the case's own weights (shared, not
-  copied), with HF's `StaticCache` for decoding. The harness steps it with the same
+  (Llama, Mistral for a model's own window, Qwen2, Qwen3, Gemma, Phi-3 for partial
+  rotary) built on the case's own weights (shared, not copied; Phi-3's fused
+  projections are concatenated copies), with HF's `StaticCache` for decoding. The harness steps it with the same
   greedy loop and timers as our variants, so a row measures HF's forward and cache,
   not its `generate()` bookkeeping (which would only make it slower). Prefill,
   decode, generate and drift.
@@ -26,21 +27,33 @@ from infermatrix.variants.base import Variant, note_path, register_variant
 HF_ATTENTION = ("sdpa", "eager")
 
 
-def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our weights under Hugging Face's names (the same tensors)."""
+def hf_state_dict(model: Transformer, fused: bool = False) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face's names (the same tensors); `fused`: Phi-3's
+    qkv_proj and gate_up_proj, concatenated (copies)."""
     out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
            "lm_head.weight": model.output.weight}
     for i, block in enumerate(model.layers):
         for name, tensor in block.named_parameters():
             module, kind = name.rsplit(".", 1)  # kind: weight | bias
             out[f"model.layers.{i}.{HF_BLOCK_NAMES[module]}.{kind}"] = tensor
+        if fused:
+            prefix = f"model.layers.{i}."
+            parts = [out.pop(prefix + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            out[prefix + "self_attn.qkv_proj.weight"] = torch.cat(parts)
+            parts = [out.pop(prefix + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            out[prefix + "mlp.gate_up_proj.weight"] = torch.cat(parts)
     return out
 
 
 def hf_config(cfg, dtype: torch.dtype, attn: str):
     """The transformers class and config of our model's family: Qwen3 (q/k norms),
-    Qwen2 (q/k/v biases), else Llama (with its rope scaling)."""
+    Qwen2 (q/k/v biases), Phi-3 (partial rotary), Mistral (a window of its own), else
+    Llama (with its rope scaling). Qwen2/3 take the window on every layer."""
     import transformers
+
+    window = cfg.sliding_window
+    # Qwen2/3 apply use_sliding_window from max_window_layers on: 0 is every layer, as ours
+    qwen_window = dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0)
 
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
@@ -51,14 +64,16 @@ def hf_config(cfg, dtype: torch.dtype, attn: str):
     if cfg.embed_scale or cfg.norm_offset or cfg.mlp_act != "silu":
         if not (cfg.embed_scale and cfg.norm_offset == 1.0 and cfg.mlp_act == "gelu_tanh"):
             raise ValueError("hf_transformers: this mix of Gemma's fields has no transformers class")
+        if window is not None or cfg.rotary_dim is not None:
+            raise ValueError("hf_transformers: GemmaForCausalLM has no sliding window or partial rotary")
         common["hidden_act"] = "gelu_pytorch_tanh"
         return transformers.GemmaForCausalLM, transformers.GemmaConfig(
             head_dim=cfg.head_dim, hidden_activation="gelu_pytorch_tanh", **common)
     if cfg.qk_norm:
         return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
-            head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, use_sliding_window=False, **common)
+            head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, **qwen_window, **common)
     if cfg.qkv_bias:
-        return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(use_sliding_window=False, **common)
+        return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**qwen_window, **common)
     scaling = None
     if cfg.rope_type == "linear":
         scaling = {"rope_type": "linear", "factor": cfg.rope_factor}
@@ -66,6 +81,16 @@ def hf_config(cfg, dtype: torch.dtype, attn: str):
         scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
                    "high_freq_factor": cfg.rope_high_freq_factor,
                    "original_max_position_embeddings": cfg.rope_original_max}
+    if cfg.rotary_dim is not None:
+        factor = cfg.rotary_dim / cfg.head_dim
+        if scaling is not None or int(cfg.head_dim * factor) != cfg.rotary_dim or cfg.dim != cfg.n_heads * cfg.head_dim:
+            raise ValueError("hf_transformers: partial rotary runs as Phi3ForCausalLM, which takes neither rope "
+                             "scaling nor a head_dim other than dim / n_heads")
+        return transformers.Phi3ForCausalLM, transformers.Phi3Config(
+            partial_rotary_factor=factor, sliding_window=window, pad_token_id=0, **common)
+    if window is not None:
+        return transformers.MistralForCausalLM, transformers.MistralConfig(
+            head_dim=cfg.head_dim, sliding_window=window, rope_scaling=scaling, **common)
     return transformers.LlamaForCausalLM, transformers.LlamaConfig(
         head_dim=cfg.head_dim, attention_bias=False, mlp_bias=False, rope_scaling=scaling, **common)
 
@@ -80,7 +105,7 @@ def hf_llama(model: Transformer, attn: str = "sdpa"):
     # normalizer) are real; its random parameters are then replaced by ours, shared
     with torch.device(weight.device):
         hf = cls(config)
-    hf.load_state_dict(hf_state_dict(model), assign=True, strict=True)
+    hf.load_state_dict(hf_state_dict(model, fused=cls.__name__ == "Phi3ForCausalLM"), assign=True, strict=True)
     if cfg.tie_embeddings:
         hf.lm_head.weight = hf.model.embed_tokens.weight
     return hf.eval()

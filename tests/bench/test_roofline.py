@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -58,6 +59,22 @@ def test_attention_causal_short_query():
 @pytest.mark.parametrize("q_len,k_len", [(1, 1), (1, 7), (3, 7), (6, 6), (7, 9)])
 def test_causal_pairs_match_model_mask(q_len, k_len):
     assert roofline.causal_pairs(q_len, k_len) == int(causal_mask(q_len, k_len, torch.device("cpu")).sum())
+
+
+@pytest.mark.parametrize("q_len, k_len, window", [(1, 1, 1), (7, 7, 3), (40, 40, 8), (1, 30, 8), (5, 12, 20),
+                                                   (6, 9, 4)])
+def test_a_models_own_window_counts_only_the_pairs_and_keys_it_sees(q_len, k_len, window):
+    """Mistral-style window: the model mask's visible pairs, and a decode step past the
+    window reads window keys of a longer cache, not all of them."""
+    visible = causal_mask(q_len, k_len, torch.device("cpu"), window)
+    assert roofline.causal_pairs(q_len, k_len, window) == int(visible.sum())
+    cfg = dataclasses.replace(SHAPE_PRESETS["tiny"], sliding_window=window)
+    windowed, plain = (attention_cost(1, 4, 2, q_len, k_len, 16, causal=True, dtype_bytes=4, window=w)
+                       for w in (window, None))
+    keys = min(k_len, window + q_len - 1)
+    assert windowed.bytes == plain.bytes - 4 * 2 * 2 * (k_len - keys) * 16
+    step, full = (decode_step_cost(c, 1, k_len, dtype_bytes=4, kv_cache=True) for c in (cfg, SHAPE_PRESETS["tiny"]))
+    assert (step.flops < full.flops) == (k_len > window)
 
 
 def test_causal_rejects_more_queries_than_keys():

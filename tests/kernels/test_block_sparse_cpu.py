@@ -25,6 +25,9 @@ LAYOUTS = {
     "bigbird-bidirectional": lambda t, b: L.bigbird(t, b, b, n_global=1, n_random=1, causal=False),
     "longformer": lambda t, b: L.longformer(t, b, 2 * b, global_tokens=[3, t - 1]),
     "custom": lambda t, b: L.from_block_fn(t, b, lambda i, j: ((i + j) % 3 == 0) | (i == j)),
+    # a model's own window: the oldest block of each row masked element by element
+    "token-window": lambda t, b: L.token_window(t, b, 2 * b),
+    "token-window-ragged": lambda t, b: L.token_window(t, b, b + 5),
 }
 
 

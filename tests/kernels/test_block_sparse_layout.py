@@ -121,3 +121,19 @@ def test_make_layout_by_name():
     layout = L.make_layout("bigbird", 512, 32, window=64, n_global=1, n_random=1, seed=3)
     assert layout.pattern == "bigbird" and torch.equal(
         layout.block_mask(), L.bigbird(512, 32, 64, 1, 1, 3).block_mask())
+
+
+@pytest.mark.parametrize("window, block, seq", [(8, 8, 40), (5, 4, 23), (1, 4, 9), (40, 16, 100)])
+def test_a_token_window_is_exactly_a_models_sliding_window(window, block, seq):
+    """token_window: query q sees keys q-window+1 .. q, whole number of blocks or not;
+    each active block holds a visible key; decode rows and prefixes keep the window."""
+    layout = L.token_window(seq, block, window)
+    q, k = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    rule = (k <= q) & (q - k < window)
+    assert torch.equal(layout.dense_mask()[0], rule) and layout.window == window
+    assert torch.equal(layout.rows_mask(torch.arange(seq))[0], rule)
+    blocks = layout.block_mask()[0]
+    for i, j in blocks.nonzero().tolist():
+        assert rule[i * block:(i + 1) * block, j * block:(j + 1) * block].any(), (i, j)
+    assert all(torch.equal(layout.row_keys(p), rule[p].nonzero()[:, 0]) for p in range(seq))
+    assert torch.equal(layout.prefix(seq - 1).dense_mask()[0], rule[:-1, :-1])

@@ -26,6 +26,7 @@ LAYOUTS = {
     "strided": lambda t, b: L.strided(t, b, 2 * b),
     "bigbird": lambda t, b: L.bigbird(t, b, b, n_global=1, n_random=1, seed=2),
     "longformer": lambda t, b: L.longformer(t, b, b, global_tokens=[t - 1]),
+    "token-window": lambda t, b: L.token_window(t, b, b + 5),  # a model's own window, not whole blocks
 }
 
 

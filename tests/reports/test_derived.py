@@ -27,6 +27,8 @@ def test_the_ran_cell_names_each_path_and_the_interpreter():
     assert ran(sparse) == "attention block_sparse_gather, linear fp32_fallback"
     assert ran(interpreted(5.0)) == "attention triton_flash, Triton interpreted"
     assert ran(rec()) == "" and timings_meaningful(rec()) and not timings_meaningful(interpreted(5.0))
+    windowed = rec("sdpa", "prefill", metrics={"attention_path": "sdpa", "model_window": 4096})
+    assert ran(windowed) == "attention sdpa, model window 4096"  # a model's own sliding window was in force
     records = [rec("reference"), sparse, interpreted(5.0)]
     for page in (render_markdown(records), render_table(records), render_html(records)):
         assert "attention block_sparse_gather, linear fp32_fallback" in page

@@ -54,6 +54,31 @@ def test_a_batch_of_different_lengths_decodes_like_each_prompt_alone(tiny, spec)
         assert torch.equal(batched[row], alone[0]), row
 
 
+@pytest.mark.parametrize("spec", ["kv_cache", "kv_cache+sdpa(decode=grouped)", *PREFIX])
+def test_a_models_own_window_holds_in_every_cache_mask_with_padding(spec):
+    """tiny with a window of 4 tokens: a left-padded batch decodes past the window like
+    each prompt alone without a cache (the reference's window mask), and differently
+    from the same weights without a window."""
+    import dataclasses
+
+    from infermatrix.model import SHAPE_PRESETS
+    from infermatrix.weights import random_model
+
+    windowed = random_model(dataclasses.replace(SHAPE_PRESETS["tiny"], sliding_window=4), torch.float32, "cpu")
+    cached = apply_variants(windowed, parse_spec(spec))
+    prompts = [torch.randint(0, windowed.config.vocab_size, (n,)) for n in (5, 11, 8)]
+    tokens, pad = left_pad(prompts)
+    decoder = GreedyDecoder(cached, tokens, 8, pad)
+    with torch.no_grad():
+        batched = torch.cat([decoder.step() for _ in range(8)], dim=1)  # (3, 8)
+        for row, prompt in enumerate(prompts):
+            assert torch.equal(batched[row], generate_greedy(windowed, prompt[None], 8)[0]), row
+            assert torch.equal(generate_greedy(cached, prompt[None], 8), batched[row:row + 1]), row
+        unwindowed = random_model(SHAPE_PRESETS["tiny"], torch.float32, "cpu")
+        long = torch.randint(0, windowed.config.vocab_size, (1, 12))
+        assert not torch.allclose(windowed(long)[:, -1], unwindowed(long)[:, -1], atol=1e-4)
+
+
 def test_cached_and_recomputed_greedy_tokens_agree(tiny):
     prompt = torch.randint(0, tiny.config.vocab_size, (2, 10))
     cached = apply_variants(tiny, parse_spec("kv_cache"))
