@@ -29,6 +29,8 @@ from infermatrix.model import Transformer
 # Face transformers) replaces the model alone.
 AXES = ("fusion", "linear", "attention", "cache", "graph", "peer")
 ENTRY_POINT_GROUP = "infermatrix.variants"
+# Variant.model_kinds of a variant that runs on decoders and encoders alike
+ANY_MODEL = frozenset({"decoder", "encoder"})
 # What running our Triton kernels needs: the package, and CUDA (or the CPU interpreter).
 TRITON_KERNELS = frozenset({"triton", "triton_device"})
 
@@ -64,6 +66,19 @@ class Variant:
         """Refuse, with a ValueError giving the reason, a case (`workload` on `device`,
         composed with `spec`) this variant cannot run as its label says (called when a
         matrix is read, after its excludes)."""
+
+    # the model kinds (ModelConfig.kind, EncoderConfig.kind) this variant runs on as its
+    # label says; a variant opts in to the encoder once it is tested there
+    model_kinds: ClassVar[frozenset[str]] = frozenset({"decoder"})
+    # why not, said when a matrix puts it on a kind it does not run on
+    kind_refusal: ClassVar[str] = "it has not been made and tested to run on one"
+
+    def check_model(self, kind: str) -> None:
+        """Refuse, with a ValueError giving the reason, a model of `kind` ("decoder" |
+        "encoder") this variant cannot transform (called when a matrix is read)."""
+        if kind not in self.model_kinds:
+            raise ValueError(f"{self.name} does not run on an {kind} model: {self.kind_refusal}"
+                             if kind == "encoder" else f"{self.name} runs on encoder models only")
 
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""

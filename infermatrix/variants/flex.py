@@ -103,6 +103,8 @@ class FlexAttention(LayoutAttention):
 @dataclass(frozen=True)
 class Flex(LayoutConfig):
     axis = "attention"
+    kind_refusal = ("a padded batch would need a BlockMask per sequence length, each a new compilation of "
+                    "FlexAttention; use block_sparse, which runs each sequence on its own length")
     description = "PyTorch FlexAttention (torch.compile) with the block_sparse layout as its BlockMask (the peer)"
 
     def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
