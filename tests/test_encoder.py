@@ -79,6 +79,7 @@ def test_bert_masked_lm_logits_match_transformers(tmp_path, tied):
         logits = ours.mlm_logits(ours(tokens, mask))
     assert _rel_err(logits, theirs, mask) < TOL
     assert model_config(str(tmp_path)).num_params() == sum(p.numel() for p in ours.parameters())
+    assert model_fingerprint(str(tmp_path)).startswith("hf:")
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

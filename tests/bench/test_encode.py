@@ -9,6 +9,7 @@ from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
 from infermatrix.bench.text import default_text, sentences
 from infermatrix.errors import UserError
+from infermatrix.reports.html_report import render_html
 from infermatrix.reports.markdown_report import render_markdown
 from infermatrix.reports.table import render_table
 
@@ -38,8 +39,8 @@ def test_encode_reports_latency_sequences_and_real_tokens_per_second(tmp_path):
     assert m["sequences_per_s"] == pytest.approx(6 / seconds)
     assert m["tokens_per_s"] == pytest.approx(sum(lengths) / seconds)  # real tokens, not pad
     assert m["flops"] > 0 and m["weight_bytes"] == m["weight_bytes_dense"]
-    table, md = render_table([rec]), render_markdown([rec])
-    assert "seq/s" in table and "seq/s" in md
+    table, md, page = render_table([rec]), render_markdown([rec]), render_html([rec])
+    assert "seq/s" in table and "seq/s" in md and 'data-col="sequences_per_s"' in page
     assert f"{m['sequences_per_s']:,.1f}" in md
 
 
@@ -105,3 +106,16 @@ def test_encode_uses_the_checkpoint_tokenizer(tmp_path):
     expected = [min(len(tokenizer(s)["input_ids"]), 16) for s in sentences(default_text())[:5]]
     assert encode.metrics["real_tokens"] == sum(expected)
     assert drift.metrics["mlm_top1_agree_pct"] == 100.0
+
+
+def test_pytest_benchmark_times_one_encode_call_over_its_real_tokens():
+    from infermatrix.bench.matrix import RunSettings
+    from infermatrix.bench.runner import ModelCache, RunContext
+    from infermatrix.bench.workloads import benchmark_callable
+
+    (case,) = parse_matrix({"cases": [{"model": "tiny-encoder", "variant": "sdpa", "workload": "encode",
+                                       "batch": 4, "prompt_len": 24}]}).cases
+    call, tokens = benchmark_callable(case, RunContext(RunSettings(), {}), ModelCache())
+    assert tokens == sum(min(len(s.split()), 24) for s in sentences(default_text())[:4])
+    hidden = call()
+    assert hidden.shape[0] == 4 and hidden.shape[2] == 64
