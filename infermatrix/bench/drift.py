@@ -265,9 +265,8 @@ def hidden_state_drift(ref_hidden: torch.Tensor, var_hidden: torch.Tensor, mask:
     }
 
 
-def mlm_top1_agreement(ref_logits: torch.Tensor, var_logits: torch.Tensor, mask: torch.Tensor) -> float:
-    """Percent of real positions (mask (B, T), True = real) where the masked-LM logits
-    (B, T, V) of both models pick the same top-1 token."""
-    mask = mask.to(device=ref_logits.device, dtype=torch.bool)
-    same = ref_logits.argmax(-1) == var_logits.to(ref_logits.device).argmax(-1)  # (B, T)
-    return 100.0 * float(same[mask].double().mean())
+def mlm_top1_agreement(ref_logits: torch.Tensor, var_logits: torch.Tensor) -> float:
+    """Percent of positions (rows of (N, V) masked-LM logits) where both models pick the
+    same top-1 token."""
+    same = ref_logits.argmax(-1) == var_logits.to(ref_logits.device).argmax(-1)  # (N,)
+    return 100.0 * float(same.double().mean())

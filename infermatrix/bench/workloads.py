@@ -30,6 +30,7 @@ Every timing is also reported against the machine's measured peaks (roofline.py)
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from dataclasses import replace
 from functools import lru_cache
@@ -357,23 +358,35 @@ def encoder_passages(loaded: LoadedModel, count: int, max_len: int, eval_text_pa
 
 
 def _encoder_drift(model, loaded: LoadedModel, case: Case, ctx: RunContext) -> Measurement:
-    """The variant's final hidden states (and masked-LM logits) against the fp32 reference's."""
+    """The variant's final hidden states (and masked-LM logits) against the fp32
+    reference's at real positions; the reference's are cached on disk, keyed by the
+    weights, the exact input tokens and the code (logits_cache)."""
     rows = encoder_passages(loaded, case.windows, case.prompt_len, ctx.eval_text_path, ctx.settings.seed)
     tokens, mask = pad_right(rows, _pad_id(loaded), case.device)  # (W, T), (W, T)
-    reference = load_model(case.model, torch.float32, case.device, seed=ctx.settings.seed).model
-    require_fp32_reference(reference, model)
-    ref_hidden = reference(tokens, mask).float()  # (W, T, C)
-    ref_logits = reference.mlm_logits(ref_hidden).float().cpu() if reference.config.mlm_head else None
-    ref_hidden = ref_hidden.cpu()
-    del reference  # free it before the variant runs
+    real = mask.cpu()
+    key = {
+        "model": model_fingerprint(case.model, ctx.settings.seed), "reference": "encoder/float32",
+        "tokens_sha256": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+        "shape": list(tokens.shape), "device": torch.device(case.device).type,
+    }
+
+    def fp32_reference() -> dict[str, torch.Tensor]:
+        reference = load_model(case.model, torch.float32, case.device, seed=ctx.settings.seed).model
+        require_fp32_reference(reference, model)  # before anything of it is cached as the reference
+        hidden = reference(tokens, mask)  # (W, T, C)
+        out = {"hidden": hidden.float()}
+        if reference.config.mlm_head:
+            out["mlm_logits"] = reference.mlm_logits(hidden).float()[mask]  # (N, V): real positions only
+        return out
+
+    ref = cached_tensors(key, fp32_reference)  # the reference is freed before the variant runs
     hidden = model(tokens, mask)  # (W, T, C)
-    metrics = hidden_state_drift(ref_hidden, hidden.float().cpu(), mask.cpu())
-    if ref_logits is not None:
-        logits = model.mlm_logits(hidden).float().cpu()  # (W, T, V)
-        metrics["mlm_top1_agree_pct"] = mlm_top1_agreement(ref_logits, logits, mask.cpu())
-        real = mask.cpu()
-        metrics["mlm_kl_mean"] = drift_metrics(ref_logits[real], logits[real], tokens.cpu()[real])["kl_mean"]
-    metrics.update(eval_tokens=int(mask.sum()), weight_bytes=model.weight_bytes,
+    metrics = hidden_state_drift(ref["hidden"], hidden.float().cpu(), real)
+    if "mlm_logits" in ref:
+        logits = model.mlm_logits(hidden).float().cpu()[real]  # (N, V)
+        metrics["mlm_top1_agree_pct"] = mlm_top1_agreement(ref["mlm_logits"], logits)
+        metrics["mlm_kl_mean"] = drift_metrics(ref["mlm_logits"], logits, tokens.cpu()[real])["kl_mean"]
+    metrics.update(eval_tokens=int(real.sum()), weight_bytes=model.weight_bytes,
                    weight_bytes_dense=loaded.model.weight_bytes)
     return metrics, {}
 

@@ -119,3 +119,19 @@ def test_pytest_benchmark_times_one_encode_call_over_its_real_tokens():
     assert tokens == sum(min(len(s.split()), 24) for s in sentences(default_text())[:4])
     hidden = call()
     assert hidden.shape[0] == 4 and hidden.shape[2] == 64
+
+
+def test_encoder_drift_reads_its_fp32_reference_from_the_cache_the_second_time(tmp_path, monkeypatch):
+    from infermatrix.bench import workloads
+
+    monkeypatch.setenv("INFERMATRIX_CACHE", str(tmp_path / "cache"))
+    (first,) = run(tmp_path / "a", workload="drift", variant="int8_weight_only", prompt_len=32, windows=2)
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the fp32 reference was loaded again")
+
+    monkeypatch.setattr(workloads, "load_model", no_reference)
+    (again,) = run(tmp_path / "b", workload="drift", variant="int8_weight_only", prompt_len=32, windows=2)
+    assert again.metrics["hidden_sqnr_db"] == first.metrics["hidden_sqnr_db"]
+    with pytest.raises(AssertionError, match="loaded again"):  # other inputs: another key
+        run(tmp_path / "c", workload="drift", variant="int8_weight_only", prompt_len=24, windows=2)
