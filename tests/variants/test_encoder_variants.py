@@ -69,6 +69,9 @@ def test_compile_equals_reference(encoder):
 @pytest.mark.parametrize("spec, pattern, params", [
     ("block_sparse(pattern=sliding,window=16,block=16)", "sliding", {"window": 16}),
     ("block_sparse(pattern=bigbird,window=16,n_random=1,block=16)", "bigbird", {"window": 16, "n_random": 1}),
+    pytest.param("block_sparse(pattern=sliding,window=16,block=16,backend=triton)", "sliding", {"window": 16},
+                 marks=pytest.mark.skipif(unmet_requirements(parse_spec("block_sparse(backend=triton)"), DEVICE)
+                                          is not None, reason="needs triton and CUDA or TRITON_INTERPRET=1")),
 ])
 def test_block_sparse_runs_non_causal_layouts_per_sequence_length(encoder, spec, pattern, params):
     """The reference with the padded length's non-causal layout as a dense mask, and the
