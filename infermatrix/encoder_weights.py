@@ -114,7 +114,7 @@ def load_bert_checkpoint(folder: Path, cfg: EncoderConfig, dtype: torch.dtype, d
                 ours = bert_name(key)
                 if ours is not None:  # cast as read: peak memory is the model plus one tensor
                     tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
-                elif not _strip_prefix(key) in _BERT_BUFFERS:
+                elif _strip_prefix(key) not in _BERT_BUFFERS:
                     unknown.append(key)
     if cfg.mlm_head and cfg.tie_embeddings:
         tensors.pop("output.weight", None)  # a copy of the embedding table some exports keep

@@ -167,7 +167,8 @@ def _assign(model: Transformer, tensors: dict[str, torch.Tensor], dtype, device,
     return model.eval()
 
 
-def random_model(cfg: ModelConfig | EncoderConfig, dtype: torch.dtype, device, seed: int = 0) -> Transformer | Encoder:
+def random_model(cfg: ModelConfig | EncoderConfig, dtype: torch.dtype, device,
+                 seed: int = 0) -> Transformer | Encoder:
     """Seeded random weights (normal, std 0.02; norms at 1, their biases at 0), allocated
     once in `dtype`."""
     model = _empty_model(cfg)

@@ -85,7 +85,8 @@ DIRECTION: dict[str, str] = {
 # speed metric -> (which raw samples, whether the metric is inversely proportional to them)
 SAMPLE_METRICS: dict[str, tuple[str, bool]] = {
     "latency_ms_p50": ("latency", False), "ttft_ms_p50": ("ttft", False), "tpot_ms_p50": ("tpot", False),
-    "tokens_per_s": ("latency", True), "sequences_per_s": ("latency", True), "achieved_tflops": ("latency", True), "achieved_gbs": ("latency", True),
+    "tokens_per_s": ("latency", True), "sequences_per_s": ("latency", True), "achieved_tflops": ("latency", True),
+    "achieved_gbs": ("latency", True),
     "pct_of_limit": ("latency", True), "pct_of_compute_peak": ("latency", True),
     "pct_of_bandwidth_peak": ("latency", True),
 }

@@ -29,7 +29,7 @@ from infermatrix.variants.base import (
 )
 
 __all__ = [
-    "ANY_MODEL", "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements", "note_path",
-    "parse_spec", "register_variant", "registered_variants", "runs_in_triton_interpreter", "take_paths",
+    "ANY_MODEL", "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements",
+    "note_path", "parse_spec", "register_variant", "registered_variants", "runs_in_triton_interpreter", "take_paths",
     "unmet_requirements", "variant_class", "with_attention",
 ]
