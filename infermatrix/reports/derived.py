@@ -77,7 +77,7 @@ METRIC_COLUMNS: tuple[Column, ...] = (
     Column("kl_mean", "KL mean", "kl_mean", "{:.2e}"),
     Column("top1_agree_pct", "top-1 %", "top1%", "{:.1f}"),
     Column("ppl_delta_pct", "Δppl %", "Δppl%", "{:+.2f}"),
-    Column("hidden_cosine_mean", "hidden cos", "cos", "{:.6f}", always=False),
+    Column("hidden_cosine_mean", "hidden cos", "cos", "{:.8f}", always=False),  # int8 differs in the 8th digit
     Column("hidden_sqnr_db", "hidden SQNR dB", "sqnr_db", "{:.1f}", always=False),
     Column("mlm_top1_agree_pct", "MLM top-1 %", "mlm_top1%", "{:.1f}", always=False),
 )
