@@ -406,7 +406,7 @@ def _headline(rec: Record) -> str:
     if "kl_mean" in m:
         return f"KL {m['kl_mean']:.2e}, top-1 {m['top1_agree_pct']:.1f}%"
     if "hidden_cosine_mean" in m:
-        return f"hidden cos {m['hidden_cosine_mean']:.6f}, SQNR {m['hidden_sqnr_db']:.1f} dB"
+        return f"hidden cos {m['hidden_cosine_mean']:.8f}, SQNR {m['hidden_sqnr_db']:.1f} dB"
     return "done"
 
 
