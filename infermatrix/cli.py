@@ -330,6 +330,7 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     import torch
 
+    from infermatrix.encoder import ENCODER_PRESETS
     from infermatrix.model import SHAPE_PRESETS
     from infermatrix.variants import AXES, missing_requirements, registered_variants
     from infermatrix.weights import REAL_PRESETS, smollm2_path
@@ -354,12 +355,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
         except UserError as exc:
             status = f"unavailable: {exc}"
         print(f"  {name:<20} real weights       {status}; {about}")
-    for name, cfg in SHAPE_PRESETS.items():
+    for name, cfg in {**SHAPE_PRESETS, **ENCODER_PRESETS}.items():
         params = cfg.num_params()
-        window = f", its own attention window of {cfg.sliding_window}" if cfg.sliding_window else ""
-        print(f"  {name:<20} random weights     available; {params:,} params, "
+        window = f", its own attention window of {cfg.sliding_window}" if getattr(cfg, "sliding_window", None) else ""
+        print(f"  {name:<20} random weights     available; {cfg.kind}, {params:,} params, "
               f"{params * 2 / 2**30:.2f} GiB in bfloat16{window}")
-    print("  PATH.gguf / DIR      a Llama GGUF file or a Hugging Face Llama checkpoint folder")
+    print("  PATH.gguf / DIR      a GGUF file (llama, qwen2, qwen3, gemma, phi3), or a Hugging Face checkpoint "
+          "folder (decoders; BertModel, BertForMaskedLM)")
     return 0
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from dataclasses import asdict, dataclass
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,8 @@ MLP_ACTS = ("silu", "gelu_tanh")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    kind: ClassVar[str] = "decoder"  # EncoderConfig.kind is "encoder": which workloads and variants apply
+
     vocab_size: int = 32000
     dim: int = 4096
     n_layers: int = 32

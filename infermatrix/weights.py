@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from infermatrix.cache import atomic_path, cache_dir, file_sha256
+from infermatrix.encoder import ENCODER_PRESETS, Encoder, EncoderConfig
 from infermatrix.errors import UserError
 from infermatrix.model import HF_BLOCK_NAMES, ROPE_TYPES, SHAPE_PRESETS, ModelConfig, Transformer
 
@@ -31,13 +32,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class LoadedModel:
-    model: Transformer
+    model: Transformer | Encoder
     tokenizer: object | None  # a `tokenizers.Tokenizer`, when the source carries one
     source: str  # where the weights came from, for the records
 
 
 def preset_names() -> list[str]:
-    return sorted(REAL_PRESETS) + sorted(SHAPE_PRESETS)
+    return sorted(REAL_PRESETS) + sorted(SHAPE_PRESETS) + sorted(ENCODER_PRESETS)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -52,7 +53,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     """A preset name, a GGUF file path or a Hugging Face checkpoint folder."""
     kind, path = _resolve(name)
     if kind == "shape":
-        model = random_model(SHAPE_PRESETS[name], dtype, device, seed)
+        model = random_model(_PRESETS[name], dtype, device, seed)
         return LoadedModel(model, None, f"preset {name} (random weights, seed {seed})")
     if kind == "gguf":
         return load_gguf(path, dtype, device)
@@ -60,12 +61,13 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
 
 
 @lru_cache(maxsize=8)
-def model_config(name: str) -> ModelConfig:
-    """The config of a preset, GGUF file or checkpoint folder without loading its weights.
-    Raises a UserError for anything that cannot be loaded, so a run can check first."""
+def model_config(name: str) -> ModelConfig | EncoderConfig:
+    """The config of a preset, GGUF file or checkpoint folder without loading its weights
+    (its `kind` says decoder or encoder). Raises a UserError for anything that cannot be
+    loaded, so a run can check first."""
     kind, path = _resolve(name)
     if kind == "shape":
-        return SHAPE_PRESETS[name]
+        return _PRESETS[name]
     if kind == "gguf":
         converted = _converted_dir(path) / "config.json"
         if converted.is_file():  # skips parsing the GGUF's metadata (seconds)
@@ -96,10 +98,14 @@ def model_tokenizer(name: str):
     return Tokenizer.from_file(str(file)) if file.is_file() else None
 
 
+# every random-weight preset, decoders and encoders
+_PRESETS: dict[str, ModelConfig | EncoderConfig] = {**SHAPE_PRESETS, **ENCODER_PRESETS}
+
+
 def _resolve(name: str) -> tuple[str, Path | None]:
     if name in REAL_PRESETS:
         return "gguf", smollm2_path()
-    if name in SHAPE_PRESETS:
+    if name in _PRESETS:
         return "shape", None
     path = Path(name)
     if path.suffix == ".gguf" and path.is_file():
@@ -131,9 +137,9 @@ def smollm2_path() -> Path:
 
 # ---------------------------------------------------------------- materializing
 
-def _empty_model(cfg: ModelConfig) -> Transformer:
+def _empty_model(cfg: ModelConfig | EncoderConfig) -> Transformer | Encoder:
     with torch.device("meta"):
-        return Transformer(cfg)
+        return Encoder(cfg) if isinstance(cfg, EncoderConfig) else Transformer(cfg)
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -147,26 +153,35 @@ def _assign(model: Transformer, tensors: dict[str, torch.Tensor], dtype, device,
     expected = {name for name, _ in model.named_parameters()}  # tied output.weight is listed once
     missing = sorted(expected - tensors.keys())
     if missing:
-        raise UserError(f"{source}: checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        raise UserError(f"{source}: checkpoint lacks {len(missing)} weights, e.g. {missing[:5]}")
     for name in expected:
         want = model.get_parameter(name).shape
         got = tensors[name].shape
         if got != want:
             raise UserError(f"{source}: weight {name} has shape {tuple(got)}, the config implies {tuple(want)}")
         _set_param(model, name, tensors[name].to(device=device, dtype=dtype, copy=copy))
-    if model.config.tie_embeddings:
+    if isinstance(model, Encoder):
+        model.tie_weights()  # only with a masked-LM head
+    elif model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
 
-def random_model(cfg: ModelConfig, dtype: torch.dtype, device, seed: int = 0) -> Transformer:
-    """Seeded random weights (normal, std 0.02; norms at 1), allocated once in `dtype`."""
+def random_model(cfg: ModelConfig | EncoderConfig, dtype: torch.dtype, device,
+                 seed: int = 0) -> Transformer | Encoder:
+    """Seeded random weights (normal, std 0.02; norms at 1, their biases at 0), allocated
+    once in `dtype`."""
     model = _empty_model(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
     tensors = {}
     for name, param in model.named_parameters():
         tensor = torch.empty(param.shape, dtype=dtype, device=device)
-        tensors[name] = tensor.fill_(1.0) if name.endswith("norm.weight") else tensor.normal_(0.0, 0.02, generator=gen)
+        if name.endswith("norm.weight"):
+            tensors[name] = tensor.fill_(1.0)
+        elif name.endswith("norm.bias"):  # the encoder's LayerNorms (the decoder's RMSNorms have none)
+            tensors[name] = tensor.zero_()
+        else:
+            tensors[name] = tensor.normal_(0.0, 0.02, generator=gen)
     return _assign(model, tensors, dtype, device, "random weights")
 
 
@@ -421,6 +436,13 @@ def gguf_tokenizer(reader):
 
 _HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "Phi3ForCausalLM", "GemmaForCausalLM")
+# encoders, loaded by infermatrix.encoder_weights
+BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM")
+
+
+def refuse_architecture(arch: str, source: str) -> None:
+    valid = ", ".join(_HF_ARCHITECTURES + BERT_ARCHITECTURES)
+    raise UserError(f"{source}: architecture {arch!r} is not supported; valid: {valid}")
 _HF_BLOCK_NAMES = {
     **{theirs: ours for ours, theirs in HF_BLOCK_NAMES.items()},
     # Phi-3 stores them fused: split on load (_split_fused)
@@ -429,10 +451,9 @@ _HF_BLOCK_NAMES = {
 
 
 def hf_config(raw: dict, source: str) -> ModelConfig:
-    archs = raw.get("architectures") or [raw.get("model_type", "?")]
-    if archs[0] not in _HF_ARCHITECTURES:
-        raise UserError(f"{source}: architecture {archs[0]!r} is not supported; valid: {', '.join(_HF_ARCHITECTURES)}")
-    arch = archs[0]
+    arch = hf_architecture(raw)
+    if arch not in _HF_ARCHITECTURES:
+        refuse_architecture(arch, source)
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
@@ -515,7 +536,12 @@ def _hf_sliding_window(raw: dict, arch: str, source: str) -> int | None:
     return window
 
 
-def _hf_folder_config(folder: Path) -> ModelConfig:
+def hf_architecture(raw: dict) -> str:
+    """The first of config.json's `architectures` (its model_type when it has none)."""
+    return (raw.get("architectures") or [raw.get("model_type", "?")])[0]
+
+
+def _hf_folder_config(folder: Path) -> ModelConfig | EncoderConfig:
     source = str(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -526,6 +552,10 @@ def _hf_folder_config(folder: Path) -> ModelConfig:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise UserError(f"{source}: config.json is not valid JSON ({exc})") from None
+    if hf_architecture(raw) in BERT_ARCHITECTURES:
+        from infermatrix.encoder_weights import bert_config
+
+        return bert_config(raw, folder)
     return hf_config(raw, source)
 
 
@@ -533,6 +563,10 @@ def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
     from safetensors import safe_open
 
     cfg = _hf_folder_config(folder)
+    if isinstance(cfg, EncoderConfig):
+        from infermatrix.encoder_weights import load_bert_checkpoint
+
+        return load_bert_checkpoint(folder, cfg, dtype, device)
     shards = sorted(folder.glob("*.safetensors"))
     tensors, unknown = {}, []
     for shard in shards:

@@ -55,6 +55,9 @@ def test_run_writes_a_run_folder_and_prints_a_table(tmp_path):
         ('[[cases]]\nmodel = "tiny"\nvariant = "warp_drive"\n', "unknown variant 'warp_drive'"),
         ('[[cases]]\nmodel = "tiny"\nvariant = "sdpa+reference"\n', "same axis 'attention'"),
         ('[[cases]]\nmodel = "BADDIR"\nvariant = "sdpa"\n', "lacks config.json"),
+        ('[[cases]]\nmodel = "tiny"\nvariant = "sdpa"\nworkload = "encode"\n', "tiny is a decoder: the encode"),
+        ('[[cases]]\nmodel = "tiny-encoder"\nvariant = "kv_cache+sdpa"\nworkload = "encode"\n',
+         "kv_cache does not run on an encoder model"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, matrix, message):

@@ -35,7 +35,7 @@ PROTOCOL = 2  # the driver refuses a side that speaks another version
 
 # Workloads whose first call is cold and untimed (compilation, lazy init): in a process
 # that serves one turn it is the warm-up, and the [run] warm-up runs are not repeated.
-WARMED_BY_FIRST_CALL = frozenset({"prefill", "decode", "generate"})
+WARMED_BY_FIRST_CALL = frozenset({"prefill", "decode", "generate", "encode"})
 
 
 class _PipeTurns:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
 from infermatrix.model import Transformer, math_attention
 
@@ -218,8 +219,8 @@ def require_fp32_reference(reference: torch.nn.Module, variant: torch.nn.Module)
         raise UserError("drift compares the variant with its own reference model; the reference must be "
                         "the fp32 reference model loaded on its own")
     problem = None
-    if not isinstance(reference, Transformer):
-        problem = f"it is a {type(reference).__name__}, not the reference Transformer"
+    if not isinstance(reference, (Transformer, Encoder)):
+        problem = f"it is a {type(reference).__name__}, not the reference Transformer or Encoder"
     elif reference.attention is not math_attention:
         name = getattr(reference.attention, "__name__", reference.attention)
         problem = f"its attention is {name!r}, not math_attention"
@@ -235,3 +236,37 @@ def require_fp32_reference(reference: torch.nn.Module, variant: torch.nn.Module)
     if problem:
         raise UserError(f"drift needs the fp32 reference model as its reference, but {problem}; "
                         "load it with load_model(..., torch.float32) and apply no variant")
+
+
+def hidden_state_drift(ref_hidden: torch.Tensor, var_hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Drift of an encoder's final hidden states (B, T, C) against the reference's, over
+    the real positions of mask (B, T) (True = a real token; pad positions hold values
+    nobody reads). In float64.
+
+    Keys: hidden_cosine_mean, hidden_cosine_min (cosine similarity of each token's
+    vector), hidden_sqnr_db (over every real element; inf when identical),
+    hidden_rel_l2.
+    """
+    if ref_hidden.shape != var_hidden.shape or ref_hidden.dim() != 3 or mask.shape != ref_hidden.shape[:2]:
+        raise ValueError(f"hidden states {tuple(ref_hidden.shape)} and {tuple(var_hidden.shape)} must both be "
+                         f"(B, T, C), and the mask {tuple(mask.shape)} (B, T)")
+    mask = mask.to(device=ref_hidden.device, dtype=torch.bool)
+    if not bool(mask.any()):
+        raise ValueError("hidden_state_drift needs at least one real position")
+    ref = ref_hidden[mask].to(torch.float64)  # (N, C)
+    var = var_hidden.to(ref_hidden.device)[mask].to(torch.float64)  # (N, C)
+    cosine = torch.nn.functional.cosine_similarity(ref, var, dim=-1)  # (N,)
+    signal, noise = float(ref.square().sum()), float((var - ref).square().sum())
+    return {
+        "hidden_cosine_mean": float(cosine.mean()),
+        "hidden_cosine_min": float(cosine.min()),
+        "hidden_sqnr_db": _sqnr_db(signal, noise),
+        "hidden_rel_l2": _ratio(math.sqrt(noise), math.sqrt(signal)),
+    }
+
+
+def mlm_top1_agreement(ref_logits: torch.Tensor, var_logits: torch.Tensor) -> float:
+    """Percent of positions (rows of (N, V) masked-LM logits) where both models pick the
+    same top-1 token."""
+    same = ref_logits.argmax(-1) == var_logits.to(ref_logits.device).argmax(-1)  # (N,)
+    return 100.0 * float(same.double().mean())

@@ -59,6 +59,13 @@ WORKLOADS: dict[str, tuple[str, ...]] = {
     "drift": ("windows", "prompt_len", "new_tokens"),
     "attention": ("batch", "prompt_len", "heads", "kv_heads", "head_dim", "causal"),
     "linear": ("batch", "prompt_len", "in_features", "out_features"),
+    "encode": ("batch", "prompt_len"),
+}
+# the workloads each model kind (ModelConfig.kind, EncoderConfig.kind) runs; op workloads
+# take only shapes from the model
+MODEL_WORKLOADS: dict[str, tuple[str, ...]] = {
+    "decoder": ("prefill", "decode", "generate", "drift", "attention", "linear"),
+    "encoder": ("encode", "drift", "attention", "linear"),
 }
 # how each shape field shows in a case id
 _ID_TAGS = {"batch": "b", "prompt_len": "p", "new_tokens": "n", "windows": "w", "heads": "h", "kv_heads": "kv",
@@ -72,8 +79,9 @@ class Case:
     workload: str = "prefill"
     dtype: str = "float32"
     device: str = "cpu"
-    batch: int = 1
-    prompt_len: int = 128  # prompt tokens; attention: sequence length; linear: M = batch * prompt_len; drift: window
+    batch: int = 1  # encode: sentences
+    prompt_len: int = 128  # prompt tokens; attention: sequence length; linear: M = batch * prompt_len; drift: window;
+    # encode: the most tokens a sentence keeps
     new_tokens: int = 32  # decode/generate: tokens generated; drift: greedy tokens compared
     windows: int = 4  # drift: eval-text windows of prompt_len tokens
     heads: int = 0  # attention: query heads; 0 = the model's
@@ -199,11 +207,12 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
     for case in cases:  # after the excludes: a combination excluded is never refused
         spec = parse_spec(case.variant)
+        config = model_config(case.model)
         for variant in spec:
             try:
                 variant.check_case(case.workload, torch.device(case.device), spec)
-                if case.workload in ("prefill", "decode", "generate", "drift"):  # op workloads run no model
-                    variant.check_model(model_config(case.model))
+                if case.workload not in ("attention", "linear"):  # ops take only shapes from the model
+                    variant.check_model(config)
             except ValueError as exc:
                 raise UserError(f"{source}: {case.case_id}: {exc}") from None
     stepped = sorted({c.workload for c in cases if c.workload in ("decode", "generate")})
@@ -290,6 +299,8 @@ def _expand(table: dict, where: str) -> list[Case]:
 def _normalize(case: Case) -> Case:
     """Zero the size fields this case's workload does not use (and reset `causal`)."""
     used = WORKLOADS[case.workload]
+    if case.workload == "drift" and model_config(case.model).kind == "encoder":
+        used = tuple(name for name in used if name != "new_tokens")  # an encoder generates no tokens
     reset = {name: (0 if f.type == "int" else f.default) for name, f in _CASE_FIELDS.items()
              if name not in used and f.type in ("int", "bool")}
     return dataclasses.replace(case, **reset)
@@ -302,10 +313,18 @@ def _check_shape(case: Case, where: str) -> None:
             variant.check_device(torch.device(case.device))
         except ValueError as exc:
             raise UserError(f"{where}: {case.variant} on {case.device}: {exc}") from None
+    if case.workload not in MODEL_WORKLOADS[cfg.kind]:
+        why = ("an encoder has no next-token step; use encode (or drift)" if cfg.kind == "encoder" else
+               "encode runs a bidirectional encoder over padded sentences; for a decoder use prefill")
+        raise UserError(f"{where}: {case.model} is {'an' if cfg.kind == 'encoder' else 'a'} {cfg.kind}: "
+                        f"the {case.workload} workload does not apply ({why})")
+    if case.workload == "encode" and case.prompt_len > cfg.max_seq_len:
+        raise UserError(f"{where}: prompt_len {case.prompt_len} exceeds {case.model}'s {cfg.max_seq_len} positions; "
+                        "lower prompt_len")
     if case.workload in ("decode", "generate") and case.new_tokens < 2:
         raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
     if case.workload in ("prefill", "decode", "generate", "drift"):
-        extra = case.new_tokens if case.workload != "prefill" else 0
+        extra = case.new_tokens if case.workload != "prefill" else 0  # zero for an encoder's drift
         if case.prompt_len + extra > cfg.max_seq_len:
             raise UserError(
                 f"{where}: prompt_len {case.prompt_len} + new_tokens {extra} exceeds {case.model}'s context "

@@ -71,6 +71,14 @@ def estimate_cost(case: Case, settings: RunSettings = RunSettings()) -> float:
     elif case.workload == "linear":
         m, k, n = linear_shape(case)
         call = roofline.linear_cost(m, k, n, act_bytes=nbytes, weight_bytes_per_elem=nbytes)
+    elif cfg.kind == "encoder":  # encode, drift: one forward over a padded batch of at most prompt_len
+        load = cfg.num_params() * nbytes / _LOAD_BYTES_PER_S
+        if case.workload == "drift":  # untimed, by the variant and by the fp32 reference
+            load += cfg.num_params() * 4 / _LOAD_BYTES_PER_S
+            forward = roofline.encode_cost(cfg, case.windows, case.prompt_len, dtype_bytes=nbytes)
+            seconds = _call_seconds(forward, kind, case.dtype) + _call_seconds(forward, kind, "float32")
+            return _CASE_START_S + load + seconds + _compile_s(case)
+        call = roofline.encode_cost(cfg, case.batch, case.prompt_len, dtype_bytes=nbytes)
     else:
         load = cfg.num_params() * nbytes / _LOAD_BYTES_PER_S
         prefill = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=nbytes)

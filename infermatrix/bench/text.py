@@ -4,6 +4,7 @@ topics), or any UTF-8 file the user passes."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from infermatrix.errors import UserError
@@ -29,3 +30,14 @@ def load_text(path: str | None = None) -> str:
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str, min_words: int = 3) -> list[str]:
+    """The text's sentences in order: whitespace collapsed, cut after '.', '!' or '?'
+    followed by a space; pieces of fewer than `min_words` words (headings, code
+    fragments) dropped."""
+    flat = " ".join(text.split())
+    return [s for s in _SENTENCE_END.split(flat) if len(s.split()) >= min_words]

@@ -10,6 +10,15 @@ Model workloads (real-text prompts when the model has a tokenizer):
   weights, over `windows` eval-text windows of prompt_len tokens (reference logits
   cached on disk), plus greedy-decode agreement over new_tokens.
 
+Encoder workloads (infermatrix.encoder):
+* encode: one forward over `batch` real eval-text sentences of different lengths (each
+  cut to prompt_len tokens), right-padded, with the key-padding mask -> latency,
+  sequences/s and tokens/s of real tokens (pad positions are computed, not counted).
+* drift: the variant's final hidden states against the fp32 reference's over `windows`
+  passages of whole sentences (up to prompt_len tokens each, right-padded): cosine
+  similarity and SQNR at real positions; masked-LM top-1 agreement and KL when the
+  model has the head.
+
 Op workloads (no model weights; the model gives default shapes):
 * attention: (batch, heads, kv_heads, seq = prompt_len, head_dim, causal) through the
   variant's attention callable -> TFLOP/s and GB/s.
@@ -21,6 +30,7 @@ Every timing is also reported against the machine's measured peaks (roofline.py)
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from dataclasses import replace
 from functools import lru_cache
@@ -30,13 +40,14 @@ import torch
 import torch.nn as nn
 
 from infermatrix.bench import roofline
-from infermatrix.bench.drift import (drift_metrics, greedy_match_length, model_logits, require_fp32_reference,
-                                     window_tokens)
+from infermatrix.bench.drift import (drift_metrics, greedy_match_length, hidden_state_drift, mlm_top1_agreement,
+                                     model_logits, require_fp32_reference, window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
 from infermatrix.bench.matrix import attention_shape, linear_shape
 from infermatrix.bench.stats import summarize
-from infermatrix.bench.text import load_text, text_sha256
+from infermatrix.bench.text import load_text, sentences, text_sha256
 from infermatrix.bench.timing import TimerConfig, measure, time_once
+from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
 from infermatrix.model import GreedyDecoder, Transformer, generate_greedy, math_attention, storage_bytes
 from infermatrix.variants import apply_variants, parse_spec
@@ -217,6 +228,8 @@ def run_generate(case: Case, ctx: RunContext, models: ModelCache) -> Measurement
 
 def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     model, loaded = _model(case, models)
+    if isinstance(loaded.model, Encoder):
+        return _encoder_drift(model, loaded, case, ctx)
     ids = token_ids(loaded, case.windows * (case.prompt_len + 1), ctx.eval_text_path, ctx.settings.seed)
     windows = window_tokens(ids, case.prompt_len, case.windows)  # (W, T+1)
     prompts = windows[:, : min(DRIFT_PROMPT_TOKENS, case.prompt_len)].to(case.device)  # (W, P)
@@ -246,6 +259,135 @@ def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     metrics["greedy_tokens"] = case.new_tokens
     metrics["eval_tokens"] = int(targets.numel())
     metrics.update(weight_bytes=model.weight_bytes, weight_bytes_dense=loaded.model.weight_bytes)
+    return metrics, {}
+
+
+# ---------------------------------------------------------------- encoders
+
+
+@lru_cache(maxsize=4)
+def _text_sentences(eval_text_path: str | None) -> tuple[str, ...]:
+    found = tuple(sentences(load_text(eval_text_path)))
+    if not found:
+        raise UserError("the eval text has no sentences (runs of 3+ words ending in '.', '!' or '?'); pass another "
+                        "--eval-text")
+    return found
+
+
+def sentence_ids(loaded: LoadedModel, count: int, max_len: int, eval_text_path: str | None,
+                 seed: int) -> list[list[int]]:
+    """Token ids of the eval text's first `count` sentences (wrapping around), each cut
+    to max_len: the model's tokenizer (special tokens included) when it has one, else
+    seeded random ids, one per word of the sentence."""
+    text = _text_sentences(eval_text_path)
+    picked = [text[i % len(text)] for i in range(count)]
+    vocab = loaded.model.config.vocab_size
+    if loaded.tokenizer is None:
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, vocab, (min(len(s.split()), max_len),), generator=gen).tolist() for s in picked]
+    ids = [enc.ids[:max_len] for enc in loaded.tokenizer.encode_batch(picked)]
+    top = max(max(row) for row in ids)
+    if top >= vocab:
+        raise UserError(f"the tokenizer emits id {top} but the model's vocab_size is {vocab}; "
+                        "the tokenizer does not belong to these weights")
+    return ids
+
+
+def pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> tokens (B, T) right-padded with pad_id, and the
+    key-padding mask (B, T), True = a real token."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, :len(row)] = True
+    return tokens.to(device), mask.to(device)
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    pad = loaded.tokenizer.token_to_id("[PAD]") if loaded.tokenizer is not None else None
+    return 0 if pad is None else pad
+
+
+def encode_batch(loaded: LoadedModel, case: Case, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """An encode case's (batch, T) tokens, key-padding mask and each sentence's length."""
+    rows = sentence_ids(loaded, case.batch, case.prompt_len, ctx.eval_text_path, ctx.settings.seed)
+    tokens, mask = pad_right(rows, _pad_id(loaded), case.device)
+    return tokens, mask, [len(r) for r in rows]
+
+
+def _seam_mask(mask: torch.Tensor, lengths: list[int]) -> torch.Tensor | None:
+    """The mask to pass the encoder: None when no row is padded (attention then runs
+    unmasked, as it would on one length)."""
+    return None if min(lengths) == mask.shape[1] else mask
+
+
+def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+    model, loaded = _model(case, models)
+    tokens, mask, lengths = encode_batch(loaded, case, ctx)  # (B, T), (B, T)
+    seam_mask = _seam_mask(mask, lengths)
+    first_call_ms = time_once(lambda: model(tokens, seam_mask), torch.device(case.device))  # compile, lazy init
+    m = timed(lambda: model(tokens, seam_mask), case, ctx)
+    metrics = _timing_metrics(m)
+    median_s = m.summary.median / 1e3
+    real = sum(lengths)
+    metrics.update(first_call_ms=first_call_ms, sequences_per_s=case.batch / median_s, tokens_per_s=real / median_s,
+                   real_tokens=real, padded_tokens=tokens.numel())
+    cost = roofline.encode_cost(loaded.model.config, case.batch, tokens.shape[1],
+                                dtype_bytes=DTYPES[case.dtype].itemsize, weight_bytes=model.weight_bytes)
+    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
+                   weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
+    return metrics, {"latency_ms": m.samples_ms}
+
+
+def encoder_passages(loaded: LoadedModel, count: int, max_len: int, eval_text_path: str | None,
+                     seed: int) -> list[list[int]]:
+    """`count` passages of whole consecutive eval-text sentences, as many as fit in
+    max_len tokens (a longer sentence alone, cut): lengths differ, as real inputs do."""
+    rows = sentence_ids(loaded, 16 * count, max_len, eval_text_path, seed)
+    passages, current = [], []
+    for row in rows:
+        if current and len(current) + len(row) > max_len:
+            passages.append(current)
+            current = []
+            if len(passages) == count:
+                return passages
+        current = current + row
+    return (passages + [current[:max_len]] * count)[:count]  # short text: the last passage repeated
+
+
+def _encoder_drift(model, loaded: LoadedModel, case: Case, ctx: RunContext) -> Measurement:
+    """The variant's final hidden states (and masked-LM logits) against the fp32
+    reference's at real positions; the reference's are cached on disk, keyed by the
+    weights, the exact input tokens and the code (logits_cache)."""
+    rows = encoder_passages(loaded, case.windows, case.prompt_len, ctx.eval_text_path, ctx.settings.seed)
+    tokens, mask = pad_right(rows, _pad_id(loaded), case.device)  # (W, T), (W, T)
+    real = mask.cpu()
+    key = {
+        "model": model_fingerprint(case.model, ctx.settings.seed), "reference": "encoder/float32",
+        "tokens_sha256": hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest(),
+        "shape": list(tokens.shape), "device": torch.device(case.device).type,
+    }
+
+    def fp32_reference() -> dict[str, torch.Tensor]:
+        reference = load_model(case.model, torch.float32, case.device, seed=ctx.settings.seed).model
+        require_fp32_reference(reference, model)  # before anything of it is cached as the reference
+        hidden = reference(tokens, mask)  # (W, T, C)
+        out = {"hidden": hidden.float()}
+        if reference.config.mlm_head:
+            out["mlm_logits"] = reference.mlm_logits(hidden).float()[mask]  # (N, V): real positions only
+        return out
+
+    ref = cached_tensors(key, fp32_reference)  # the reference is freed before the variant runs
+    hidden = model(tokens, mask)  # (W, T, C)
+    metrics = hidden_state_drift(ref["hidden"], hidden.float().cpu(), real)
+    if "mlm_logits" in ref:
+        logits = model.mlm_logits(hidden).float().cpu()[real]  # (N, V)
+        metrics["mlm_top1_agree_pct"] = mlm_top1_agreement(ref["mlm_logits"], logits)
+        metrics["mlm_kl_mean"] = drift_metrics(ref["mlm_logits"], logits, tokens.cpu()[real])["kl_mean"]
+    metrics.update(eval_tokens=int(real.sum()), weight_bytes=model.weight_bytes,
+                   weight_bytes_dense=loaded.model.weight_bytes)
     return metrics, {}
 
 
@@ -338,6 +480,10 @@ def benchmark_callable(case: Case, ctx: RunContext, models: ModelCache) -> tuple
         raise UserError("pytest-benchmark cannot time decode's per-token steps alone; benchmark "
                         "benchmark_case(case), its generate twin")
     model, loaded = _model(case, models)
+    if case.workload == "encode":
+        tokens, mask, lengths = encode_batch(loaded, case, ctx)
+        seam_mask = _seam_mask(mask, lengths)
+        return (lambda: model(tokens, seam_mask)), sum(lengths)
     prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
     if case.workload == "prefill":
         return (lambda: model(prompt)), case.batch * case.prompt_len
@@ -355,4 +501,5 @@ WORKLOAD_FNS: dict[str, Callable[[Case, RunContext, ModelCache], Measurement]] =
     "drift": run_drift,
     "attention": run_attention,
     "linear": run_linear,
+    "encode": run_encode,
 }

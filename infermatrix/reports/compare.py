@@ -58,6 +58,9 @@ CSV_METRICS: tuple[str, ...] = (
     "cuda_peak_reserved_bytes", "ppl_ref", "ppl", "ppl_delta_pct", "kl_mean", "kl_median", "kl_p99", "kl_max",
     "top1_agree_pct", *(f"dp_{s}" for s in ("mean", "rms", "p01", "p05", "median", "p95", "p99", "min", "max")),
     "logits_max_abs", "logits_rel_l2", "sqnr_db", "greedy_match_len", "greedy_tokens", "eval_tokens",
+    # encoders: the encode workload and hidden-state drift
+    "sequences_per_s", "real_tokens", "padded_tokens", "hidden_cosine_mean", "hidden_cosine_min", "hidden_sqnr_db",
+    "hidden_rel_l2", "mlm_top1_agree_pct", "mlm_kl_mean",
 )
 NON_NUMERIC_METRICS = frozenset({"stopped_by", "bound"})
 ALIASES = {"top1_agree": "top1_agree_pct"}
@@ -75,18 +78,21 @@ DIRECTION: dict[str, str] = {
     "ppl": LOWER, "ppl_delta_pct": LOWER, "kl_mean": LOWER, "kl_median": LOWER, "kl_p99": LOWER, "kl_max": LOWER,
     "dp_rms": LOWER, "logits_max_abs": LOWER, "logits_rel_l2": LOWER,
     "top1_agree_pct": HIGHER, "sqnr_db": HIGHER, "greedy_match_len": HIGHER,
+    "sequences_per_s": HIGHER, "hidden_cosine_mean": HIGHER, "hidden_cosine_min": HIGHER, "hidden_sqnr_db": HIGHER,
+    "hidden_rel_l2": LOWER, "mlm_top1_agree_pct": HIGHER, "mlm_kl_mean": LOWER,
 }
 
 # speed metric -> (which raw samples, whether the metric is inversely proportional to them)
 SAMPLE_METRICS: dict[str, tuple[str, bool]] = {
     "latency_ms_p50": ("latency", False), "ttft_ms_p50": ("ttft", False), "tpot_ms_p50": ("tpot", False),
-    "tokens_per_s": ("latency", True), "achieved_tflops": ("latency", True), "achieved_gbs": ("latency", True),
+    "tokens_per_s": ("latency", True), "sequences_per_s": ("latency", True), "achieved_tflops": ("latency", True),
+    "achieved_gbs": ("latency", True),
     "pct_of_limit": ("latency", True), "pct_of_compute_peak": ("latency", True),
     "pct_of_bandwidth_peak": ("latency", True),
 }
-DEFAULT_SPEED_METRICS = ("latency_ms_p50", "tokens_per_s", "ttft_ms_p50", "tpot_ms_p50")
+DEFAULT_SPEED_METRICS = ("latency_ms_p50", "tokens_per_s", "ttft_ms_p50", "tpot_ms_p50", "sequences_per_s")
 DEFAULT_ACCURACY_METRICS = ("kl_mean", "kl_max", "top1_agree_pct", "ppl_delta_pct", "dp_rms", "logits_rel_l2",
-                            "sqnr_db", "greedy_match_len")
+                            "sqnr_db", "greedy_match_len", "hidden_cosine_mean", "hidden_sqnr_db", "mlm_top1_agree_pct")
 
 _EXACT_MAX_MN = 2500  # exact Mann–Whitney null distribution up to m*n of this (a few ms, cached)
 _MAX_PAIRS = 1_000_000  # pairwise differences kept in memory; beyond, samples are thinned (seeded)

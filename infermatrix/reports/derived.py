@@ -4,6 +4,8 @@ anything, and what the CPU it ran on can do."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from infermatrix.reports.record import Record
 
 # metrics naming the implementations a seam really ran in a case, joined by '+' (variants
@@ -16,7 +18,7 @@ _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieve
 
 
 def is_speed_metric(metric: str) -> bool:
-    return metric == "tokens_per_s" or metric.startswith(_SPEED_PREFIXES)
+    return metric in ("tokens_per_s", "sequences_per_s") or metric.startswith(_SPEED_PREFIXES)
 
 
 def is_peer(record: Record) -> bool:
@@ -53,3 +55,38 @@ def cpu_features_text(env: dict) -> str:
         lacks = [name for name, present in flags.items() if not present]
         parts += [f"has {', '.join(has)}" if has else "", f"lacks {', '.join(lacks)}" if lacks else ""]
     return " · ".join(p for p in parts if p) or "not recorded"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column of the summary tables (terminal, Markdown, HTML)."""
+
+    metric: str  # the results.csv metric
+    header: str  # Markdown and HTML header
+    short: str  # terminal header
+    fmt: str  # format of a value
+    always: bool = True  # shown even when no record has the metric (the columns every run compares)
+
+
+# The summary tables' metric columns, in order. The optional ones (always=False) show
+# only when some record has them: encoders' sequences/s and hidden-state drift.
+METRIC_COLUMNS: tuple[Column, ...] = (
+    Column("latency_ms_p50", "ms p50", "ms_p50", "{:,.2f}"),
+    Column("latency_ms_ci_rel", "CI ±", "ci±", "{:.1%}"),
+    Column("tokens_per_s", "tok/s", "tok/s", "{:,.1f}"),
+    Column("sequences_per_s", "seq/s", "seq/s", "{:,.1f}", always=False),
+    Column("pct_of_limit", "% limit", "%limit", "{:.0f}%"),
+    Column("kl_mean", "KL mean", "kl_mean", "{:.2e}"),
+    Column("top1_agree_pct", "top-1 %", "top1%", "{:.1f}"),
+    Column("ppl_delta_pct", "Δppl %", "Δppl%", "{:+.2f}"),
+    Column("hidden_cosine_mean", "hidden cos", "cos", "{:.8f}", always=False),  # int8 differs in the 8th digit
+    Column("hidden_sqnr_db", "hidden SQNR dB", "sqnr_db", "{:.1f}", always=False),
+    Column("mlm_top1_agree_pct", "MLM top-1 %", "mlm_top1%", "{:.1f}", always=False),
+)
+
+
+def shown_columns(records: list[Record]) -> list[Column]:
+    """The metric columns a table of `records` shows: every always-column, and the
+    optional ones some record has."""
+    present = {key for r in records for key, value in (r.metrics or {}).items() if value is not None}
+    return [c for c in METRIC_COLUMNS if c.always or c.metric in present]

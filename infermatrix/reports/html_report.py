@@ -32,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, is_peer, ran, timings_meaningful
+from infermatrix.reports.derived import cpu_features_text, is_peer, ran, shown_columns, timings_meaningful
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
@@ -621,7 +621,8 @@ def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
     for key, header, numeric in _CASE_COLUMNS:
         out.append(f'<th data-col="{key}" data-type="{"num" if numeric else "text"}" tabindex="0"'
                    f' title="{_esc(_TITLES.get(key, key))}" aria-sort="none">{_esc(header)}</th>')
-    for key, header, _ in _METRIC_COLUMNS:
+    metric_columns = _METRIC_COLUMNS + [(c.metric, c.header, c.fmt) for c in shown_columns(records) if not c.always]
+    for key, header, _ in metric_columns:
         out.append(f'<th data-col="{key}" data-type="num" tabindex="0" title="{_esc(_TITLES.get(key, key))}"'
                    f' aria-sort="none">{_esc(header)}</th>')
     out.append("</tr></thead><tbody>")
@@ -649,7 +650,7 @@ def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
                 mark = ' <span class="badge peer" title="a peer: what users deploy, not our variant">peer</span>' \
                     if key == "variant" and is_peer(r) else ""
                 out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}{mark}</td>')
-        for key, _, fmt in _METRIC_COLUMNS:
+        for key, _, fmt in metric_columns:
             value = speedup.get(r.case_id) if key == "speedup" else r.metrics.get(key)
             text = _fmt(value, fmt)
             if key == "latency_ms_ci_rel" and r.status == "ok" and (

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, ran
+from infermatrix.reports.derived import cpu_features_text, ran, shown_columns
 from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
-
-# (header, metric, format) per column after the case description
-_COLUMNS = [
-    ("ms p50", "latency_ms_p50", "{:,.2f}"), ("CI ±", "latency_ms_ci_rel", "{:.1%}"),
-    ("tok/s", "tokens_per_s", "{:,.1f}"), ("% limit", "pct_of_limit", "{:.0f}%"),
-    ("KL mean", "kl_mean", "{:.2e}"), ("top-1 %", "top1_agree_pct", "{:.1f}"),
-    ("Δppl %", "ppl_delta_pct", "{:+.2f}"),
-]
-
 
 def _md(text: object) -> str:
     """A table cell: pipes escaped, newlines flattened."""
@@ -27,8 +18,8 @@ def _value(metrics: dict, key: str, fmt: str) -> str:
     value = metrics.get(key)
     if value is None or value != value:
         return ""
-    if value == float("inf"):
-        return "n<6"
+    if value == float("inf"):  # a CI of the median needs 6 samples at 95%; an SQNR of identical outputs
+        return "n<6" if key == "latency_ms_ci_rel" else "inf"
     return fmt.format(value)
 
 
@@ -46,12 +37,13 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
     if env:  # a figure means little without the CPU: bf16/int8 speed differs by ISA
         lines += [f"CPU: {_md(env.get('cpu') or 'unknown')} · {_md(cpu_features_text(env))}", ""]
     if ok:
-        header = ["model", "variant", "workload", "dtype", "shape"] + [h for h, _, _ in _COLUMNS] + ["ran"]
+        columns = shown_columns(ok)
+        header = ["model", "variant", "workload", "dtype", "shape"] + [c.header for c in columns] + ["ran"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok:
             c = r.case
             cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), _shape(c)]
-            cells += [_value(r.metrics, key, fmt) for _, key, fmt in _COLUMNS] + [ran(r)]
+            cells += [_value(r.metrics, c.metric, c.fmt) for c in columns] + [ran(r)]
             lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
     problems = [r for r in records if r.status != "ok"]
     if problems:

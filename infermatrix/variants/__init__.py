@@ -10,6 +10,7 @@ from infermatrix.variants import block_sparse, flex  # noqa: F401  (block-sparse
 from infermatrix.variants import int8  # noqa: F401  (int8 linear layers, issue 7)
 from infermatrix.variants import fused, packed, peers  # noqa: F401  (decode at the limit; peers as rows: issue 16)
 from infermatrix.variants.base import (
+    ANY_MODEL,
     AXES,
     ENTRY_POINT_GROUP,
     Variant,
@@ -28,7 +29,7 @@ from infermatrix.variants.base import (
 )
 
 __all__ = [
-    "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements", "note_path",
-    "parse_spec", "register_variant", "registered_variants", "runs_in_triton_interpreter", "take_paths",
+    "ANY_MODEL", "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements",
+    "note_path", "parse_spec", "register_variant", "registered_variants", "runs_in_triton_interpreter", "take_paths",
     "unmet_requirements", "variant_class", "with_attention",
 ]

@@ -22,13 +22,15 @@ import torch
 
 from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
-from infermatrix.model import ModelConfig, Transformer
+from infermatrix.model import Transformer
 
 # Axes in the order variants are applied: the weights' layout first, then their
 # precision, the graph last. A `peer` (a whole model users deploy, such as Hugging
 # Face transformers) replaces the model alone.
 AXES = ("fusion", "linear", "attention", "cache", "graph", "peer")
 ENTRY_POINT_GROUP = "infermatrix.variants"
+# Variant.model_kinds of a variant that runs on decoders and encoders alike
+ANY_MODEL = frozenset({"decoder", "encoder"})
 # What running our Triton kernels needs: the package, and CUDA (or the CPU interpreter).
 TRITON_KERNELS = frozenset({"triton", "triton_device"})
 
@@ -65,10 +67,21 @@ class Variant:
         composed with `spec`) this variant cannot run as its label says (called when a
         matrix is read, after its excludes)."""
 
-    def check_model(self, config: ModelConfig) -> None:
-        """Refuse, with a ValueError giving the reason, a model this variant cannot run
-        as it is (e.g. one with its own sliding window the variant would change);
-        called when a matrix is read (model workloads) and by apply_variants."""
+    # the model kinds (ModelConfig.kind, EncoderConfig.kind) this variant runs on as its
+    # label says; a variant opts in to the encoder once it is tested there
+    model_kinds: ClassVar[frozenset[str]] = frozenset({"decoder"})
+    # why not, said when a matrix puts it on a kind it does not run on
+    kind_refusal: ClassVar[str] = "it has not been made and tested to run on one"
+
+    def check_model(self, config) -> None:
+        """Refuse, with a ValueError giving the reason, a model this variant cannot run as
+        it is: one of a kind it does not run on (config.kind "decoder" | "encoder"), or one
+        whose own fields it would change (e.g. a sliding window). Called when a matrix is
+        read (model workloads) and by apply_variants; overrides call super() first."""
+        kind = config.kind
+        if kind not in self.model_kinds:
+            raise ValueError(f"{self.name} does not run on an {kind} model: {self.kind_refusal}"
+                             if kind == "encoder" else f"{self.name} runs on encoder models only")
 
     def spec(self) -> str:
         """Canonical spec text: the name, plus the parameters that differ from their defaults."""

@@ -33,8 +33,8 @@ from infermatrix.kernels.block_sparse_layout import (
     pattern_params,
     token_window,
 )
-from infermatrix.model import ModelConfig, Transformer, causal_mask, last_visible_key
-from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, with_attention
+from infermatrix.model import Transformer, causal_mask, last_visible_key
+from infermatrix.variants.base import ANY_MODEL, TRITON_KERNELS, Variant, note_path, register_variant, with_attention
 from infermatrix.variants.sdpa import sdpa_attention
 
 # variant fields that are layout parameters (None: not given)
@@ -109,8 +109,9 @@ class LayoutConfig(Variant):
     def block_for(self, device: torch.device) -> int:
         return self.block or default_block_size(device)
 
-    def check_model(self, config: ModelConfig) -> None:
-        window = config.sliding_window
+    def check_model(self, config) -> None:
+        super().check_model(config)
+        window = getattr(config, "sliding_window", None)  # encoders have none
         if window is not None and (self.pattern != "sliding" or self.window != window):
             raise ValueError(f"the model has its own sliding window of {window} tokens; {self.spec()} would "
                              f"attend over other keys and change the model: use {self.name}(pattern=sliding,"
@@ -121,6 +122,18 @@ class LayoutConfig(Variant):
         """For reports: the layout's density and a small picture of it."""
         layout = self.build(seq_len, causal=causal, block=self.block_for(torch.device(device)))
         return {"attention_density": layout.density, "attention_layout": layout.grid()}
+
+
+def padding_lengths(mask: torch.Tensor) -> list[int]:
+    """A right-padding mask (B, 1, Tq, Tk), True = attend, every query row seeing the
+    same first keys of its sequence -> each sequence's length. Other masks are refused."""
+    keys = mask[:, 0, 0]  # (B, Tk): what the first query row sees
+    lengths = keys.sum(-1)  # (B,)
+    prefix = torch.arange(keys.shape[-1], device=mask.device) < lengths[:, None]  # (B, Tk)
+    if not (bool((keys == prefix).all()) and bool((mask[:, 0] == keys[:, None, :]).all())):
+        raise ValueError("block_sparse takes a non-causal mask only as right padding (each row the first keys of "
+                         "its sequence); use sdpa or reference for other masks")
+    return lengths.tolist()
 
 
 class LayoutAttention:
@@ -136,6 +149,11 @@ class LayoutAttention:
     * anything else (left padding, a prefill not from 0, per-head layouts): the
       layout's rows as a boolean mask over the whole buffer, through SDPA, recorded as
       `dense_masked`, since it computes every key.
+
+    An encoder's call (not causal, as many queries as keys, a right-padding mask) runs
+    each sequence through the kernel on its own length, with that prefix of the
+    padded length's non-causal layout: the layout's pairs among real tokens, no pad
+    key, nothing dense; pad query rows are left zero (nobody reads them).
     """
 
     sparse_decode = True  # a decode step attends over its row's keys only (gathered)
@@ -147,6 +165,8 @@ class LayoutAttention:
         # the model passes one mask to every layer of a forward: its plan is made once
         self._plan_src: tuple | None = None
         self._plan: tuple | None = None
+        self._lengths_src: torch.Tensor | None = None  # the last padding mask, and its sequences' lengths
+        self._lengths: list[int] = []
 
     def layout(self, seq_len: int, causal: bool, device: torch.device) -> BlockLayout:
         key = (seq_len, causal, device.type)
@@ -166,7 +186,25 @@ class LayoutAttention:
         if mask is None and q.shape[2] == k.shape[2]:
             note_path("attention", self.kernel_path(q.device))
             return self.kernel(q, k, v, self.layout(q.shape[2], causal, q.device))
+        if not causal and mask is not None and q.shape[2] == k.shape[2]:
+            return self.padded(q, k, v, mask)
         return self.cached(q, k, v, causal, mask)
+
+    def padded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Non-causal attention over right-padded sequences (an encoder's batch): each
+        sequence through the kernel on its real length."""
+        layout = self.layout(q.shape[2], False, q.device)
+        if layout.causal:
+            raise ValueError(f"block_sparse(pattern={self.config.pattern}) is causal by definition; an encoder "
+                             "attends both ways: choose sliding, strided, fixed, bigbird or longformer")
+        if self._lengths_src is not mask:  # one read of the device per forward: every layer gets this mask
+            self._lengths_src, self._lengths = mask, padding_lengths(mask)
+        out = torch.zeros_like(q)  # (B, H, T, D): pad rows stay zero
+        note_path("attention", self.kernel_path(q.device))
+        for b, n in enumerate(self._lengths):
+            rows = (slice(b, b + 1), slice(None), slice(0, n))
+            out[rows] = self.kernel(q[rows], k[rows], v[rows], layout.prefix(n))  # (1, H, n, D)
+        return out
 
     def cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                mask: torch.Tensor | None) -> torch.Tensor:
@@ -243,6 +281,7 @@ class BlockSparseAttention(LayoutAttention):
 @dataclass(frozen=True)
 class BlockSparse(LayoutConfig):
     axis = "attention"
+    model_kinds = ANY_MODEL  # non-causal layouts; a padded batch runs each sequence on its own length
     description = ("block-sparse attention on a layout (pattern=causal|sliding|strided|fixed|bigbird|longformer): "
                    "only active blocks computed; CPU kernel, Triton on CUDA")
     backend: str = "auto"  # auto: the CPU kernel on the CPU, Triton on CUDA; torch | triton to force one
@@ -255,9 +294,15 @@ class BlockSparse(LayoutConfig):
     def requirements(self) -> frozenset[str]:
         return self.requires | (TRITON_KERNELS if self.backend == "triton" else frozenset())
 
+    def check_model(self, config) -> None:
+        super().check_model(config)
+        if config.kind == "encoder" and self.pattern == "causal":
+            raise ValueError("block_sparse(pattern=causal) is causal attention; an encoder attends both ways: "
+                             "choose pattern=sliding, strided, fixed, bigbird or longformer")
+
     def apply(self, model: Transformer) -> Transformer:
         config = getattr(model, "config", None)  # None: the attention workload's bare seam, no model
         if config is not None:
             self.check_model(config)
-        return with_attention(model, BlockSparseAttention(self, config.sliding_window if config else None))
+        return with_attention(model, BlockSparseAttention(self, getattr(config, "sliding_window", None)))
 

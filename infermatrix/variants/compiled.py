@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from infermatrix.model import Transformer
-from infermatrix.variants.base import Variant, register_variant, shared_copy
+from infermatrix.variants.base import ANY_MODEL, Variant, register_variant, shared_copy
 
 MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 
@@ -26,6 +26,7 @@ MODES = ("auto", "default", "reduce-overhead", "max-autotune")
 @dataclass(frozen=True)
 class Compile(Variant):
     axis = "graph"
+    model_kinds = ANY_MODEL
     description = "torch.compile of the forward, static shapes (CUDA graphs on GPU)"
     mode: str = "auto"
     freeze: bool = False  # weights as graph constants (inductor freezing): prepacked linears on the CPU

@@ -21,7 +21,7 @@ import torch
 
 from infermatrix.errors import UserError
 from infermatrix.kernels.block_sparse_layout import BlockLayout, compress_blocks
-from infermatrix.model import ModelConfig, Transformer
+from infermatrix.model import Transformer
 from infermatrix.variants.base import register_variant, with_attention
 from infermatrix.variants.block_sparse import LayoutAttention, LayoutConfig
 
@@ -103,6 +103,8 @@ class FlexAttention(LayoutAttention):
 @dataclass(frozen=True)
 class Flex(LayoutConfig):
     axis = "attention"
+    kind_refusal = ("a padded batch would need a BlockMask per sequence length, each a new compilation of "
+                    "FlexAttention; use block_sparse, which runs each sequence on its own length")
     description = "PyTorch FlexAttention (torch.compile) with the block_sparse layout as its BlockMask (the peer)"
 
     def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
@@ -112,11 +114,12 @@ class Flex(LayoutConfig):
                              "dense attention under a sparse label; time decode with kv_cache+block_sparse, or "
                              "flex without kv_cache")
 
-    def check_model(self, config: ModelConfig) -> None:
-        if config.sliding_window is not None:
+    def check_model(self, config) -> None:
+        if getattr(config, "sliding_window", None) is not None:
             raise ValueError(f"the model has its own sliding window of {config.sliding_window} tokens, and flex's "
                              "BlockMask here is block-granular without it: it would change the model; use "
                              f"block_sparse(pattern=sliding,window={config.sliding_window}), exact on such a model")
+        super().check_model(config)
 
     def apply(self, model: Transformer) -> Transformer:
         if getattr(model, "config", None) is not None:  # the attention workload's bare seam has none

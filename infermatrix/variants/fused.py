@@ -78,6 +78,7 @@ def fuse_projections(model: Transformer) -> Transformer:
 @register_variant("fused")
 @dataclass(frozen=True)
 class Fused(Variant):
+    kind_refusal = "it fuses the decoder's q/k/v and gate/up projections and RMSNorms, which an encoder has not"
     axis = "fusion"
     description = ("one QKV GEMM and one gate/up GEMM per layer (weights concatenated once), RoPE tables "
                    "computed once, one-op RMSNorm")

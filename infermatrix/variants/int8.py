@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
-from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, shared_copy
+from infermatrix.variants.base import ANY_MODEL, TRITON_KERNELS, Variant, note_path, register_variant, shared_copy
 
 QMAX = 127  # symmetric: [-127, 127], so -x quantizes to -q and 0 is exact
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -190,6 +190,7 @@ class Int8WeightOnlyLinear(QuantizedLinear):
 @register_variant("int8_weight_only")
 @dataclass(frozen=True)
 class Int8WeightOnly(Variant):
+    model_kinds = ANY_MODEL
     axis = "linear"
     description = "int8 weights, per-channel scales, dequant fused in the matmul (Triton on CUDA, int8pack on CPU)"
     backend: str = "auto"
@@ -289,6 +290,7 @@ def activation_amax(model: nn.Module, tokens: torch.Tensor) -> dict[str, torch.T
 @register_variant("int8_dynamic")
 @dataclass(frozen=True)
 class Int8Dynamic(Variant):
+    model_kinds = ANY_MODEL
     axis = "linear"
     description = "W8A8: per-token dynamic int8 activations x int8 weights -> int32 (torch._int_mm), SmoothQuant alpha"
     alpha: float = 0.0  # SmoothQuant migration strength; 0 = none. 0.5 is the paper's default

@@ -119,6 +119,7 @@ def new_cache(model: Transformer, batch: int, max_len: int, pad: torch.Tensor | 
 @dataclass(frozen=True)
 class KVCache(Variant):
     axis = "cache"
+    kind_refusal = "an encoder reads its whole input in one pass; there is no decoding to cache"
     description = ("static preallocated KV cache: prefill once, then one position per decode step "
                    "(prefix=true: attend over the filled slots only)")
     prefix: bool = False  # attend over slots [0, position] only, not the whole buffer under a mask

@@ -171,6 +171,7 @@ class HfTransformersModel(nn.Module):
 @register_variant("hf_transformers")
 @dataclass(frozen=True)
 class HfTransformers(Variant):
+    kind_refusal = "it builds a decoder of the model's family (a causal LM), not an encoder"
     axis = "peer"
     requires = frozenset({"transformers"})
     description = "peer: Hugging Face transformers' model of the family on the same weights, its StaticCache"
@@ -285,6 +286,7 @@ class LlamaCppModel(nn.Module):
 @register_variant("llama_cpp")
 @dataclass(frozen=True)
 class LlamaCpp(Variant):
+    kind_refusal = "it builds a decoder of the model's family (a causal LM), not an encoder"
     axis = "peer"
     requires = frozenset({"llama_cpp"})
     description = "peer: llama.cpp (llama-cpp-python) on the same GGUF file, in its own quantization, batch 1"

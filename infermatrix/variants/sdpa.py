@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from infermatrix.model import Transformer, causal_mask
-from infermatrix.variants.base import Variant, note_path, register_variant, with_attention
+from infermatrix.variants.base import ANY_MODEL, Variant, note_path, register_variant, with_attention
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
@@ -47,6 +47,7 @@ DECODE_PATHS = ("sdpa", "grouped")
 @dataclass(frozen=True)
 class Sdpa(Variant):
     axis = "attention"
+    model_kinds = ANY_MODEL
     description = ("torch.nn.functional.scaled_dot_product_attention (PyTorch's fused kernels); "
                    "decode=grouped: decode steps as two grouped GEMMs")
     decode: str = "sdpa"  # grouped: a one-query step as two GEMMs per KV head (faster in bf16 on CPUs)

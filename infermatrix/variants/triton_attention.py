@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from infermatrix.model import Transformer, last_visible_key
-from infermatrix.variants.base import TRITON_KERNELS, Variant, note_path, register_variant, with_attention
+from infermatrix.variants.base import ANY_MODEL, TRITON_KERNELS, Variant, note_path, register_variant, with_attention
 
 
 def mask_bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,6 +76,7 @@ class TritonAttention:
 @dataclass(frozen=True)
 class Triton(Variant):
     axis = "attention"
+    model_kinds = ANY_MODEL  # a padding mask becomes per-row key bounds (mask_bounds)
     requires = TRITON_KERNELS
     description = "our fused Triton kernels: FlashAttention-2 style prefill, split-KV flash-decoding"
 

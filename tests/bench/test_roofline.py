@@ -204,3 +204,24 @@ def test_a_sparse_layout_is_credited_with_the_pairs_it_computes():
     sparse = attention_cost(1, 8, 8, 1024, 1024, 64, causal=True, dtype_bytes=4, density=0.125)
     assert sparse.flops == 4.0 * 8 * 0.125 * 1024 * 1024 * 64 and sparse.flops < dense.flops / 3
     assert sparse.bytes == dense.bytes  # Q, K, V and O are still read and written once
+
+
+def test_encode_cost_by_hand():
+    """Encoder: 4 C->C projections and C->F->C per layer on every padded row, attention
+    over every pair (not causal), and the weights a forward streams: not the tables
+    (gathered) nor the masked-LM head (not run)."""
+    from infermatrix.bench.roofline import encode_cost
+    from infermatrix.encoder import EncoderConfig
+
+    cfg = EncoderConfig(vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=12, max_seq_len=6,
+                        type_vocab_size=2, mlm_head=True)
+    cost = encode_cost(cfg, batch=2, seq_len=3, dtype_bytes=2)
+    linear_flops = 2 * 6 * (4 * 64 + 96 + 96)  # 6 rows
+    attn_flops = 4 * 2 * 2 * 9 * 4  # batch 2, 2 heads, 3x3 pairs, D=4
+    assert cost.flops == linear_flops + attn_flops
+    acts = 2 * 6 * (4 * 16 + 20 + 20)
+    attn = 2 * (2 * 2 * 2 * 3 * 4 + 2 * 2 * 2 * 3 * 4)  # Q, O and K, V: batch 2, 2 heads, 3 rows, D=4
+    layer = 4 * (64 + 8) + (96 + 12) + (96 + 8) + 4 * 8  # projections with biases, FFN, two LayerNorms
+    assert cfg.num_params() == 18 * 8 + 16 + layer + (64 + 8 + 16 + 10)  # tables, embed norm, layer, head
+    rows = 2 * 6 * 8
+    assert cost.bytes == acts + attn + 2 * (layer + 16) + rows  # the embedding LayerNorm is read

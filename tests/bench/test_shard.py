@@ -115,6 +115,16 @@ def test_cost_model_ranks_cases_by_work():
     assert estimate_cost(dataclasses.replace(base, device="cuda")) < estimate_cost(base)
 
 
+def test_encoder_cases_are_costed_as_encoder_forwards():
+    from infermatrix.bench.shard import _CASE_START_S
+
+    encode = Case("bert-base", "sdpa", "encode", batch=8, prompt_len=128)
+    assert estimate_cost(dataclasses.replace(encode, batch=32)) > estimate_cost(encode) > _CASE_START_S
+    drift = Case("bert-base", "sdpa", "drift", prompt_len=128, windows=4, new_tokens=0)
+    assert estimate_cost(dataclasses.replace(drift, windows=16)) > estimate_cost(drift)
+    assert estimate_cost(load_matrix("encoders").cases[0]) > 0
+
+
 def test_a_shard_run_records_its_shard_and_resumes_only_as_the_same_shard(tmp_path):
     m = dataclasses.replace(matrix(TABLES[1:]), text="# op workloads: quick\n")
     first = shard_matrix(m, 1, 2)
