@@ -60,6 +60,8 @@ class ModelConfig:
     # Decoder families as fields, not forks (defaults: Llama 2)
     attn_head_dim: int | None = None  # None: dim / n_heads; Qwen3 sets its own
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    o_bias: bool = False  # a bias on the attention's output projection (Llama's attention_bias, with qkv_bias)
+    mlp_bias: bool = False  # biases on the MLP's gate, up and down projections (Llama's mlp_bias)
     qk_norm: bool = False  # RMSNorm over each head of q and of k, before RoPE (Qwen3)
     rope_type: str = "default"  # default | linear | llama3 (Llama 3.1+ context extension)
     rope_factor: float = 1.0  # linear, llama3: how much longer the context is made
@@ -284,7 +286,7 @@ class Attention(nn.Module):
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
         # Qwen3: each head of q and of k RMS-normalized over its head_dim, before RoPE
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
@@ -328,9 +330,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)  # down
         self.w13: nn.Module | None = None  # the `fused` variant's one GEMM for gate and up
         self.act = F.silu if cfg.mlp_act == "silu" else partial(F.gelu, approximate="tanh")
 

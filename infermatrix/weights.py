@@ -436,6 +436,8 @@ def gguf_tokenizer(reader):
 
 _HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                      "Phi3ForCausalLM", "GemmaForCausalLM")
+# the classes whose config.attention_bias puts biases on q, k, v and o
+_ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM")
 # encoders, loaded by infermatrix.encoder_weights
 BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM")
 
@@ -458,11 +460,11 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise UserError(f"{source}: rope type {rope_type!r} is not supported; valid: {', '.join(ROPE_TYPES)}")
-    # Llama's attention_bias also puts a bias on o_proj; Qwen2 has q/k/v biases by design
-    for flag in ("attention_bias", "mlp_bias"):
-        if raw.get(flag):
-            raise UserError(f"{source}: config sets {flag}=true; the reference model takes biases only on "
-                            "q, k and v (Qwen2)")
+    # attention_bias puts biases on q, k, v and o (Llama, Qwen3, Gemma read it; Qwen2 has
+    # q/k/v biases by design); mlp_bias on gate, up and down (Llama reads it). Elsewhere
+    # transformers ignores the flag, so do we.
+    attention_bias = bool(raw.get("attention_bias")) and arch in _ATTENTION_BIAS_ARCHITECTURES
+    mlp_bias = bool(raw.get("mlp_bias")) and arch == "LlamaForCausalLM"
     window = _hf_sliding_window(raw, arch, source)
     gemma = arch == "GemmaForCausalLM"
     act = raw.get("hidden_activation") or raw.get("hidden_act", "silu") if gemma else raw.get("hidden_act", "silu")
@@ -495,7 +497,8 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
             max_seq_len=raw.get("max_position_embeddings", 2048),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attn_head_dim=head_dim if head_dim * n_heads != raw["hidden_size"] else None,
-            qkv_bias=arch == "Qwen2ForCausalLM", qk_norm=arch == "Qwen3ForCausalLM", **scaling,
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias, o_bias=attention_bias, mlp_bias=mlp_bias,
+            qk_norm=arch == "Qwen3ForCausalLM", **scaling,
             norm_offset=1.0 if gemma else 0.0, mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
             embed_scale=gemma, sliding_window=window, rotary_dim=rotary_dim if partial != 1.0 else None,
         )

@@ -16,6 +16,9 @@ FAMILIES = {
     # would mask Llama's default id 2, which greedy decoding of random weights may pick)
     "llama": ("Llama", dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
                             eos_token_id=None)),
+    # Llama with attention_bias (q, k, v and o) and mlp_bias (gate, up, down)
+    "llama_bias": ("Llama", dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+                                 eos_token_id=None, attention_bias=True, mlp_bias=True)),
     # GQA ratio 3 (6 query heads over 2 KV heads), q/k/v biases
     "qwen2": ("Qwen2", dict(num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True)),
     # an odd head count (3), head_dim 48 != 96 / 3 ... and 2 KV heads would not divide: 3 over 1

@@ -68,11 +68,11 @@ def hf_config(cfg, dtype: torch.dtype, attn: str):
             raise ValueError("hf_transformers: GemmaForCausalLM has no sliding window or partial rotary")
         common["hidden_act"] = "gelu_pytorch_tanh"
         return transformers.GemmaForCausalLM, transformers.GemmaConfig(
-            head_dim=cfg.head_dim, hidden_activation="gelu_pytorch_tanh", **common)
+            head_dim=cfg.head_dim, hidden_activation="gelu_pytorch_tanh", attention_bias=cfg.o_bias, **common)
     if cfg.qk_norm:
         return transformers.Qwen3ForCausalLM, transformers.Qwen3Config(
-            head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, **qwen_window, **common)
-    if cfg.qkv_bias:
+            head_dim=cfg.head_dim, attention_bias=cfg.o_bias, **qwen_window, **common)
+    if cfg.qkv_bias and not cfg.o_bias:
         return transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**qwen_window, **common)
     scaling = None
     if cfg.rope_type == "linear":
@@ -92,7 +92,7 @@ def hf_config(cfg, dtype: torch.dtype, attn: str):
         return transformers.MistralForCausalLM, transformers.MistralConfig(
             head_dim=cfg.head_dim, sliding_window=window, rope_scaling=scaling, **common)
     return transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        head_dim=cfg.head_dim, attention_bias=False, mlp_bias=False, rope_scaling=scaling, **common)
+        head_dim=cfg.head_dim, attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias, rope_scaling=scaling, **common)
 
 
 def hf_llama(model: Transformer, attn: str = "sdpa"):
