@@ -179,6 +179,9 @@ def encoder_from_torch(encoder: nn.TransformerEncoder | Mapping[str, torch.Tenso
         norm_first = first.norm_first if norm_first is None else norm_first
         activation = _activation_name(first.activation) if activation is None else activation
         norm_eps = first.norm1.eps if norm_eps is None else norm_eps
+        if encoder.norm is not None and encoder.norm.eps != norm_eps:  # one eps field for every LayerNorm
+            raise UserError(f"the TransformerEncoder's final norm has eps {encoder.norm.eps}, its layers "
+                            f"{norm_eps}; the reference encoder takes one norm_eps for all of them")
         state = encoder.state_dict()
     elif isinstance(encoder, Mapping):
         missing = [name for name, value in (("n_heads", n_heads), ("norm_first", norm_first),

@@ -368,7 +368,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # RoPE's cos and sin (max_seq_len, D) for every position, set by a variant (`fused`);
+        # RoPE's cos and sin (max_seq_len, rope_dim) for every position, set by a variant (`fused`);
         # None: computed for each forward's positions. Not a buffer: no weight bytes.
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 

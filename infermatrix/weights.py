@@ -522,7 +522,7 @@ def _hf_sliding_window(raw: dict, arch: str, source: str) -> int | None:
     elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and raw.get("use_sliding_window"):
         window = raw.get("sliding_window")
         n_layers = raw.get("num_hidden_layers", 0)
-        first = raw.get("max_window_layers", n_layers)
+        first = raw.get("max_window_layers", 28)  # transformers' Qwen2/Qwen3Config default
         kinds = raw.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
                                            for i in range(n_layers)]
         sliding = sum(kind == "sliding_attention" for kind in kinds)

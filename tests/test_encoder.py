@@ -121,6 +121,10 @@ def test_transformer_encoder_without_biases_is_refused_naming_them():
     torch_encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
     with pytest.raises(UserError, match=r"lacks \d+ weights.*bias"):
         encoder_from_torch(torch_encoder, nn.Embedding(VOCAB, 32))
+    mixed = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 64, batch_first=True), 1,
+                                  norm=nn.LayerNorm(32, eps=1e-6), enable_nested_tensor=False)
+    with pytest.raises(UserError, match="final norm has eps 1e-06, its layers 1e-05"):
+        encoder_from_torch(mixed, nn.Embedding(VOCAB, 32))
     with pytest.raises(UserError, match="activation"):
         encoder_from_torch(nn.TransformerEncoder(nn.TransformerEncoderLayer(
             32, 2, 64, activation=nn.GELU(approximate="tanh")), 1, enable_nested_tensor=False), torch.randn(9, 32))

@@ -49,8 +49,12 @@ def test_partial_rotary_rotates_the_leading_dims_and_leaves_the_rest():
     cos, sin = rope_tables(8, torch.arange(5), 10000.0)  # (5, 8): half of each head rotates
     out = apply_rope(x, cos, sin)
     assert torch.equal(out[..., 8:], x[..., 8:])
-    torch.testing.assert_close(out[..., :8], apply_rope(x[..., :8], cos, sin))
-    assert not torch.allclose(out[..., :8], x[..., :8])
+    # by hand: pairs (i, i + 4) of the first 8 dims turn by angle t * 10000^(-i/4)
+    t = torch.arange(5.0)[:, None]  # (5, 1)
+    angle = t * 10000.0 ** (-torch.arange(4.0) / 4)  # (5, 4)
+    a, b = x[..., :4], x[..., 4:8]
+    expected = torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()], dim=-1)
+    torch.testing.assert_close(out[..., :8], expected)
 
 
 def test_causal_mask_aligns_queries_with_the_last_keys():

@@ -263,10 +263,3 @@ def hidden_state_drift(ref_hidden: torch.Tensor, var_hidden: torch.Tensor, mask:
         "hidden_sqnr_db": _sqnr_db(signal, noise),
         "hidden_rel_l2": _ratio(math.sqrt(noise), math.sqrt(signal)),
     }
-
-
-def mlm_top1_agreement(ref_logits: torch.Tensor, var_logits: torch.Tensor) -> float:
-    """Percent of positions (rows of (N, V) masked-LM logits) where both models pick the
-    same top-1 token."""
-    same = ref_logits.argmax(-1) == var_logits.to(ref_logits.device).argmax(-1)  # (N,)
-    return 100.0 * float(same.double().mean())

@@ -438,14 +438,14 @@ def limit_fraction(cost: Cost, seconds: float, peaks: Peaks, dtype: str) -> dict
     }
 
 
-def encode_cost(cfg, batch: int, seq_len: int, *, dtype_bytes: float, weight_bytes: float | None = None) -> Cost:
+def encode_cost(cfg, batch: int, seq_len: int, *, dtype_bytes: float, streamed_bytes: float | None = None) -> Cost:
     """One encoder forward (infermatrix.encoder) over a right-padded (batch, seq_len)
     batch: what runs, pad positions included. Per layer, the q, k, v, o projections
     (C -> C) and the feed-forward (C -> F -> C) on batch * seq_len rows, and attention
-    over every (query, key) pair (not causal). Weights: every streamed weight read once,
-    ``weight_bytes`` (the model's storage) less the embedding tables (gathered: one row
-    per token) and the masked-LM head and pooler, which the forward does not run, taken
-    off at ``dtype_bytes``."""
+    over every (query, key) pair (not causal). Weights: ``streamed_bytes``, what the
+    forward streams as the model stores it (its layers and norms, int8 or not; the
+    caller measures them), by default those parameters at ``dtype_bytes``. The embedding
+    tables are gathered (a row per token); the masked-LM head and pooler do not run."""
     m = batch * seq_len
     c, f = cfg.dim, cfg.hidden_dim
     cost = ZERO
@@ -453,10 +453,8 @@ def encode_cost(cfg, batch: int, seq_len: int, *, dtype_bytes: float, weight_byt
         cost = cost + cfg.n_layers * linear_cost(m, k, n, act_bytes=dtype_bytes, weight_bytes_per_elem=0)
     cost = cost + cfg.n_layers * attention_cost(batch, cfg.n_heads, cfg.n_heads, seq_len, seq_len, cfg.head_dim,
                                                 causal=False, dtype_bytes=dtype_bytes)
-    total = cfg.num_params() * dtype_bytes if weight_bytes is None else float(weight_bytes)
-    tables = cfg.vocab_size + (cfg.max_seq_len if cfg.positions == "learned" else 0) + cfg.type_vocab_size
-    not_run = c * c + 3 * c + cfg.vocab_size if cfg.mlm_head else 0  # the head (its tied table is counted above)
-    not_run += (0 if cfg.tie_embeddings else cfg.vocab_size * c) if cfg.mlm_head else 0
-    not_run += (c * c + c) if cfg.pooler else 0
-    streamed = max(0.0, total - (tables * c + not_run) * dtype_bytes)
-    return cost + Cost(0.0, streamed + m * c * dtype_bytes)  # and the looked-up embedding rows
+    if streamed_bytes is None:
+        layer = 4 * (c * c + c) + (c * f + f) + (f * c + c) + 4 * c  # projections, FFN, two LayerNorms
+        norms = 2 * c * (int(cfg.embed_norm) + int(cfg.final_norm))
+        streamed_bytes = (cfg.n_layers * layer + norms) * dtype_bytes
+    return cost + Cost(0.0, streamed_bytes + m * c * dtype_bytes)  # and the looked-up embedding rows

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from infermatrix.bench import roofline
-from infermatrix.bench.drift import (drift_metrics, greedy_match_length, hidden_state_drift, mlm_top1_agreement,
+from infermatrix.bench.drift import (drift_metrics, greedy_match_length, hidden_state_drift,
                                      model_logits, require_fp32_reference, window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
 from infermatrix.bench.matrix import attention_shape, linear_shape
@@ -334,8 +334,9 @@ def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     real = sum(lengths)
     metrics.update(first_call_ms=first_call_ms, sequences_per_s=case.batch / median_s, tokens_per_s=real / median_s,
                    real_tokens=real, padded_tokens=tokens.numel())
+    streamed = sum(storage_bytes(part) for part in (model.layers, model.embed_norm, model.final_norm) if part)
     cost = roofline.encode_cost(loaded.model.config, case.batch, tokens.shape[1],
-                                dtype_bytes=DTYPES[case.dtype].itemsize, weight_bytes=model.weight_bytes)
+                                dtype_bytes=DTYPES[case.dtype].itemsize, streamed_bytes=streamed)
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
     return metrics, {"latency_ms": m.samples_ms}
@@ -345,16 +346,17 @@ def encoder_passages(loaded: LoadedModel, count: int, max_len: int, eval_text_pa
                      seed: int) -> list[list[int]]:
     """`count` passages of whole consecutive eval-text sentences, as many as fit in
     max_len tokens (a longer sentence alone, cut): lengths differ, as real inputs do."""
-    rows = sentence_ids(loaded, 16 * count, max_len, eval_text_path, seed)
-    passages, current = [], []
-    for row in rows:
-        if current and len(current) + len(row) > max_len:
-            passages.append(current)
-            current = []
-            if len(passages) == count:
-                return passages
-        current = current + row
-    return (passages + [current[:max_len]] * count)[:count]  # short text: the last passage repeated
+    drawn = 16 * count
+    while True:  # sentence_ids wraps around the text: drawing more always fills them
+        passages, current = [], []
+        for row in sentence_ids(loaded, drawn, max_len, eval_text_path, seed):
+            if current and len(current) + len(row) > max_len:
+                passages.append(current)
+                current = []
+                if len(passages) == count:
+                    return passages
+            current = current + row
+        drawn *= 2
 
 
 def _encoder_drift(model, loaded: LoadedModel, case: Case, ctx: RunContext) -> Measurement:
@@ -384,8 +386,8 @@ def _encoder_drift(model, loaded: LoadedModel, case: Case, ctx: RunContext) -> M
     metrics = hidden_state_drift(ref["hidden"], hidden.float().cpu(), real)
     if "mlm_logits" in ref:
         logits = model.mlm_logits(hidden).float().cpu()[real]  # (N, V)
-        metrics["mlm_top1_agree_pct"] = mlm_top1_agreement(ref["mlm_logits"], logits)
-        metrics["mlm_kl_mean"] = drift_metrics(ref["mlm_logits"], logits, tokens.cpu()[real])["kl_mean"]
+        mlm = drift_metrics(ref["mlm_logits"], logits, tokens.cpu()[real])
+        metrics.update(mlm_top1_agree_pct=mlm["top1_agree_pct"], mlm_kl_mean=mlm["kl_mean"])
     metrics.update(eval_tokens=int(real.sum()), weight_bytes=model.weight_bytes,
                    weight_bytes_dense=loaded.model.weight_bytes)
     return metrics, {}

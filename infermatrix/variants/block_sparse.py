@@ -115,8 +115,8 @@ class LayoutConfig(Variant):
         if window is not None and (self.pattern != "sliding" or self.window != window):
             raise ValueError(f"the model has its own sliding window of {window} tokens; {self.spec()} would "
                              f"attend over other keys and change the model: use {self.name}(pattern=sliding,"
-                             f"window={window}) with a block size that divides {window}, which is then exactly "
-                             "the model's window")
+                             f"window={window}), exactly the model's window (its block size must divide the window; "
+                             "where none does, sdpa runs the model's window exactly through its mask)")
 
     def layout_metrics(self, seq_len: int, causal: bool, device) -> dict:
         """For reports: the layout's density and a small picture of it."""

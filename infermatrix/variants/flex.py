@@ -22,7 +22,7 @@ import torch
 from infermatrix.errors import UserError
 from infermatrix.kernels.block_sparse_layout import BlockLayout, compress_blocks
 from infermatrix.model import Transformer
-from infermatrix.variants.base import register_variant, with_attention
+from infermatrix.variants.base import Variant, register_variant, with_attention
 from infermatrix.variants.block_sparse import LayoutAttention, LayoutConfig
 
 _compiled = None
@@ -115,11 +115,11 @@ class Flex(LayoutConfig):
                              "flex without kv_cache")
 
     def check_model(self, config) -> None:
+        Variant.check_model(self, config)  # the model kind; not the layout's window advice, which flex cannot take
         if getattr(config, "sliding_window", None) is not None:
             raise ValueError(f"the model has its own sliding window of {config.sliding_window} tokens, and flex's "
                              "BlockMask here is block-granular without it: it would change the model; use "
                              f"block_sparse(pattern=sliding,window={config.sliding_window}), exact on such a model")
-        super().check_model(config)
 
     def apply(self, model: Transformer) -> Transformer:
         if getattr(model, "config", None) is not None:  # the attention workload's bare seam has none

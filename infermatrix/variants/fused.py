@@ -1,6 +1,6 @@
 """`fused` (axis `fusion`): one GEMM for each layer's q, k and v projections and one
 for its gate and up projections, RoPE on q and k in one pass with its cos/sin
-tables computed once for every position (2 x max_seq_len x head_dim fp32) and
+tables computed once for every position (2 x max_seq_len x rope_dim fp32) and
 looked up per step, and each RMSNorm as one op (torch's rms_norm), on a copy of
 the model.
 

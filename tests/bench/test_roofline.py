@@ -225,3 +225,18 @@ def test_encode_cost_by_hand():
     assert cfg.num_params() == 18 * 8 + 16 + layer + (64 + 8 + 16 + 10)  # tables, embed norm, layer, head
     rows = 2 * 6 * 8
     assert cost.bytes == acts + attn + 2 * (layer + 16) + rows  # the embedding LayerNorm is read
+    # measured streamed bytes (an int8 model's layers) replace the dtype's estimate
+    assert encode_cost(cfg, batch=2, seq_len=3, dtype_bytes=2, streamed_bytes=100).bytes == acts + attn + 100 + rows
+
+
+def test_encode_streams_the_int8_layers_not_the_head(tmp_path):
+    """Quantizing the masked-LM head (which encode never runs) leaves the encode
+    roofline's streamed bytes as they were; int8 layers stream fewer than dense."""
+    from infermatrix.bench.matrix import parse_matrix
+    from infermatrix.bench.runner import run_matrix
+
+    matrix = parse_matrix({"run": {"warmup": 0, "min_runs": 2, "max_runs": 2, "isolate": False}, "cases": [
+        {"model": "tiny-encoder", "variant": ["sdpa", "int8_weight_only+sdpa", "int8_weight_only(head=false)+sdpa"],
+         "workload": "encode", "batch": 2, "prompt_len": 16}]})
+    dense, int8, int8_dense_head = (r.metrics["bytes_moved"] for r in run_matrix(matrix, tmp_path, log=print))
+    assert int8 == int8_dense_head < dense
