@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from infermatrix.encoder import Encoder, EncoderConfig
 from infermatrix.errors import UserError
-from infermatrix.weights import BERT_ARCHITECTURES, LoadedModel, _assign, _empty_model, hf_architecture
+from infermatrix.weights import BERT_ARCHITECTURES, LoadedModel, _assign, _empty_model, folder_model, hf_architecture
 
 # ---------------------------------------------------------------- BERT (Hugging Face)
 
@@ -118,18 +118,7 @@ def load_bert_checkpoint(folder: Path, cfg: EncoderConfig, dtype: torch.dtype, d
                     unknown.append(key)
     if cfg.mlm_head and cfg.tie_embeddings:
         tensors.pop("output.weight", None)  # a copy of the embedding table some exports keep
-    model = _empty_model(cfg)
-    unused = unknown + sorted(tensors.keys() - {name for name, _ in model.named_parameters()})
-    if unused:
-        raise UserError(f"{folder}: checkpoint holds {len(unused)} tensors the encoder has no place for: "
-                        f"{', '.join(unused[:8])}; supported: {', '.join(BERT_ARCHITECTURES)}")
-    model = _assign(model, tensors, dtype, device, str(folder))
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return LoadedModel(model, tokenizer, f"hf {folder.name}")
+    return folder_model(folder, _empty_model(cfg), tensors, unknown, dtype, device)
 
 
 # ---------------------------------------------------------------- torch.nn.TransformerEncoder

@@ -583,9 +583,15 @@ def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
     tensors = _split_fused(tensors, cfg)
-    model = _empty_model(cfg)
-    # a tensor the config has no place for (a bias, a norm, another layer) means the
-    # config and the weights disagree: refuse rather than drop it silently
+    return folder_model(folder, _empty_model(cfg), tensors, unknown, dtype, device)
+
+
+def folder_model(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], unknown: list[str],
+                 dtype: torch.dtype, device) -> LoadedModel:
+    """A checkpoint folder's model (decoder or encoder) with its tensors assigned, and
+    the folder's tokenizer.json when it has one. A tensor the config has no place for
+    (a bias, a norm, another layer, a head) means the config and the weights disagree:
+    refused, naming it, rather than dropped silently."""
     unused = unknown + sorted(tensors.keys() - {name for name, _ in model.named_parameters()})
     if unused:
         raise UserError(f"{folder}: checkpoint holds {len(unused)} tensors its config.json has no place for, "

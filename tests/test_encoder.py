@@ -146,7 +146,7 @@ def test_extra_and_missing_tensors_are_refused_naming_them(tmp_path):
     file = tmp_path / "model.safetensors"
     tensors = load_file(str(file))
     save_file({**tensors, "cls.seq_relationship.weight": torch.zeros(2, 48)}, str(file))
-    with pytest.raises(UserError, match="no place for: cls.seq_relationship.weight"):
+    with pytest.raises(UserError, match="no place for, e.g. .*cls.seq_relationship.weight"):
         load_model(str(tmp_path))
     tensors.pop("bert.encoder.layer.1.output.dense.bias")
     save_file(tensors, str(file))
