@@ -47,9 +47,16 @@ class Compile(Variant):
         if mode == "auto":
             mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
         compiled = shared_copy(model)  # the base model stays eager
-        if self.freeze:  # torch.compile takes a mode or options, not both: the mode's options, plus freezing
-            options = {**torch._inductor.list_mode_options(mode), "freezing": True}
-            compiled.forward = torch.compile(compiled.forward, options=options, dynamic=False, fullgraph=True)
+        step = torch.compile(compiled.forward, mode=mode, dynamic=False, fullgraph=True)
+        if self.freeze:
+            # inductor's global config, set around every call (a graph compiles on its first call):
+            # torch.compile(options={"freezing": True}) froze less (24 against 18.4 ms per bf16
+            # SmolLM2 decode step, measured with torch 2.13)
+            def frozen_step(*args, **kwargs):
+                with torch._inductor.config.patch(freezing=True):
+                    return step(*args, **kwargs)
+
+            compiled.forward = frozen_step
         else:
-            compiled.forward = torch.compile(compiled.forward, mode=mode, dynamic=False, fullgraph=True)
+            compiled.forward = step
         return compiled
