@@ -119,7 +119,7 @@ def interleaved_decode(dtypes: list[str], specs: list[str], rounds: int, prompt_
     noisy neighbour on a shared machine slows every variant alike: medians and ratios to
     the dense model in the same dtype."""
     from infermatrix.bench.workloads import token_ids
-    from infermatrix.model import GreedyDecoder
+    from infermatrix.generate import GreedyDecoder
     from infermatrix.variants import apply_variants, parse_spec
     from infermatrix.weights import DTYPES, load_model
 

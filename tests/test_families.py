@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from infermatrix.errors import UserError  # noqa: E402
-from infermatrix.model import generate_greedy  # noqa: E402
+from infermatrix.generate import generate_greedy  # noqa: E402
 from infermatrix.variants import apply_variants, parse_spec  # noqa: E402
 from infermatrix.weights import load_model  # noqa: E402
 

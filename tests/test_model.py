@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer, causal_mask, generate_greedy, math_attention
+from infermatrix.generate import generate_greedy
+from infermatrix.model import SHAPE_PRESETS, ModelConfig, Transformer, causal_mask, math_attention
 from infermatrix.weights import random_model
 
 TINY = SHAPE_PRESETS["tiny"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from infermatrix.bench.text import default_text
-from infermatrix.model import generate_greedy
+from infermatrix.generate import generate_greedy
 
 
 def test_config_read_from_gguf_metadata(smollm2):

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from infermatrix import encoder, encoder_weights, model, weights
+from infermatrix import encoder, encoder_weights, generate, model, weights
 from infermatrix.bench import drift
 from infermatrix.cache import atomic_path, cache_dir
 
@@ -39,11 +39,12 @@ def sources_sha256(files: tuple[Path, ...]) -> str:
 @lru_cache(maxsize=1)
 def model_code_sha256() -> str:
     """sha256 of the source that turns weights into reference logits: model.py and
-    encoder.py (the math), weights.py and encoder_weights.py (loading, the presets'
-    random init, the GGUF conversion) and drift.py (the windows and the chunked
-    logits). Any edit recomputes the references: a stale one costs far more than a
-    recompute."""
-    files = (model.__file__, encoder.__file__, weights.__file__, encoder_weights.__file__, drift.__file__)
+    encoder.py (the math), generate.py (the reference's greedy tokens), weights.py and
+    encoder_weights.py (loading, the presets' random init, the GGUF conversion) and
+    drift.py (the windows and the chunked logits). Any edit recomputes the references:
+    a stale one costs far more than a recompute."""
+    files = (model.__file__, encoder.__file__, generate.__file__, weights.__file__, encoder_weights.__file__,
+             drift.__file__)
     return sources_sha256(tuple(Path(f) for f in files))
 
 

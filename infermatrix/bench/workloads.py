@@ -49,7 +49,8 @@ from infermatrix.bench.text import load_text, sentences, text_sha256
 from infermatrix.bench.timing import TimerConfig, measure, time_once
 from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
-from infermatrix.model import GreedyDecoder, Transformer, generate_greedy, math_attention, storage_bytes
+from infermatrix.generate import GreedyDecoder, generate_greedy
+from infermatrix.model import Transformer, math_attention, storage_bytes
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 

@@ -8,7 +8,8 @@ import torch
 
 from infermatrix.errors import UserError
 from infermatrix.kernels import block_sparse_layout as L
-from infermatrix.model import GreedyDecoder, math_attention
+from infermatrix.generate import GreedyDecoder
+from infermatrix.model import math_attention
 from infermatrix.reports.html_report import render_html
 from infermatrix.reports.record import Record
 from infermatrix.variants import apply_variants, canonical_spec, parse_spec, with_attention

@@ -5,7 +5,7 @@ base model as it was."""
 import pytest
 import torch
 
-from infermatrix.model import generate_greedy
+from infermatrix.generate import generate_greedy
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import load_model
 

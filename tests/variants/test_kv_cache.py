@@ -4,7 +4,7 @@ for batch 1 and for a batch of prompts of different lengths (left padding)."""
 import pytest
 import torch
 
-from infermatrix.model import GreedyDecoder, generate_greedy
+from infermatrix.generate import GreedyDecoder, generate_greedy
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.variants.kv_cache import StaticKVCache, left_pad
 from infermatrix.weights import load_model

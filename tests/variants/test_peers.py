@@ -8,7 +8,7 @@ import torch
 from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
 from infermatrix.errors import UserError
-from infermatrix.model import generate_greedy
+from infermatrix.generate import generate_greedy
 from infermatrix.reports.html_report import render_html
 from infermatrix.variants import apply_variants, parse_spec, take_paths
 from infermatrix.weights import load_model

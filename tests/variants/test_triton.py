@@ -5,7 +5,7 @@ import torch
 
 from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
-from infermatrix.model import generate_greedy
+from infermatrix.generate import generate_greedy
 from infermatrix.variants import apply_variants, parse_spec, unmet_requirements
 from infermatrix.variants.kv_cache import left_pad
 from infermatrix.variants.triton_attention import mask_bounds

@@ -1,0 +1,59 @@
+"""Greedy generation over the reference model or any variant of it: the loop the
+decode, generate and drift workloads time, and the oracle the tests compare with.
+
+The model is a seam user: it is called with tokens, their positions and, when a
+cache variant gave it `new_cache`, a KV cache; nothing here knows which variant ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infermatrix.model import Transformer
+
+
+class GreedyDecoder:
+    """Greedy decoding, one new token per `step()`; the first step processes the prompt.
+
+    With a KV cache (a model given `new_cache` by the kv_cache variant) the prompt is
+    written to the cache once and each later step feeds one token at its position;
+    without one every step recomputes the whole prefix (the naive baseline).
+    `pad` (B,) counts left padding per row and needs a cache, whose mask hides it.
+    """
+
+    def __init__(self, model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                 pad: torch.Tensor | None = None, cache=None):
+        """`cache`: one to reuse (a static cache is valid for any generation of the same
+        shape: prefill overwrites it and the mask hides stale slots); None builds one."""
+        self.model, self.tokens = model, prompt  # (B, T)
+        self.prompt_len = prompt.shape[1]
+        new_cache = getattr(model, "new_cache", None)
+        if new_cache is None and pad is not None:
+            raise ValueError("left-padded prompts need a KV cache, whose mask hides the padding; apply kv_cache")
+        if cache is None and new_cache is not None:
+            cache = new_cache(prompt.shape[0], self.prompt_len + max_new_tokens, pad)
+        self.cache = cache
+
+    def step(self) -> torch.Tensor:
+        """The next token of every row (B, 1), appended to self.tokens."""
+        T = self.tokens.shape[1]
+        if self.cache is None:
+            logits = self.model(self.tokens)  # (B, T, vocab): the whole prefix again
+        elif T == self.prompt_len:
+            logits = self.model(self.tokens, torch.arange(T, device=self.tokens.device), self.cache)  # prefill
+        else:  # one position: the token generated last (its own tensor: a view of the growing
+            # self.tokens would change strides every step, and a compiled step would recompile)
+            logits = self.model(self.last, torch.tensor([T - 1], device=self.tokens.device), self.cache)
+        self.last = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        self.tokens = torch.cat([self.tokens, self.last], dim=1)  # (B, T+1)
+        return self.last
+
+
+@torch.no_grad()
+def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                    pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy decoding (cached when the model has a KV cache). prompt (B, T) -> (B, N)."""
+    decoder = GreedyDecoder(model, prompt, max_new_tokens, pad)
+    for _ in range(max_new_tokens):
+        decoder.step()
+    return decoder.tokens[:, prompt.shape[1]:]  # (B, N)
