@@ -400,8 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples: infermatrix run; infermatrix run ci --out results/smoke; "
                "infermatrix run my_matrix.toml",
     )
+    from infermatrix.bench.shipped import builtin_matrices  # torch-free: the help stays fast
+
     run.add_argument("matrix", nargs="?",
-                     help="matrix TOML file, or a built-in matrix name: default (the default), ci")
+                     help="matrix TOML file, or a built-in matrix name: "
+                          f"{', '.join(sorted(builtin_matrices()))} (default: default)")
     run.add_argument("--out", metavar="DIR", help="run folder to create (default: results/<timestamp>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out DIR: cases that already have a record are not run again")

@@ -37,11 +37,11 @@ import itertools
 import re
 import sys
 from dataclasses import asdict, dataclass, fields
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from infermatrix.bench.shipped import builtin_matrices
 from infermatrix.errors import UserError
 from infermatrix.variants import canonical_spec, parse_spec
 from infermatrix.weights import DTYPES, model_config
@@ -149,12 +149,6 @@ def _unknown(kind: str, key: str, valid) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown {kind} {key!r}; {hint}valid: {', '.join(valid)}"
-
-
-def builtin_matrices() -> dict[str, object]:
-    """The matrix files shipped in the package, by name without `.toml`."""
-    folder = resources.files("infermatrix") / "benchmarks"
-    return {f.name.removesuffix(".toml"): f for f in folder.iterdir() if f.name.endswith(".toml")}
 
 
 def load_matrix(path: str | Path | None = None, overrides: dict | None = None) -> Matrix:

@@ -6,9 +6,9 @@ through the `infermatrix.variants` entry-point group.
 
 # importing registers the built-ins
 from infermatrix.variants import compiled, kv_cache, reference, sdpa, triton_attention  # noqa: F401
-from infermatrix.variants import block_sparse, flex  # noqa: F401  (block-sparse attention, issue 8)
-from infermatrix.variants import int8  # noqa: F401  (int8 linear layers, issue 7)
-from infermatrix.variants import fused, packed, peers  # noqa: F401  (decode at the limit; peers as rows: issue 16)
+from infermatrix.variants import block_sparse, flex  # noqa: F401  (block-sparse attention)
+from infermatrix.variants import int8  # noqa: F401  (int8 linear layers)
+from infermatrix.variants import fused, packed, peers  # noqa: F401  (decode at the limit; peers as rows)
 from infermatrix.variants.base import (
     ANY_MODEL,
     AXES,
