@@ -5,6 +5,12 @@ is static, so a decode step's shapes never change). On CUDA the default mode is
 "reduce-overhead" (CUDA graphs: the per-token CPU launch overhead disappears); on
 the CPU it is inductor's "default". Compilation happens on the first call, which
 the workloads time separately (`first_call_ms`), never inside the samples.
+`compile(freeze=true)` turns on inductor's freezing: the weights become constants
+of the graph, and on the CPU inductor prepacks each linear's weight for oneDNN and
+calls its linear kernel, the rest of a layer fused into a few C++ loops: the fastest
+CPU decode here (bf16 SmolLM2: about 19 against 28 ms per token for the best eager
+row). The packed copies are made once, at compile time, beside the model's weights.
+
 Variants note the path they ran only outside a compiled graph (`note_path`), so a
 compiled case's record names the paths noted when its layers were built (int8),
 not the attention path inside the graph.
