@@ -576,12 +576,17 @@ _CASE_COLUMNS = [  # key, header, numeric
     ("prompt_len", "prompt", True), ("new_tokens", "new", True), ("windows", "windows", True),
     ("op_shape", "op shape", False), ("status", "status", False), ("ran", "ran", False),
 ]
-_METRIC_COLUMNS = [  # key, header, format
-    ("latency_ms_p50", "ms p50", "{:,.3f}"), ("latency_ms_ci_rel", "CI ±", "{:.1%}"),
-    ("tokens_per_s", "tok/s", "{:,.1f}"), ("pct_of_limit", "% limit", "{:.0f}%"),
-    ("speedup", "× ref", "{:.2f}×"), ("kl_mean", "KL mean", "{:.2e}"), ("top1_agree_pct", "top-1 %", "{:.1f}"),
-    ("ppl_delta_pct", "Δppl %", "{:+.3f}"),
-]
+_SPEEDUP_COLUMN = ("speedup", "× ref", "{:.2f}×")  # the page's own: a ratio to the same case's reference row
+
+
+def _metric_columns(records: list[Record]) -> list[tuple[str, str, str]]:
+    """(key, header, format) of the metric columns: the registry's (reports.derived),
+    with the speedup after % limit."""
+    columns = [(c.metric, c.header, c.fmt) for c in shown_columns(records)]
+    at = next((i + 1 for i, (key, _, _) in enumerate(columns) if key == "pct_of_limit"), len(columns))
+    return columns[:at] + [_SPEEDUP_COLUMN] + columns[at:]
+
+
 _FILTER_COLUMNS = ("model", "variant", "workload", "dtype", "status")
 _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: per output token; "
                              "generate: per generation)",
@@ -621,7 +626,7 @@ def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
     for key, header, numeric in _CASE_COLUMNS:
         out.append(f'<th data-col="{key}" data-type="{"num" if numeric else "text"}" tabindex="0"'
                    f' title="{_esc(_TITLES.get(key, key))}" aria-sort="none">{_esc(header)}</th>')
-    metric_columns = _METRIC_COLUMNS + [(c.metric, c.header, c.fmt) for c in shown_columns(records) if not c.always]
+    metric_columns = _metric_columns(records)
     for key, header, _ in metric_columns:
         out.append(f'<th data-col="{key}" data-type="num" tabindex="0" title="{_esc(_TITLES.get(key, key))}"'
                    f' aria-sort="none">{_esc(header)}</th>')
