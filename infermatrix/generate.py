@@ -2,7 +2,8 @@
 decode, generate and drift workloads time, and the oracle the tests compare with.
 
 The model is a seam user: it is called with tokens, their positions and, when a
-cache variant gave it `new_cache`, a KV cache; nothing here knows which variant ran.
+cache variant set its cache seam, the KV cache `model.new_cache` builds; nothing here
+knows which variant ran.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from infermatrix.model import Transformer
 class GreedyDecoder:
     """Greedy decoding, one new token per `step()`; the first step processes the prompt.
 
-    With a KV cache (a model given `new_cache` by the kv_cache variant) the prompt is
+    With a KV cache (`model.new_cache` builds one once a cache variant is applied) the prompt is
     written to the cache once and each later step feeds one token at its position;
     without one every step recomputes the whole prefix (the naive baseline).
     `pad` (B,) counts left padding per row and needs a cache, whose mask hides it.
@@ -27,11 +28,10 @@ class GreedyDecoder:
         shape: prefill overwrites it and the mask hides stale slots); None builds one."""
         self.model, self.tokens = model, prompt  # (B, T)
         self.prompt_len = prompt.shape[1]
-        new_cache = getattr(model, "new_cache", None)
-        if new_cache is None and pad is not None:
+        if cache is None:  # None again when the model has no cache variant
+            cache = model.new_cache(prompt.shape[0], self.prompt_len + max_new_tokens, pad)
+        if cache is None and pad is not None:
             raise ValueError("left-padded prompts need a KV cache, whose mask hides the padding; apply kv_cache")
-        if cache is None and new_cache is not None:
-            cache = new_cache(prompt.shape[0], self.prompt_len + max_new_tokens, pad)
         self.cache = cache
 
     def step(self) -> torch.Tensor:

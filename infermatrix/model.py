@@ -371,6 +371,14 @@ class Transformer(nn.Module):
         # RoPE's cos and sin (max_seq_len, rope_dim) for every position, set by a variant (`fused`);
         # None: computed for each forward's positions. Not a buffer: no weight bytes.
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        # seam 2: a cache variant (kv_cache) sets how this model builds its KV cache,
+        # factory(model, batch, max_len, pad) -> cache; None: every step recomputes
+        self.cache_factory: Callable[..., KVCacheProtocol] | None = None
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCacheProtocol | None:
+        """A KV cache for `batch` sequences of up to `max_len` positions (`pad` (B,):
+        each row's left padding), or None when no cache variant was applied."""
+        return None if self.cache_factory is None else self.cache_factory(self, batch, max_len, pad)
 
     def rope_inv_freq(self, device) -> torch.Tensor | None:
         """Scaled inverse frequencies, or None for rope_tables' plain ones."""

@@ -173,7 +173,7 @@ def generation_step_times(model: Transformer, prompt: torch.Tensor, new_tokens: 
 def _static_cache(model: Transformer, case: Case):
     """One static cache for every generation of a case (None without a cache variant):
     same shapes, so a compiled step never recompiles, and its allocation is never timed."""
-    return model.new_cache(case.batch, case.prompt_len + case.new_tokens) if hasattr(model, "new_cache") else None
+    return model.new_cache(case.batch, case.prompt_len + case.new_tokens)
 
 
 def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end: bool) -> Measurement:

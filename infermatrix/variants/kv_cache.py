@@ -22,6 +22,7 @@ masks; with prefix, an unpadded decode step attends over only the window's slots
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -138,5 +139,5 @@ class KVCache(Variant):
     def apply(self, model: Transformer) -> Transformer:
         cached = shared_copy(model)  # the base model keeps decoding without a cache
         prefix = self.prefix
-        cached.new_cache = lambda batch, max_len, pad=None: new_cache(cached, batch, max_len, pad, prefix)
+        cached.cache_factory = partial(new_cache, prefix=prefix)
         return cached

@@ -96,7 +96,7 @@ def test_cache_holds_kv_heads_in_the_model_dtype_and_counts_its_bytes(tiny):
 
 def test_the_base_model_keeps_decoding_without_a_cache(tiny):
     apply_variants(tiny, parse_spec("kv_cache"))
-    assert not hasattr(tiny, "new_cache")
+    assert tiny.new_cache(1, 8) is None and tiny.cache_factory is None
 
 
 def test_bad_input_is_refused_before_decoding(tiny):
