@@ -2,11 +2,11 @@
 
 The cache is a small buffer module: per layer, keys and values of shape
 (batch, kv heads, max_len, head dim) in the model's dtype, each layer's its own
-tensor (a compiled step then writes one in place; a slice of one stacked buffer
-is copied out and back by the graph, measured at 2x a bf16 step's time). Prefill writes the
-prompt's positions; each decode step writes one position and attends over the
-whole buffer through a mask that hides unfilled slots (and left padding, for a
-batch of prompts of different lengths). Shapes never change between steps, which
+tensor: a compiled step writes each in place (a slice of one stacked buffer was
+copied out and back by the graph every step). Prefill writes the prompt's
+positions; each decode step writes one position and attends over the whole buffer
+through a mask that hides unfilled slots (and left padding, for a batch of prompts
+of different lengths). Shapes never change between steps, which
 is what a compiled or CUDA-graph decode step needs.
 
 `kv_cache(prefix=true)` is the eager partner: each forward attends over slots
@@ -58,7 +58,8 @@ class StaticKVCache(nn.Module):
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, Hkv, T, D) at input_pos (T,); return the layer's full buffers."""
+        """Write k, v (B, Hkv, T, D) at input_pos (T,); return the layer's keys and values
+        over the slots this forward attends to (the whole buffer, or with prefix [start, filled))."""
         if k.shape[0] != self.batch:
             raise ValueError(f"batch of {k.shape[0]} sequences, but this KV cache was built for "
                              f"{self.batch}; build one per batch size")
