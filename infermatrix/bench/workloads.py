@@ -423,10 +423,8 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measuremen
     heads, kv_heads, head_dim = attention_shape(case)
     m = timed(_attention_op(case, ctx), case, ctx)
     layout = {}
-    for variant in parse_spec(case.variant):  # a sparse layout's density and picture, for the reports
-        layout_metrics = getattr(variant, "layout_metrics", None)
-        if layout_metrics is not None:
-            layout = layout_metrics(case.prompt_len, case.causal, case.device)
+    for variant in parse_spec(case.variant):  # e.g. a sparse layout's density and picture, for the reports
+        layout.update(variant.report_metrics(case))
     # a sparse layout is credited with the pairs it computes, not the dense count
     cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
                                    causal=case.causal, dtype_bytes=DTYPES[case.dtype].itemsize,

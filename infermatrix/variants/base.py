@@ -62,6 +62,11 @@ class Variant:
         case is recorded as skipped with it); `case` is a bench Case."""
         return None
 
+    def report_metrics(self, case) -> dict:
+        """Metrics this variant adds to an op case's record for the reports (a sparse
+        layout's density and picture); `case` is a bench Case."""
+        return {}
+
     def check_case(self, workload: str, device: torch.device, spec: tuple["Variant", ...]) -> None:
         """Refuse, with a ValueError giving the reason, a case (`workload` on `device`,
         composed with `spec`) this variant cannot run as its label says (called when a

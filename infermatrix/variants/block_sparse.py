@@ -118,9 +118,9 @@ class LayoutConfig(Variant):
                              f"window={window}), exactly the model's window (its block size must divide the window; "
                              "where none does, sdpa runs the model's window exactly through its mask)")
 
-    def layout_metrics(self, seq_len: int, causal: bool, device) -> dict:
-        """For reports: the layout's density and a small picture of it."""
-        layout = self.build(seq_len, causal=causal, block=self.block_for(torch.device(device)))
+    def report_metrics(self, case) -> dict:
+        """The layout's density and a small picture of it, at the case's length."""
+        layout = self.build(case.prompt_len, causal=case.causal, block=self.block_for(torch.device(case.device)))
         return {"attention_density": layout.density, "attention_layout": layout.grid()}
 
 

@@ -6,9 +6,10 @@ FlexAttention agreement, and what the attention workload reports."""
 import pytest
 import torch
 
+from infermatrix.bench.matrix import Case
 from infermatrix.errors import UserError
-from infermatrix.kernels import block_sparse_layout as L
 from infermatrix.generate import GreedyDecoder
+from infermatrix.kernels import block_sparse_layout as L
 from infermatrix.model import math_attention
 from infermatrix.reports.html_report import render_html
 from infermatrix.reports.record import Record
@@ -158,7 +159,8 @@ def test_flex_block_mask_has_the_layout_blocks():
 
 def test_attention_workload_reports_density_and_a_picture():
     (variant,) = parse_spec("block_sparse(pattern=sliding,window=128)")
-    metrics = variant.layout_metrics(512, True, "cpu")
+    metrics = variant.report_metrics(Case(model="tiny", variant="block_sparse", workload="attention", prompt_len=512,
+                                          causal=True, device="cpu"))
     assert metrics["attention_density"] == pytest.approx(15 / 64)
     grid = metrics["attention_layout"]
     assert grid.split("/")[1] == "ff000000"
