@@ -122,8 +122,8 @@ class ModelConfig:
         """Exact parameter count, computed without building the model."""
         d, h, kv = self.dim, self.head_dim, self.n_kv_heads
         attn = d * (self.n_heads * h) + 2 * d * (kv * h) + (self.n_heads * h) * d
-        attn += (self.n_heads * h + 2 * kv * h) * self.qkv_bias + 2 * h * self.qk_norm
-        mlp = 3 * d * self.hidden_dim
+        attn += (self.n_heads * h + 2 * kv * h) * self.qkv_bias + d * self.o_bias + 2 * h * self.qk_norm
+        mlp = 3 * d * self.hidden_dim + (2 * self.hidden_dim + d) * self.mlp_bias
         per_layer = attn + mlp + 2 * d
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d

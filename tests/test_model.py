@@ -87,9 +87,11 @@ def test_tied_embeddings_share_one_tensor():
     assert model.weight_bytes == cfg.num_params() * 4
 
 
-@pytest.mark.parametrize("name", sorted(SHAPE_PRESETS))
+# the presets, and a config with every bias (Llama's attention_bias and mlp_bias)
+@pytest.mark.parametrize("name", sorted(SHAPE_PRESETS) + ["all-biases"])
 def test_num_params_matches_the_built_model(name):
-    cfg = SHAPE_PRESETS[name]
+    cfg = SHAPE_PRESETS.get(name) or ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                 hidden_dim=48, qkv_bias=True, o_bias=True, mlp_bias=True)
     with torch.device("meta"):
         model = Transformer(cfg)
     counted = {id(p): p.numel() for p in model.parameters()}  # tied weights once
