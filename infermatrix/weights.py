@@ -291,8 +291,6 @@ def _gguf_config(reader, source: str) -> ModelConfig:
     rope_dims = int(field("rope.dimension_count", default=cfg.head_dim))
     if rope_dims != cfg.head_dim:
         raise UserError(f"{source}: partial RoPE ({rope_dims} of {cfg.head_dim} dims) is not supported")
-    if cfg.head_dim % 2:
-        raise UserError(f"{source}: head_dim {cfg.head_dim} is odd; RoPE rotates pairs and needs an even head_dim")
     # phi3.attention.sliding_window is ignored, as llama.cpp itself ignores it (full attention)
     return cfg
 
@@ -445,6 +443,8 @@ BERT_ARCHITECTURES = ("BertModel", "BertForMaskedLM")
 def refuse_architecture(arch: str, source: str) -> None:
     valid = ", ".join(_HF_ARCHITECTURES + BERT_ARCHITECTURES)
     raise UserError(f"{source}: architecture {arch!r} is not supported; valid: {valid}")
+
+
 _HF_BLOCK_NAMES = {
     **{theirs: ours for ours, theirs in HF_BLOCK_NAMES.items()},
     # Phi-3 stores them fused: split on load (_split_fused)
@@ -506,8 +506,6 @@ def hf_config(raw: dict, source: str) -> ModelConfig:
         raise UserError(f"{source}: config.json lacks {exc.args[0]!r}") from None
     except ValueError as exc:
         raise UserError(f"{source}: {exc}") from None
-    if cfg.head_dim % 2:
-        raise UserError(f"{source}: head_dim {cfg.head_dim} is odd; RoPE rotates pairs and needs an even head_dim")
     return cfg
 
 
