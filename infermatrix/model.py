@@ -380,10 +380,6 @@ class Transformer(nn.Module):
         each row's left padding), or None when no cache variant was applied."""
         return None if self.cache_factory is None else self.cache_factory(self, batch, max_len, pad)
 
-    def rope_inv_freq(self, device) -> torch.Tensor | None:
-        """Scaled inverse frequencies, or None for rope_tables' plain ones."""
-        return rope_frequencies(self.config, device) if self.config.rope_type != "default" else None
-
     def forward(
         self,
         tokens: torch.Tensor,
@@ -405,7 +401,7 @@ class Transformer(nn.Module):
         if self.rope_table is not None:  # a variant's tables for every position, looked up
             cos, sin = self.rope_table[0][input_pos], self.rope_table[1][input_pos]  # (T, D) each
         else:
-            cos, sin = rope_tables(cfg.rope_dim, input_pos, cfg.rope_theta, self.rope_inv_freq(input_pos.device))
+            cos, sin = rope_tables(cfg.rope_dim, input_pos, cfg.rope_theta, rope_frequencies(cfg, input_pos.device))
         x = self.tok_embeddings(tokens)  # (B, T, C)
         if cfg.embed_scale:  # Gemma: sqrt(dim), rounded to the model's dtype as HF does
             x = x * torch.tensor(cfg.dim ** 0.5, dtype=x.dtype)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infermatrix.model import RMSNorm, Transformer, rope_tables
+from infermatrix.model import RMSNorm, Transformer, rope_frequencies, rope_tables
 from infermatrix.variants.base import Variant, register_variant, shared_copy
 
 
@@ -58,7 +58,7 @@ def fuse_projections(model: Transformer) -> Transformer:
     fused = shared_copy(model)
     cfg, device = model.config, model.tok_embeddings.weight.device
     positions = torch.arange(cfg.max_seq_len, device=device)
-    fused.rope_table = rope_tables(cfg.rope_dim, positions, cfg.rope_theta, model.rope_inv_freq(device))
+    fused.rope_table = rope_tables(cfg.rope_dim, positions, cfg.rope_theta, rope_frequencies(cfg, device))
     fused.norm = FusedRMSNorm(model.norm)
     blocks = []
     for block in model.layers:
