@@ -311,23 +311,20 @@ def _pad_id(loaded: LoadedModel) -> int:
     return 0 if pad is None else pad
 
 
-def encode_batch(loaded: LoadedModel, case: Case, ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """An encode case's (batch, T) tokens, key-padding mask and each sentence's length."""
+def encode_batch(loaded: LoadedModel, case: Case,
+                 ctx: RunContext) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """An encode case's (batch, T) tokens, its key-padding mask (None when no row is
+    padded: attention then runs unmasked, as it would on one length) and each
+    sentence's length."""
     rows = sentence_ids(loaded, case.batch, case.prompt_len, ctx.eval_text_path, ctx.settings.seed)
     tokens, mask = pad_right(rows, _pad_id(loaded), case.device)
-    return tokens, mask, [len(r) for r in rows]
-
-
-def _seam_mask(mask: torch.Tensor, lengths: list[int]) -> torch.Tensor | None:
-    """The mask to pass the encoder: None when no row is padded (attention then runs
-    unmasked, as it would on one length)."""
-    return None if min(lengths) == mask.shape[1] else mask
+    lengths = [len(r) for r in rows]
+    return tokens, (None if min(lengths) == tokens.shape[1] else mask), lengths
 
 
 def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
     model, loaded = _model(case, models)
-    tokens, mask, lengths = encode_batch(loaded, case, ctx)  # (B, T), (B, T)
-    seam_mask = _seam_mask(mask, lengths)
+    tokens, seam_mask, lengths = encode_batch(loaded, case, ctx)  # (B, T), (B, T) or None
     first_call_ms = time_once(lambda: model(tokens, seam_mask), torch.device(case.device))  # compile, lazy init
     m = timed(lambda: model(tokens, seam_mask), case, ctx)
     metrics = _timing_metrics(m)
@@ -482,8 +479,7 @@ def benchmark_callable(case: Case, ctx: RunContext, models: ModelCache) -> tuple
                         "benchmark_case(case), its generate twin")
     model, loaded = _model(case, models)
     if case.workload == "encode":
-        tokens, mask, lengths = encode_batch(loaded, case, ctx)
-        seam_mask = _seam_mask(mask, lengths)
+        tokens, seam_mask, lengths = encode_batch(loaded, case, ctx)
         return (lambda: model(tokens, seam_mask)), sum(lengths)
     prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
     if case.workload == "prefill":
