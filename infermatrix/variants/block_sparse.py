@@ -301,8 +301,7 @@ class BlockSparse(LayoutConfig):
                              "choose pattern=sliding, strided, fixed, bigbird or longformer")
 
     def apply(self, model: Transformer) -> Transformer:
-        config = getattr(model, "config", None)  # None: the attention workload's bare seam, no model
-        if config is not None:
-            self.check_model(config)
-        return with_attention(model, BlockSparseAttention(self, getattr(config, "sliding_window", None)))
+        # apply_variants has run check_model; the bare seam of the attention workload has no config
+        window = getattr(getattr(model, "config", None), "sliding_window", None)
+        return with_attention(model, BlockSparseAttention(self, window))
 

@@ -121,7 +121,5 @@ class Flex(LayoutConfig):
                              "BlockMask here is block-granular without it: it would change the model; use "
                              f"block_sparse(pattern=sliding,window={config.sliding_window}), exact on such a model")
 
-    def apply(self, model: Transformer) -> Transformer:
-        if getattr(model, "config", None) is not None:  # the attention workload's bare seam has none
-            self.check_model(model.config)
+    def apply(self, model: Transformer) -> Transformer:  # apply_variants has run check_model
         return with_attention(model, FlexAttention(self))
