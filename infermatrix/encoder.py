@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from infermatrix.model import AttentionFn, math_attention, storage_bytes
 
 POSITIONS = ("learned", "sinusoidal")
-ACTIVATIONS = ("gelu", "relu")
+ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu}  # gelu: exact (erf), BERT's and torch's default
+ACTIVATIONS = tuple(ACTIVATION_FNS)
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ class EncoderFeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim)  # down
-        self.act = F.gelu if cfg.activation == "gelu" else F.relu
+        self.act = ACTIVATION_FNS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(self.w1(x)))  # (B, T, C)
@@ -252,7 +253,7 @@ class Encoder(nn.Module):
         """Final hidden states (B, T, C) -> masked-LM logits (B, T, vocab)."""
         if not self.config.mlm_head:
             raise ValueError("this encoder has no masked-LM head (EncoderConfig.mlm_head=False)")
-        act = F.gelu if self.config.activation == "gelu" else F.relu
+        act = ACTIVATION_FNS[self.config.activation]
         return self.output(self.mlm_norm(act(self.mlm_dense(hidden))))  # (B, T, vocab)
 
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:

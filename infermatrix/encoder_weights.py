@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infermatrix.encoder import Encoder, EncoderConfig
+from infermatrix.encoder import ACTIVATIONS, Encoder, EncoderConfig
 from infermatrix.errors import UserError
 from infermatrix.weights import BERT_ARCHITECTURES, LoadedModel, _assign, _empty_model, folder_model, hf_architecture
 
@@ -34,7 +34,6 @@ _BERT_NAMES = {
     "pooler.dense": "pooler", "cls.predictions.transform.dense": "mlm_dense",
     "cls.predictions.transform.LayerNorm": "mlm_norm", "cls.predictions.decoder": "output",
 }
-_BERT_ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}  # HF hidden_act -> ours (gelu: exact, erf)
 # buffers some exports keep: not weights
 _BERT_BUFFERS = ("embeddings.position_ids",)
 
@@ -59,8 +58,8 @@ def bert_config(raw: dict, folder: Path) -> EncoderConfig:
         raise UserError(f"{source}: architecture {arch!r} is not an encoder we load; valid: "
                         f"{', '.join(BERT_ARCHITECTURES)}")
     act = raw.get("hidden_act", "gelu")
-    if act not in _BERT_ACTIVATIONS:
-        raise UserError(f"{source}: hidden_act {act!r} is not supported; valid: {', '.join(_BERT_ACTIVATIONS)}")
+    if act not in ACTIVATIONS:  # HF's names are ours (gelu: exact, erf)
+        raise UserError(f"{source}: hidden_act {act!r} is not supported; valid: {', '.join(ACTIVATIONS)}")
     position_type = raw.get("position_embedding_type", "absolute")
     if position_type != "absolute":
         raise UserError(f"{source}: position_embedding_type {position_type!r} is not supported; valid: 'absolute'")
@@ -73,7 +72,7 @@ def bert_config(raw: dict, folder: Path) -> EncoderConfig:
             vocab_size=raw["vocab_size"], dim=raw["hidden_size"], n_layers=raw["num_hidden_layers"],
             n_heads=raw["num_attention_heads"], hidden_dim=raw["intermediate_size"],
             max_seq_len=raw.get("max_position_embeddings", 512), norm_eps=raw.get("layer_norm_eps", 1e-12),
-            norm_first=False, positions="learned", activation=_BERT_ACTIVATIONS[act],
+            norm_first=False, positions="learned", activation=act,
             type_vocab_size=raw.get("type_vocab_size", 2), embed_norm=True, final_norm=False,
             mlm_head=arch == "BertForMaskedLM", tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
             pooler=pooler,
