@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from infermatrix.encoder import ACTIVATIONS, Encoder, EncoderConfig
 from infermatrix.errors import UserError
-from infermatrix.weights import BERT_ARCHITECTURES, LoadedModel, _assign, _empty_model, folder_model, hf_architecture
+from infermatrix.weights import (BERT_ARCHITECTURES, LoadedModel, _assign, _empty_model, folder_model, hf_architecture,
+                                 read_folder_tensors)
 
 # ---------------------------------------------------------------- BERT (Hugging Face)
 
@@ -104,17 +105,8 @@ def bert_name(key: str) -> str | None:
 
 
 def load_bert_checkpoint(folder: Path, cfg: EncoderConfig, dtype: torch.dtype, device) -> LoadedModel:
-    from safetensors import safe_open
-
-    tensors, unknown = {}, []
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                ours = bert_name(key)
-                if ours is not None:  # cast as read: peak memory is the model plus one tensor
-                    tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
-                elif _strip_prefix(key) not in _BERT_BUFFERS:
-                    unknown.append(key)
+    tensors, unknown = read_folder_tensors(folder, bert_name, lambda key: _strip_prefix(key) in _BERT_BUFFERS,
+                                           dtype, device)
     if cfg.mlm_head and cfg.tie_embeddings:
         tensors.pop("output.weight", None)  # a copy of the embedding table some exports keep
     return folder_model(folder, _empty_model(cfg), tensors, unknown, dtype, device)

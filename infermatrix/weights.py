@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -561,27 +562,36 @@ def _hf_folder_config(folder: Path) -> ModelConfig | EncoderConfig:
 
 
 def load_hf_checkpoint(folder: Path, dtype: torch.dtype, device) -> LoadedModel:
-    from safetensors import safe_open
-
     cfg = _hf_folder_config(folder)
     if isinstance(cfg, EncoderConfig):
         from infermatrix.encoder_weights import load_bert_checkpoint
 
         return load_bert_checkpoint(folder, cfg, dtype, device)
-    shards = sorted(folder.glob("*.safetensors"))
-    tensors, unknown = {}, []
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                ours = _hf_name(key)
-                if ours is not None:  # cast as read: peak memory is the model plus one tensor
-                    tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
-                elif not key.endswith("rotary_emb.inv_freq"):  # a buffer some exports keep
-                    unknown.append(key)
+    tensors, unknown = read_folder_tensors(folder, _hf_name, lambda key: key.endswith("rotary_emb.inv_freq"),
+                                           dtype, device)
     if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
     tensors = _split_fused(tensors, cfg)
     return folder_model(folder, _empty_model(cfg), tensors, unknown, dtype, device)
+
+
+def read_folder_tensors(folder: Path, our_name: Callable[[str], str | None], is_buffer: Callable[[str], bool],
+                        dtype: torch.dtype, device) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every tensor of a folder's safetensors shards under our name (None: we have no
+    place for it), cast as read (peak memory is the model plus one tensor); and the
+    checkpoint names of those with no place, buffers some exports keep left out."""
+    from safetensors import safe_open
+
+    tensors, unknown = {}, []
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                ours = our_name(key)
+                if ours is not None:
+                    tensors[ours] = f.get_tensor(key).to(device=device, dtype=dtype)
+                elif not is_buffer(key):
+                    unknown.append(key)
+    return tensors, unknown
 
 
 def folder_model(folder: Path, model: nn.Module, tensors: dict[str, torch.Tensor], unknown: list[str],
