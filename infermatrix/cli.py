@@ -330,10 +330,8 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     import torch
 
-    from infermatrix.encoder import ENCODER_PRESETS
-    from infermatrix.model import SHAPE_PRESETS
     from infermatrix.variants import AXES, missing_requirements, registered_variants
-    from infermatrix.weights import REAL_PRESETS, smollm2_path
+    from infermatrix.weights import RANDOM_PRESETS, REAL_PRESETS, smollm2_path
 
     if args.axis and args.axis not in AXES:
         raise UserError(f"unknown axis {args.axis!r}; valid: {', '.join(AXES)}")
@@ -355,7 +353,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         except UserError as exc:
             status = f"unavailable: {exc}"
         print(f"  {name:<20} real weights       {status}; {about}")
-    for name, cfg in {**SHAPE_PRESETS, **ENCODER_PRESETS}.items():
+    for name, cfg in RANDOM_PRESETS.items():
         params = cfg.num_params()
         window = f", its own attention window of {cfg.sliding_window}" if getattr(cfg, "sliding_window", None) else ""
         print(f"  {name:<20} random weights     available; {cfg.kind}, {params:,} params, "

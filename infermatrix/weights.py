@@ -54,7 +54,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     """A preset name, a GGUF file path or a Hugging Face checkpoint folder."""
     kind, path = _resolve(name)
     if kind == "shape":
-        model = random_model(_PRESETS[name], dtype, device, seed)
+        model = random_model(RANDOM_PRESETS[name], dtype, device, seed)
         return LoadedModel(model, None, f"preset {name} (random weights, seed {seed})")
     if kind == "gguf":
         return load_gguf(path, dtype, device)
@@ -68,7 +68,7 @@ def model_config(name: str) -> ModelConfig | EncoderConfig:
     loaded, so a run can check first."""
     kind, path = _resolve(name)
     if kind == "shape":
-        return _PRESETS[name]
+        return RANDOM_PRESETS[name]
     if kind == "gguf":
         converted = _converted_dir(path) / "config.json"
         if converted.is_file():  # skips parsing the GGUF's metadata (seconds)
@@ -100,13 +100,13 @@ def model_tokenizer(name: str):
 
 
 # every random-weight preset, decoders and encoders
-_PRESETS: dict[str, ModelConfig | EncoderConfig] = {**SHAPE_PRESETS, **ENCODER_PRESETS}
+RANDOM_PRESETS: dict[str, ModelConfig | EncoderConfig] = {**SHAPE_PRESETS, **ENCODER_PRESETS}
 
 
 def _resolve(name: str) -> tuple[str, Path | None]:
     if name in REAL_PRESETS:
         return "gguf", smollm2_path()
-    if name in _PRESETS:
+    if name in RANDOM_PRESETS:
         return "shape", None
     path = Path(name)
     if path.suffix == ".gguf" and path.is_file():
