@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infermatrix.model import AttentionFn, math_attention, storage_bytes
+from infermatrix.model import AttentionFn, math_attention, require_positive, storage_bytes
 
 POSITIONS = ("learned", "sinusoidal")
 ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu}  # gelu: exact (erf), BERT's and torch's default
@@ -63,9 +63,7 @@ class EncoderConfig:
     pooler: bool = False  # BERT's pooler: tanh(dense(hidden of the first token))
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"EncoderConfig.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"))
         if self.dim % self.n_heads:
             raise ValueError(f"EncoderConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.positions not in POSITIONS:

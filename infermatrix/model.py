@@ -43,6 +43,13 @@ ROPE_TYPES = ("default", "linear", "llama3")
 MLP_ACTS = ("silu", "gelu_tanh")
 
 
+def require_positive(cfg, names: tuple[str, ...]) -> None:
+    """A ValueError naming the first of a config's `names` fields that is not > 0."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be positive, got {getattr(cfg, name)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     kind: ClassVar[str] = "decoder"  # EncoderConfig.kind is "encoder": which workloads and variants apply
@@ -79,10 +86,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim",
+                                "max_seq_len"))
         if self.attn_head_dim is None and self.dim % self.n_heads:
             raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads}), "
                              "or attn_head_dim given")
