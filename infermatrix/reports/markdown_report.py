@@ -9,6 +9,7 @@ from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
 
+
 def _md(text: object) -> str:
     """A table cell: pipes escaped, newlines flattened."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -38,12 +39,12 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
         lines += [f"CPU: {_md(env.get('cpu') or 'unknown')} · {_md(cpu_features_text(env))}", ""]
     if ok:
         columns = shown_columns(ok)
-        header = ["model", "variant", "workload", "dtype", "shape"] + [c.header for c in columns] + ["ran"]
+        header = ["model", "variant", "workload", "dtype", "shape"] + [col.header for col in columns] + ["ran"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok:
             c = r.case
             cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), _shape(c)]
-            cells += [_value(r.metrics, c.metric, c.fmt) for c in columns] + [ran(r)]
+            cells += [_value(r.metrics, col.metric, col.fmt) for col in columns] + [ran(r)]
             lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
     problems = [r for r in records if r.status != "ok"]
     if problems:
