@@ -29,6 +29,9 @@ class Record:
     env: dict = field(default_factory=dict)  # versions, device, git SHA, threads
     started_at: str = ""  # ISO 8601, UTC
     duration_s: float = 0.0  # wall time of the whole case, loading included
+    # the case_id its speedup is a ratio to (the matrix's `baseline`); None: the same case's
+    # `reference` row
+    baseline_id: str | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
