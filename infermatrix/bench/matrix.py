@@ -57,7 +57,7 @@ WORKLOADS: dict[str, tuple[str, ...]] = {
     "decode": ("batch", "prompt_len", "new_tokens"),
     "generate": ("batch", "prompt_len", "new_tokens"),
     "drift": ("windows", "prompt_len", "new_tokens"),
-    "attention": ("batch", "prompt_len", "heads", "kv_heads", "head_dim", "causal"),
+    "attention": ("batch", "prompt_len", "kv_len", "heads", "kv_heads", "head_dim", "causal"),
     "linear": ("batch", "prompt_len", "in_features", "out_features"),
     "encode": ("batch", "prompt_len"),
 }
@@ -69,7 +69,7 @@ MODEL_WORKLOADS: dict[str, tuple[str, ...]] = {
 }
 # how each shape field shows in a case id
 _ID_TAGS = {"batch": "b", "prompt_len": "p", "new_tokens": "n", "windows": "w", "heads": "h", "kv_heads": "kv",
-            "head_dim": "d", "in_features": "k", "out_features": "n"}
+            "head_dim": "d", "kv_len": "kvlen", "in_features": "k", "out_features": "n"}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ class Case:
     # encode: the most tokens a sentence keeps
     new_tokens: int = 32  # decode/generate: tokens generated; drift: greedy tokens compared
     windows: int = 4  # drift: eval-text windows of prompt_len tokens
+    kv_len: int = 0  # attention: keys the prompt_len queries see, as the last prompt_len of kv_len
+    # positions (a decode step against a cache: prompt_len = 1); 0 = prompt_len
     heads: int = 0  # attention: query heads; 0 = the model's
     kv_heads: int = 0  # attention: KV heads; 0 = the model's
     head_dim: int = 0  # attention: head dim; 0 = the model's
@@ -205,6 +207,7 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         for variant in spec:
             try:
                 variant.check_case(case.workload, torch.device(case.device), spec)
+                variant.check_shape(case)
                 if case.workload not in ("attention", "linear"):  # ops take only shapes from the model
                     variant.check_model(config)
             except ValueError as exc:
@@ -297,6 +300,8 @@ def _normalize(case: Case) -> Case:
         used = tuple(name for name in used if name != "new_tokens")  # an encoder generates no tokens
     reset = {name: (0 if f.type == "int" else f.default) for name, f in _CASE_FIELDS.items()
              if name not in used and f.type in ("int", "bool")}
+    if case.kv_len == case.prompt_len:
+        reset["kv_len"] = 0  # as many keys as queries, the default: one case, one id
     return dataclasses.replace(case, **reset)
 
 
@@ -333,11 +338,20 @@ def _check_shape(case: Case, where: str) -> None:
             raise UserError(f"{where}: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         if head_dim % 2:
             raise UserError(f"{where}: head_dim must be even, got {head_dim}")
+        if case.kv_len and case.kv_len < case.prompt_len:
+            raise UserError(f"{where}: kv_len ({case.kv_len}) is below prompt_len ({case.prompt_len}): the "
+                            "queries are the last prompt_len of kv_len positions; raise kv_len, or leave it 0 "
+                            "for as many keys as queries")
 
 
 def device_dtypes(cases) -> tuple[tuple[str, str], ...]:
     """The sorted (device type, dtype) pairs of `cases`: what the machine peaks are measured for."""
     return tuple(sorted({(c.device.split(":")[0], c.dtype) for c in cases}))
+
+
+def attention_keys(case: Case) -> int:
+    """The keys of an attention case: kv_len, or as many as its queries."""
+    return case.kv_len or case.prompt_len
 
 
 def attention_shape(case: Case) -> tuple[int, int, int]:

@@ -43,7 +43,7 @@ from infermatrix.bench import roofline
 from infermatrix.bench.drift import (drift_metrics, greedy_match_length, hidden_state_drift,
                                      model_logits, require_fp32_reference, window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
-from infermatrix.bench.matrix import attention_shape, linear_shape
+from infermatrix.bench.matrix import attention_keys, attention_shape, linear_shape
 from infermatrix.bench.stats import summarize
 from infermatrix.bench.text import load_text, sentences, text_sha256
 from infermatrix.bench.timing import TimerConfig, measure, time_once
@@ -410,9 +410,10 @@ def _attention_op(case: Case, ctx: RunContext) -> Callable[[], object]:
     holder.attention = math_attention
     attention = apply_variants(holder, _op_variants(case, "attention")).attention
     gen = torch.Generator(device=device).manual_seed(ctx.settings.seed)
+    keys = attention_keys(case)  # the queries are the last prompt_len of these positions
     q = torch.randn(case.batch, heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
-    k = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
-    v = torch.randn(case.batch, kv_heads, case.prompt_len, head_dim, generator=gen, device=device).to(dtype)
+    k = torch.randn(case.batch, kv_heads, keys, head_dim, generator=gen, device=device).to(dtype)
+    v = torch.randn(case.batch, kv_heads, keys, head_dim, generator=gen, device=device).to(dtype)
     return lambda: attention(q, k, v, causal=case.causal)
 
 
@@ -423,7 +424,7 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measuremen
     for variant in parse_spec(case.variant):  # e.g. a sparse layout's density and picture, for the reports
         layout.update(variant.report_metrics(case))
     # a sparse layout is credited with the pairs it computes, not the dense count
-    cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, case.prompt_len, head_dim,
+    cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, attention_keys(case), head_dim,
                                    causal=case.causal, dtype_bytes=DTYPES[case.dtype].itemsize,
                                    density=layout.get("attention_density"))
     metrics = _timing_metrics(m)

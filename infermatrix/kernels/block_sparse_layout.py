@@ -240,6 +240,15 @@ def sliding_window(seq_len: int, block_size: int, window: int, causal: bool = Tr
     return from_block_mask(near, seq_len, block_size, causal=causal, pattern="sliding")
 
 
+def window_for_density(seq_len: int, block_size: int, density: float) -> int:
+    """The window (tokens, whole blocks) of the causal sliding layout of `seq_len`
+    positions whose density is nearest `density`: a density sweep at any length."""
+    n = math.ceil(seq_len / block_size)
+    # w blocks: block i sees min(i + 1, w) blocks, so w(w+1)/2 + (n - w) w of n² pairs
+    blocks = min(range(1, n + 1), key=lambda w: abs((w * (w + 1) / 2 + (n - w) * w) / n ** 2 - density))
+    return blocks * block_size
+
+
 def token_window(seq_len: int, block_size: int, window: int) -> BlockLayout:
     """Exactly a causal sliding window of `window` tokens (a model's own, Mistral's
     rule): query q sees keys q-window+1 .. q. Active: every key block holding such a

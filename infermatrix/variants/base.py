@@ -67,6 +67,10 @@ class Variant:
         layout's density and picture); `case` is a bench Case."""
         return {}
 
+    def check_shape(self, case) -> None:
+        """Refuse, with a ValueError, a case whose shape this variant cannot run as its
+        label says (`case` is a bench Case; called when a matrix is read, after its excludes)."""
+
     def check_case(self, workload: str, device: torch.device, spec: tuple["Variant", ...]) -> None:
         """Refuse, with a ValueError giving the reason, a case (`workload` on `device`,
         composed with `spec`) this variant cannot run as its label says (called when a

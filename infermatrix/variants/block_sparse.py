@@ -32,6 +32,7 @@ from infermatrix.kernels.block_sparse_layout import (
     make_layout,
     pattern_params,
     token_window,
+    window_for_density,
 )
 from infermatrix.model import Transformer, causal_mask, last_visible_key
 from infermatrix.variants.base import ANY_MODEL, TRITON_KERNELS, Variant, note_path, register_variant, with_attention
@@ -55,10 +56,19 @@ class LayoutConfig(Variant):
     n_random: int | None = None  # bigbird: random key blocks per query block
     seed: int | None = None  # bigbird: seed of the random blocks
     global_tokens: str | None = None  # longformer: global token positions, ';'-separated, e.g. 0;512
+    # sliding: instead of a window, the share of block pairs to compute; the window is
+    # chosen per sequence length (a density sweep across lengths)
+    density: float | None = None
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
             raise ValueError(f"unknown pattern {self.pattern!r}; valid: {', '.join(PATTERNS)}")
+        if self.density is not None:
+            if self.pattern != "sliding" or self.window is not None:
+                raise ValueError("density picks a sliding window per sequence length: give it with "
+                                 "pattern=sliding and no window")
+            if not 0 < self.density <= 1:
+                raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.block < 0:
             raise ValueError(f"block must be positive (or 0 for the device's default), got {self.block}")
         valid = [p for p in pattern_params(self.pattern) if p != "causal"]
@@ -102,6 +112,8 @@ class LayoutConfig(Variant):
         if model_window is not None:
             return token_window(seq_len, block, model_window)
         params = self.layout_params()
+        if self.density is not None:
+            params["window"] = window_for_density(seq_len, block, self.density)
         if "causal" in pattern_params(self.pattern):  # the `causal` pattern is causal by definition
             params["causal"] = causal
         return make_layout(self.pattern, seq_len, block, **params)
@@ -120,8 +132,16 @@ class LayoutConfig(Variant):
 
     def report_metrics(self, case) -> dict:
         """The layout's density and a small picture of it, at the case's length."""
-        layout = self.build(case.prompt_len, causal=case.causal, block=self.block_for(torch.device(case.device)))
-        return {"attention_density": layout.density, "attention_layout": layout.grid()}
+        keys = case.kv_len or case.prompt_len
+        layout = self.build(keys, causal=case.causal, block=self.block_for(torch.device(case.device)))
+        density = layout.density
+        if keys != case.prompt_len:  # the queries are the last rows: the share of their block pairs
+            rows = torch.arange(keys - case.prompt_len, keys) // layout.block_size
+            density = float(layout.block_mask()[:, rows].float().mean())
+        metrics = {"attention_density": density, "attention_layout": layout.grid()}
+        if self.density is not None:  # the window the density chose at this length
+            metrics["layout_window"] = window_for_density(keys, layout.block_size, self.density)
+        return metrics
 
 
 def padding_lengths(mask: torch.Tensor) -> list[int]:

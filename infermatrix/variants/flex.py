@@ -114,6 +114,13 @@ class Flex(LayoutConfig):
                              "dense attention under a sparse label; time decode with kv_cache+block_sparse, or "
                              "flex without kv_cache")
 
+    def check_shape(self, case) -> None:
+        if case.workload == "attention" and case.kv_len and case.kv_len != case.prompt_len:
+            raise ValueError(f"flex runs fewer queries ({case.prompt_len}) than keys ({case.kv_len}) as dense "
+                             "masked SDPA here, not FlexAttention (it would need a BlockMask per query offset); "
+                             "measure decode-shaped attention with block_sparse, which reads only the row's "
+                             "active keys")
+
     def check_model(self, config) -> None:
         Variant.check_model(self, config)  # the model kind; not the layout's window advice, which flex cannot take
         if getattr(config, "sliding_window", None) is not None:

@@ -242,3 +242,32 @@ def test_eval_text_too_short_is_refused_before_any_case(tmp_path):
     with pytest.raises(UserError, match="eval text has 6 tokens for smollm2-135m; .* needs 130"):
         run_matrix(matrix, tmp_path / "run", eval_text=str(short), log=quiet)
     assert not (tmp_path / "run" / "records.jsonl").exists()
+
+
+def test_decode_shaped_attention_times_one_query_against_kv_len_keys(tmp_path):
+    """kv_len: the queries are the last prompt_len of kv_len positions, so a decode step
+    (prompt_len 1) reads every key once; the roofline counts those keys, not one."""
+    matrix = parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": ["sdpa", "block_sparse(pattern=sliding,window=64)"], "workload": "attention",
+         "prompt_len": 1, "kv_len": 512}]})
+    assert [c.case_id.rsplit("/", 1)[1] for c in matrix.cases] == ["b1-p1-kvlen512-causal"] * 2
+    dense, sparse = run_matrix(matrix, tmp_path, log=quiet)
+    assert dense.status == sparse.status == "ok", (dense.reason, sparse.reason)
+    # tiny: 4 heads of dim 16 over 2 KV heads; one query sees all 512 keys: 4 * 512 * 16 flops per head
+    assert dense.metrics["flops"] == 4 * 4 * 512 * 16
+    assert dense.metrics["bytes_moved"] == 4 * (2 * 4 * 16 + 2 * 2 * 512 * 16)
+    # the last row of a 64-token window (block 64) sees its own block: 1 of 8 key blocks
+    assert sparse.metrics["attention_density"] == pytest.approx(1 / 8)
+    assert sparse.metrics["attention_path"] == "block_sparse_gather"
+
+
+def test_kv_len_equal_to_prompt_len_is_the_plain_case_and_below_it_is_refused():
+    plain = parse_matrix({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "attention",
+                                     "prompt_len": 64, "kv_len": [0, 64]}]})
+    assert len(plain.cases) == 1 and plain.cases[0].kv_len == 0
+    with pytest.raises(UserError, match=r"kv_len \(32\) is below prompt_len \(64\)"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "attention", "prompt_len": 64,
+                                 "kv_len": 32}]})
+    with pytest.raises(UserError, match="flex runs fewer queries"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "flex(pattern=sliding,window=64)",
+                                 "workload": "attention", "prompt_len": 1, "kv_len": 512}]})

@@ -170,6 +170,27 @@ def test_attention_workload_reports_density_and_a_picture():
     assert 'data-chart="layout"' in page and "density 23.4%" in page and page.count("<rect x=") == 15
 
 
+@pytest.mark.parametrize("seq", [1024, 4096])
+@pytest.mark.parametrize("target", [0.05, 0.1, 0.3])
+def test_a_density_spec_picks_the_sliding_window_nearest_the_target_at_each_length(seq, target):
+    """density=... is a sweep across lengths: the window (whole blocks) whose layout density
+    is nearest the target, checked against every window's real layout."""
+    (variant,) = parse_spec(f"block_sparse(pattern=sliding,density={target})")
+    got = variant.report_metrics(Case(model="tiny", variant="block_sparse", workload="attention", prompt_len=seq))
+    windows = range(64, seq + 1, 64)
+    best = min(windows, key=lambda w: abs(L.sliding_window(seq, 64, w).density - target))
+    assert got["layout_window"] == best
+    assert got["attention_density"] == pytest.approx(L.sliding_window(seq, 64, best).density)
+    assert abs(got["attention_density"] - target) < 64 / seq  # one block of window moves density by < 1/n
+
+
+def test_density_needs_the_sliding_pattern_and_no_window():
+    for spec in ("block_sparse(pattern=strided,stride=128,density=0.1)",
+                 "block_sparse(pattern=sliding,window=128,density=0.1)", "flex(pattern=sliding,density=1.5)"):
+        with pytest.raises(UserError, match="density"):
+            parse_spec(spec)
+
+
 def test_a_longformer_spec_with_far_global_tokens_parses():
     """The spec is probed at parse time on a layout long enough for its global tokens."""
     (variant,) = parse_spec("block_sparse(pattern=longformer,window=128,global_tokens=0;512)")
