@@ -14,6 +14,10 @@ cartesian product of their list values.
     dtype = ["float32", "bfloat16"]
     batch = 1
     prompt_len = [128, 512]
+    baseline = "sdpa"     # optional: speedups of these cases are ratios to the same case
+                          # with this spec (or {without = "linear"}: the case's own spec
+                          # without its linear-axis variant); default: `reference`.
+                          # A baseline no table lists is added to the run.
 
     [[exclude]]           # drop every expanded case matching all these keys
     variant = "reference"
@@ -38,12 +42,13 @@ import re
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from infermatrix.bench.shipped import builtin_matrices
 from infermatrix.errors import UserError
-from infermatrix.variants import canonical_spec, parse_spec
+from infermatrix.variants import canonical_spec, parse_spec, registered_variants
 from infermatrix.weights import DTYPES, model_config
 
 if sys.version_info >= (3, 11):
@@ -141,6 +146,7 @@ class Matrix:
     text: str | None = None  # the TOML, kept in the run folder (its [gate] rules travel with it)
     gate_rules: tuple[str, ...] = ()
     shard: Shard | None = None  # None: the whole matrix
+    baselines: dict[str, str] = dataclasses.field(default_factory=dict)  # case_id -> its baseline's case_id
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
@@ -194,13 +200,22 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
     if not tables:
         raise UserError(f"{source}: no [[cases]] tables; add at least one with model and variant")
     cases: dict[Case, None] = {}  # ordered set: a case listed twice runs once
+    baselines: dict[Case, Case] = {}
     for i, table in enumerate(tables):
-        cases.update(dict.fromkeys(_expand(table, f"{source}: [[cases]] #{i + 1}")))
+        where = f"{source}: [[cases]] #{i + 1}"
+        table = dict(table)
+        baseline_of = _baseline_rule(table.pop("baseline", None), where)
+        expanded = _expand(table, where)
+        cases.update(dict.fromkeys(expanded))
+        if baseline_of is not None:
+            _add_baselines(baselines, {case: baseline_of(case) for case in expanded}, where)
     for i, rule in enumerate(_tables(data, "exclude", source)):
         match = _rule(rule, f"{source}: [[exclude]] #{i + 1}")
         cases = {c: None for c in cases if not match(c)}
     for i, table in enumerate(_tables(data, "include", source)):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
+    baselines = {case: base for case, base in baselines.items() if case in cases}
+    cases.update(dict.fromkeys(baselines.values()))  # a baseline is measured even when no table lists it
     for case in cases:  # after the excludes: a combination excluded is never refused
         spec = parse_spec(case.variant)
         config = model_config(case.model)
@@ -219,7 +234,45 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
                         f"{' and '.join(stepped)} time each step of a generation with a host timer, where no "
                         f"graph runs; set cuda_graph = false, or put the {' and '.join(stepped)} cases in a "
                         "matrix of their own")
-    return Matrix(tuple(cases), settings, source, gate_rules=parse_gate_table(data.get("gate", {}), source))
+    return Matrix(tuple(cases), settings, source, gate_rules=parse_gate_table(data.get("gate", {}), source),
+                  baselines={case.case_id: base.case_id for case, base in baselines.items()})
+
+
+def _baseline_rule(value, where: str) -> Callable[[Case], Case] | None:
+    """A [[cases]] table's `baseline`: a variant spec (`baseline = "sdpa"`), or the case's
+    own spec without the variants of some axes (`baseline = {without = "linear"}`, or a
+    list of axes; nothing left is `reference`). Returns case -> its baseline case."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            spec = canonical_spec(parse_spec(value))
+        except UserError as exc:
+            raise UserError(f"{where}: baseline: {exc}") from None
+        return lambda case: dataclasses.replace(case, variant=spec)
+    if isinstance(value, dict) and set(value) == {"without"}:
+        axes = value["without"] if isinstance(value["without"], list) else [value["without"]]
+        known = sorted({cls.axis for cls in registered_variants().values()})
+        for axis in axes:
+            if axis not in known:
+                raise UserError(f"{where}: baseline: {_unknown('axis', str(axis), known)}")
+
+        def without(case: Case) -> Case:
+            kept = [v for v in parse_spec(case.variant) if v.axis not in axes]
+            return dataclasses.replace(case, variant=canonical_spec(kept) if kept else "reference")
+
+        return without
+    raise UserError(f"{where}: baseline must be a variant spec such as \"sdpa\", or {{without = \"<axis>\"}} "
+                    f"(or a list of axes), got {value!r}")
+
+
+def _add_baselines(baselines: dict[Case, Case], found: dict[Case, Case], where: str) -> None:
+    for case, base in found.items():
+        if baselines.get(case, base) != base:
+            raise UserError(f"{where}: {case.case_id} already has the baseline {baselines[case].variant!r} from an "
+                            f"earlier table, and this one gives {base.variant!r}; list the case in one table only")
+        _check_shape(base, f"{where}: baseline")
+        baselines[case] = base
 
 
 def parse_gate_table(table, source: str) -> tuple[str, ...]:

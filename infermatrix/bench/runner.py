@@ -352,6 +352,7 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
     results = (executor or execute_local)(todo, ctx, on_start)
     try:
         for i, rec in enumerate(results, 1):
+            rec.baseline_id = matrix.baselines.get(rec.case_id)
             append_record(records_path, rec)
             records.append(rec)
             figure = _headline(rec)

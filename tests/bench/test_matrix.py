@@ -164,3 +164,36 @@ def test_the_default_matrix_decodes_with_and_without_the_cache_at_one_shape():
     recompute = {(p, n) for v, p, n in decode if v == "sdpa"}
     cached = {(p, n) for v, p, n in decode if "kv_cache" in v and "sdpa" in v}
     assert recompute & cached
+
+
+def test_a_table_baseline_names_each_case_s_baseline_and_adds_missing_ones():
+    matrix = parse_matrix({"cases": [
+        {"model": "tiny", "variant": ["sdpa+int8_weight_only", "kv_cache+sdpa+int8_weight_only"],
+         "workload": "decode", "prompt_len": 16, "new_tokens": 3, "baseline": {"without": "linear"}},
+        {"model": "tiny", "variant": ["sdpa", "block_sparse(pattern=sliding,window=64)"], "workload": "attention",
+         "prompt_len": 1, "kv_len": 256, "baseline": "sdpa"},
+    ]})
+    by_id = {c.case_id: c for c in matrix.cases}
+    int8 = next(c for c in matrix.cases if c.variant == "int8_weight_only+sdpa+kv_cache")  # canonical order
+    base = by_id[matrix.baselines[int8.case_id]]
+    assert base.variant == "sdpa+kv_cache" and base.workload == "decode" and base.prompt_len == 16
+    assert "sdpa" in {c.variant for c in matrix.cases if c.workload == "decode"}  # added: no table lists it
+    sparse = next(c for c in matrix.cases if c.variant.startswith("block_sparse"))
+    assert by_id[matrix.baselines[sparse.case_id]].variant == "sdpa"
+    assert len(matrix.cases) == 6
+
+
+@pytest.mark.parametrize("baseline, message", [
+    ({"without": "linearr"}, "unknown axis 'linearr'; did you mean 'linear'"),
+    ("no_such_variant", "baseline: unknown variant"),
+    (3, "baseline must be a variant spec"),
+])
+def test_a_bad_baseline_is_refused_naming_it(baseline, message):
+    with pytest.raises(UserError, match=message):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "sdpa", "baseline": baseline}]})
+
+
+def test_one_case_with_two_baselines_is_refused():
+    table = {"model": "tiny", "variant": ["reference", "sdpa"]}
+    with pytest.raises(UserError, match="already has the baseline"):
+        parse_matrix({"cases": [{**table, "baseline": "reference"}, {**table, "baseline": "sdpa"}]})

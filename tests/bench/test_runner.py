@@ -271,3 +271,12 @@ def test_kv_len_equal_to_prompt_len_is_the_plain_case_and_below_it_is_refused():
     with pytest.raises(UserError, match="flex runs fewer queries"):
         parse_matrix({"cases": [{"model": "tiny", "variant": "flex(pattern=sliding,window=64)",
                                  "workload": "attention", "prompt_len": 1, "kv_len": 512}]})
+
+
+def test_records_carry_the_baseline_their_table_names(tmp_path):
+    matrix = parse_matrix({"run": {**QUICK, "isolate": False}, "cases": [
+        {"model": "tiny", "variant": ["sdpa", "block_sparse(pattern=sliding,window=64)"], "workload": "attention",
+         "prompt_len": 128, "baseline": "sdpa"}]})
+    dense, sparse = run_matrix(matrix, tmp_path, log=quiet)
+    on_disk = {r.case_id: r for r in read_records(tmp_path)}
+    assert on_disk[sparse.case_id].baseline_id == dense.case_id == on_disk[dense.case_id].baseline_id
