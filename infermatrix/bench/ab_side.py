@@ -38,8 +38,9 @@ PROTOCOL = 2  # the driver refuses a side that speaks another version
 WARMED_BY_FIRST_CALL = frozenset({"prefill", "decode", "generate", "encode"})
 
 
-class _PipeTurns:
-    """The case process's end of the turns: asks the driver."""
+class PipeTurns:
+    """The case process's end of the turns: asks the driver (an A/B run's, or an
+    interleaved run's, bench/interleave.py)."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -69,7 +70,7 @@ def case_main(socket_path: str) -> None:
     case, ctx = pickle.loads(conn.recv_bytes())
     if case.workload in WARMED_BY_FIRST_CALL:
         ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, warmup=0, warmup_s=0.0))
-    turns = _PipeTurns(conn)
+    turns = PipeTurns(conn)
     timing.interleave_with(turns)
     record = run_case(case, ctx, ModelCache(ctx.settings.seed))
     record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

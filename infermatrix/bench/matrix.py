@@ -6,6 +6,8 @@ cartesian product of their list values.
     min_runs = 5          # timed runs at least; more until the median's 95% CI
     target_ci = 0.02      #   is within 2%, or max_runs / max_time_s is reached
     timeout_s = 600       # per case, when cases run in their own process
+    interleave = false    # true: cases differing only in variant take turns, `rounds`
+                          #   rounds of `turn_s` seconds each; speedups from paired rounds
 
     [[cases]]
     model = "smollm2-135m"
@@ -124,6 +126,9 @@ class RunSettings:
     l2_flush: bool = False  # CUDA: flush L2 between runs, outside the timed region
     cuda_graph: bool = False  # CUDA: time CUDA-graph replays
     isolate: bool = True  # each case in its own process (crash, OOM and hang isolation; per-case peak RSS)
+    interleave: bool = False  # the cases of a group (differing only in variant) take turns (bench/interleave.py)
+    rounds: int = 8  # interleave: rounds of turns; speedups are computed from paired rounds
+    turn_s: float = 0.5  # interleave: seconds of sampling per turn (at least one sample)
     timeout_s: float = 600.0  # per case, when isolated
     seed: int = 0
 
@@ -306,9 +311,12 @@ def _parse_settings(table: dict, source: str) -> RunSettings:
             raise UserError(f"{source}: [run] {key} must be a non-negative {kind}, got {value!r}")
         values[key] = value
     settings = RunSettings(**values)
-    for key in ("min_runs", "max_runs", "timeout_s", "max_time_s", "target_ci"):
+    for key in ("min_runs", "max_runs", "timeout_s", "max_time_s", "target_ci", "rounds", "turn_s"):
         if getattr(settings, key) <= 0:
             raise UserError(f"{source}: [run] {key} must be positive")
+    if settings.interleave and not settings.isolate:
+        raise UserError(f"{source}: [run] interleave = true runs each case of a group in its own process, taking "
+                        "turns; it needs isolate = true (drop --no-isolate, or set interleave = false)")
     if settings.max_runs < settings.min_runs:
         raise UserError(f"{source}: [run] max_runs ({settings.max_runs}) is below min_runs ({settings.min_runs})")
     return settings

@@ -331,6 +331,10 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
             raise UserError(f"--out {out_dir} already holds {RECORDS_FILE}; choose a new folder or pass --resume")
         done = read_records(records_path)
         _check_resumable(done, matrix, out_dir)
+    if matrix.settings.interleave and (executor is not None or matrix.shard is not None):
+        raise UserError("[run] interleave = true takes turns among a group's cases on one machine; it cannot "
+                        f"run {'on another executor' if executor is not None else 'a shard'}: set interleave = "
+                        "false, or run the whole matrix locally")
     check_eval_text(matrix, eval_text)
     out_dir.mkdir(parents=True, exist_ok=True)
     records_path.touch()  # a shard with no cases is still a run folder that merge can read
@@ -349,6 +353,10 @@ def run_matrix(matrix: Matrix, out_dir: Path, *, resume: bool = False, eval_text
         if bar is not None:
             bar.set_postfix_str(case.case_id, refresh=True)
 
+    if matrix.settings.interleave and executor is None:
+        from infermatrix.bench.interleave import execute_interleaved
+
+        executor = execute_interleaved
     results = (executor or execute_local)(todo, ctx, on_start)
     try:
         for i, rec in enumerate(results, 1):

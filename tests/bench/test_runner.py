@@ -280,3 +280,28 @@ def test_records_carry_the_baseline_their_table_names(tmp_path):
     dense, sparse = run_matrix(matrix, tmp_path, log=quiet)
     on_disk = {r.case_id: r for r in read_records(tmp_path)}
     assert on_disk[sparse.case_id].baseline_id == dense.case_id == on_disk[dense.case_id].baseline_id
+
+
+def test_an_interleaved_run_gives_each_timed_case_of_a_group_the_same_rounds(tmp_path):
+    """[run] interleave: the group's cases take turns, each in its own process; every
+    record keeps all its samples and how many each round took, for paired ratios."""
+    matrix = parse_matrix({"run": {**QUICK, "interleave": True, "rounds": 3, "turn_s": 0.05}, "cases": [
+        {"model": "tiny", "variant": ["sdpa", "block_sparse(pattern=sliding,window=64)"],
+         "workload": ["attention", "drift"], "prompt_len": 128, "windows": 1, "new_tokens": 2}]})
+    records = {r.case_id: r for r in run_matrix(matrix, tmp_path, log=quiet)}
+    assert [r.status for r in records.values()] == ["ok"] * 4, [r.reason for r in records.values()]
+    timed = [r for r in records.values() if r.case["workload"] == "attention"]
+    for rec in timed:
+        sizes = rec.samples["round_sizes"]
+        assert len(sizes) == 3 and min(sizes) >= 1
+        assert sum(sizes) == len(rec.samples["latency_ms"]) == rec.metrics["runs"]
+        assert rec.metrics["peak_rss_bytes"] > 0
+    assert all("round_sizes" not in r.samples for r in records.values() if r.case["workload"] == "drift")
+
+
+def test_interleave_needs_isolated_cases_and_one_machine(tmp_path):
+    with pytest.raises(UserError, match="interleave = true .* needs isolate = true"):
+        parse_matrix({"run": {"interleave": True, "isolate": False}, "cases": [{"model": "tiny", "variant": "sdpa"}]})
+    matrix = parse_matrix({"run": {"interleave": True}, "cases": [{"model": "tiny", "variant": "sdpa"}]})
+    with pytest.raises(UserError, match="cannot run on another executor"):
+        run_matrix(matrix, tmp_path, log=quiet, executor=lambda cases, ctx, on_start: iter(()))
