@@ -90,7 +90,7 @@ def test_bad_matrices_name_the_field(data, message):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist; pass a TOML file or a built-in name: ci, decode, decode-limit, default"):
+    with pytest.raises(UserError, match="does not exist; pass a TOML file or a built-in name: block_sparse, ci, decode, decode-limit, default"):
         load_matrix(tmp_path / "nope.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[[cases]\nmodel = 1\n")
