@@ -2,7 +2,8 @@
 
 Without a GPU these run through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes stay small; on a CUDA machine the same tests run
-the compiled kernel, bfloat16 included.
+the compiled kernel, bfloat16 included, and model-sized shapes too (skipped
+elsewhere, saying they need CUDA).
 
 Tolerances: infermatrix.tolerances.ATTENTION (the oracle is SDPA in fp32 on the same
 rounded inputs; each dtype's bound is justified there).
@@ -18,6 +19,8 @@ from infermatrix.tolerances import ATTENTION, close
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter has no bfloat16.
 HALF_DTYPES = [torch.float16] + ([] if interpreting() else [torch.bfloat16])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA: model-sized shapes take minutes in the interpreter")
 
 
 def qkv(batch, heads, kv_heads, q_len, k_len, head_dim, dtype=torch.float32):
@@ -64,6 +67,24 @@ def test_edge_and_non_power_of_two_head_dims(head_dim):
 @pytest.mark.parametrize("causal", [True, False])
 def test_half_precision_accumulates_in_fp32(dtype, causal):
     q, k, v = qkv(2, 4, 2, 130, 130, 64, dtype)
+    out = flash_attention(q, k, v, causal=causal)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), oracle(q, k, v, causal=causal), **close(ATTENTION, dtype))
+
+
+# (heads, kv_heads, Tq, Tk, head_dim): MHA past one tile, GQA 4:1, a short query against
+# a long cache (chunked prefill) with GQA 3:1, the largest head dim; then one small enough
+# for the interpreter that joins GQA and a short query in half precision.
+@pytest.mark.parametrize("shape", [
+    *(pytest.param(s, marks=needs_cuda, id="model-" + "-".join(map(str, s)))
+      for s in ((8, 8, 1000, 1000, 64), (32, 8, 513, 513, 128), (12, 4, 77, 1024, 128), (4, 4, 300, 300, 256))),
+    pytest.param((4, 2, 37, 130, 32), id="small-gqa-short-query"),
+])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_half_precision_gqa_and_short_queries(shape, dtype, causal):
+    heads, kv_heads, q_len, k_len, head_dim = shape
+    q, k, v = qkv(2, heads, kv_heads, q_len, k_len, head_dim, dtype)
     out = flash_attention(q, k, v, causal=causal)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), oracle(q, k, v, causal=causal), **close(ATTENTION, dtype))
