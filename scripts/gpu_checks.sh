@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check and measurement of the Triton kernels in one call. Each step
-# has its own time limit so a slow one cannot starve the rest. Logs and JSON go
+# Every GPU check of the kernels and the GPU matrix in one call. Each step has its
+# own time limit so a slow one cannot starve the rest. Logs, JSON and run folders go
 # to $OUT (default ./gpu-out).
 #
-#     bash scripts/gpu_checks.sh            # full (~4 minutes on an H200): correctness
-#         of both kernels, the decode sweep, the prefill and decode tables with the
-#         decode config the sweep chose, the block-sparse kernel on CUDA, head dim 64
-#     bash scripts/gpu_checks.sh candidates # ~2 minutes: the decode candidates against
-#         SDPA and the read roofline, then benchmarks/gpu-quick.toml through the harness
+#     bash scripts/gpu_checks.sh            # full: the kernels' CUDA tests (pytest
+#         tests/kernels, compiled kernels, fp16/bf16 at model shapes, the decode merge
+#         over repeated calls), the decode config sweep, then `infermatrix run gpu`
+#         (benchmarks/gpu.toml: every figure of the GPU tables, through the harness)
+#     bash scripts/gpu_checks.sh candidates # quick: the decode kernel's CUDA tests, the
+#         decode candidates against SDPA and the read roofline, then benchmarks/gpu-quick.toml
 #
 # A failed step (non-zero exit, or past its limit) is printed as `FAILED: <step>` and
 # the rest still run; the last line lists the failed steps and the exit status is 1.
@@ -43,23 +44,21 @@ finish() {  # the verdict of all steps: exit 1 when any failed
     echo "gpu_checks: ${#failed[@]} of $steps steps FAILED: ${names%; }"
     exit 1
 }
+harness() {  # harness NAME SECONDS MATRIX [RUN OPTIONS...]: `infermatrix run MATRIX` into $OUT/MATRIX
+    local name=$1 limit=$2 matrix=$3; shift 3
+    rm -rf "${OUT:?}/$matrix"  # this script's own output, like log.txt: `run` refuses a folder holding records
+    step "$limit" "$name" $PY -m infermatrix.cli run "$matrix" --out "$OUT/$matrix" "$@"
+}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/log.txt"
 if [ "${1:-full}" = candidates ]; then
+    step 150 "decode kernel CUDA tests" $PY -m pytest -q -p no:cacheprovider tests/kernels/test_decode_attention_triton.py
     step 150 "decode candidates" $PY scripts/gpu_decode_sweep.py --candidates --out "$OUT/candidates.json"
-    rm -rf "$OUT/gpu-quick"  # this script's own output, like log.txt: `run` refuses a folder holding records
-    step 150 "harness: gpu-quick matrix" $PY -c "import sys; from infermatrix.cli import main; sys.exit(main())" run \
-        benchmarks/gpu-quick.toml --out "$OUT/gpu-quick" --no-isolate -q
+    harness "harness: gpu-quick matrix" 150 gpu-quick --no-isolate -q
     finish
 fi
-step 100 "correctness of both kernels (untuned tiles)" env INFERMATRIX_TRITON_AUTOTUNE=0 $PY \
-    scripts/gpu_attention_benchmark.py --parts checks --json "$OUT/checks.json"
-step 240 "decode sweep" $PY scripts/gpu_decode_sweep.py --out "$OUT/sweep.json" --best "$OUT/best.json"
-best=()
-[ -f "$OUT/best.json" ] && best=(--decode-config "$OUT/best.json")
-step 170 "prefill D128 (autotuned) and decode tables" $PY scripts/gpu_attention_benchmark.py --parts prefill,decode \
-    --head-dims 128 "${best[@]}" --json "$OUT/bench128.json"
-step 80 "block-sparse on CUDA" $PY scripts/block_sparse_benchmark.py --device cuda --seq 8192 \
-    --densities 0.1 0.3 --heads 32 --head-dim 128
-step 50 "prefill D64 (untuned tile)" env INFERMATRIX_TRITON_AUTOTUNE=0 $PY scripts/gpu_attention_benchmark.py \
-    --parts prefill --head-dims 64 --json "$OUT/bench64.json"
+# Untuned tiles (INFERMATRIX_TRITON_AUTOTUNE=0): the tests compile far fewer kernels.
+step 300 "kernel CUDA tests (untuned tiles)" env INFERMATRIX_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
+    -m "not slow" tests/kernels
+step 240 "decode config sweep" $PY scripts/gpu_decode_sweep.py --out "$OUT/sweep.json" --best "$OUT/best.json"
+harness "harness: gpu matrix" 900 gpu
 finish

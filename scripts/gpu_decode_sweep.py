@@ -1,25 +1,31 @@
-"""Tune the split-KV decode kernel on one NVIDIA GPU and pick its DecodeConfig (< 4 minutes).
+"""Decode config sweep: tune the split-KV decode kernel on one NVIDIA GPU and pick its
+DecodeConfig (< 4 minutes). A developer tool: the decode kernel's figures users read
+come from `infermatrix run gpu`.
 
-1. Correctness on CUDA, fused and separate merge, fp16 and bf16: 20 calls each on
-   fresh random caches of mixed lengths against SDPA in fp32 (a racy merge shows
-   up as an error that moves between calls).
-2. Sweep: for 32 query / 8 KV heads, head dim 128, fp16, batch 1 and 8, caches of
+1. Sweep: for 32 query / 8 KV heads, head dim 128, fp16, batch 1 and 8, caches of
    4k, 16k and 64k keys, time kernel tilings (keys per step, warps, stages) at two
    split targets, then the best three tilings over six split targets and both merges.
-3. Pick the one config with the best geometric-mean speedup over SDPA on the
-   caches of >= 16k keys, check it as in 1, and print its table: do_bench medians (L2 cleared
-   between calls), CUDA-graph replays (GPU time alone) and host time per call
-   (Python and launch overhead alone, measured while the GPU is kept busy).
+2. Pick the one config with the best geometric-mean speedup over SDPA on the caches
+   of >= 16k keys and check it: the decode tests' 20-call merge check
+   (tests/kernels/test_decode_attention_triton.py, which reads the config from
+   INFERMATRIX_DECODE_CONFIG). Then print its table: medians with L2 flushed before
+   each call, CUDA-graph replays (GPU time alone) and host time per call (Python and
+   launch overhead alone, measured while the GPU is kept busy).
 
     python scripts/gpu_decode_sweep.py [--out sweep.json] [--best best.json]
     python scripts/gpu_decode_sweep.py --candidates   # no sweep: the candidate configs
         against SDPA and against the read roofline, each timed in 3 interleaved rounds
 
+Every time comes from the harness's timer, infermatrix.bench.timing.measure (CUDA
+events around each call on an idle GPU, so a sample includes the launch), with its
+L2 flush and CUDA-graph options; host time is the same timer on the CPU clock.
+
 The read roofline is a Triton kernel that only streams K and V once (a sum per
 program) at its best of a few grid sizes: no decode kernel can beat it, so it
 shows how much any kernel, ours or SDPA's, has left.
 
-`--best` writes the chosen config for scripts/gpu_attention_benchmark.py --decode-config.
+`--best` writes the chosen config (only when its check passed): the values to make
+DecodeConfig's defaults in infermatrix/kernels/decode_attention_triton.py.
 """
 
 from __future__ import annotations
@@ -27,18 +33,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import math
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
-from gpu_attention_benchmark import within_tolerance, write_json  # scripts/ is on the path of a script run from it
+from infermatrix.bench.timing import TimerConfig, measure
 from infermatrix.kernels.decode_attention_triton import DecodeConfig, decode_attention
+
+ROOT = Path(__file__).resolve().parent.parent
+# L2 flushed before each call, the median of 10-100 calls (a fifth of a second at most per timing)
+TIMER = TimerConfig(warmup_runs=3, min_runs=10, max_runs=100, target_ci_rel=0.02, max_time_s=0.2, l2_flush=True)
+GRAPH_TIMER = dataclasses.replace(TIMER, cuda_graph=True)  # the same, replaying one CUDA graph of the call
+HOST_TIMER = TimerConfig(warmup_runs=0, min_runs=200, max_runs=200, target_ci_rel=0.0, max_time_s=math.inf)
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SHAPES = [(batch, n) for batch in (1, 8) for n in (4096, 16384, 65536)]  # swept
@@ -66,39 +81,28 @@ def _read_kernel(K, V, Sums, chunk, n, BLOCK: tl.constexpr):
 
 
 def roofline_ms(k: torch.Tensor, v: torch.Tensor) -> float:
-    """Best do_bench median of the read-only kernel over a few grid sizes and warps."""
+    """Best median of the read-only kernel over a few grid sizes and warps."""
     n = k.numel()
     sms = torch.cuda.get_device_properties(k.device).multi_processor_count
     best = float("inf")
     for programs, warps in itertools.product((sms, 2 * sms, 4 * sms, 8 * sms), (4, 8)):
         chunk = triton.cdiv(triton.cdiv(n, programs), 4096) * 4096
         sums = torch.empty(triton.cdiv(n, chunk), device=k.device)
-        best = min(best, median_ms(lambda: _read_kernel[(sums.numel(),)](k, v, sums, chunk, n, BLOCK=4096,
-                                                                           num_warps=warps)))
+        best = min(best, gpu_ms(lambda: _read_kernel[(sums.numel(),)](k, v, sums, chunk, n, BLOCK=4096,
+                                                                       num_warps=warps)))
     return best
 
 
-def check_correctness(configs: list[DecodeConfig]) -> list[str]:
-    """Each config, fp16 and bf16: 20 calls on fresh random caches against SDPA in fp32."""
-    failures = []
-    for dtype, config in itertools.product((torch.float16, torch.bfloat16), configs):
-        worst = 0.0
-        for trial in range(20):
-            lengths = torch.randint(1, 3000, (4, 1), device="cuda")
-            lengths[trial % 4] = 3000  # one full sequence
-            lo = (torch.rand(4, 1, device="cuda") * lengths * 0.2).long()  # some left padding
-            q = torch.randn(4, HEADS, 1, HEAD_DIM, device="cuda", dtype=dtype)
-            k, v = (torch.randn(4, KV_HEADS, 3000, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(2))
-            slot = torch.arange(3000, device="cuda")
-            mask = ((slot >= lo) & (slot < lengths))[:, None, None, :]
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-            out = decode_attention(q, k, v, kv_bounds=(lo, lengths), config=config)
-            ok, err = within_tolerance(out, ref, dtype)
-            worst = max(worst, err)
-            if not ok:
-                failures.append(f"{dtype} {config} trial {trial}")
-        print(f"  decode {dtype} {config}: 20 calls, max abs err {worst:.2e}")
-    return failures
+def check(config: DecodeConfig) -> bool:
+    """The decode tests' 20-call merge check, fp16 and bf16, run on this config."""
+    env = {**os.environ, "INFERMATRIX_DECODE_CONFIG": json.dumps(dataclasses.asdict(config))}
+    test = "tests/kernels/test_decode_attention_triton.py::test_merge_is_stable_over_fresh_caches"
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k", "swept"],
+                          cwd=ROOT, env=env).returncode == 0
+
+
+def write_json(path: str, data) -> None:
+    Path(path).write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def inputs(batch: int, n: int):
@@ -107,45 +111,20 @@ def inputs(batch: int, n: int):
     return q, k, v
 
 
-def median_ms(fn) -> float:
-    return do_bench(fn, warmup=5, rep=30, return_mode="median")
+def gpu_ms(fn, timer: TimerConfig = TIMER) -> float:
+    """Median milliseconds per call, through the harness's timer."""
+    return measure(fn, device="cuda", config=timer).summary.median
 
 
-def graph_ms(fn, calls: int = 50) -> float:
-    """Median GPU time of fn's launches replayed from a CUDA graph, L2 cleared before each."""
-    fn()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    times = []
-    for _ in range(calls):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def host_us(fn, calls: int = 200) -> float:
-    """Host time per call while the GPU is busy (so launches never wait on it)."""
+def host_us(fn) -> float:
+    """Median host microseconds per call while the GPU is busy (so launches never wait
+    on it): the harness's timer on the CPU clock, which does not synchronize the GPU."""
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU spin: the launch queue absorbs every call
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
+    us = measure(fn, device="cpu", config=HOST_TIMER).summary.median * 1e3
     torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return us
 
 
 def sdpa(q, k, v):
@@ -158,11 +137,11 @@ def sweep() -> tuple[dict, list[dict]]:
     over every split target and both merges."""
     rows = []
     cases = {shape: inputs(*shape) for shape in SHAPES}
-    baseline = {shape: median_ms(lambda: sdpa(*qkv)) for shape, qkv in cases.items()}
+    baseline = {shape: gpu_ms(lambda: sdpa(*qkv)) for shape, qkv in cases.items()}
 
     def timed(config):
         for (batch, n), (q, k, v) in cases.items():
-            ms = median_ms(lambda: decode_attention(q, k, v, config=config))
+            ms = gpu_ms(lambda: decode_attention(q, k, v, config=config))
             rows.append({"batch": batch, "cache_len": n, **dataclasses.asdict(config), "ms": ms,
                          "speedup": baseline[batch, n] / ms})
 
@@ -205,8 +184,8 @@ def final_table(config: DecodeConfig) -> list[dict]:
         q, k, v = inputs(batch, n)
         ours = lambda: decode_attention(q, k, v, config=config)  # noqa: E731
         theirs = lambda: sdpa(q, k, v)  # noqa: E731
-        row = {"batch": batch, "cache_len": n, "ours_us": median_ms(ours) * 1e3, "sdpa_us": median_ms(theirs) * 1e3,
-               "ours_graph_us": graph_ms(ours) * 1e3, "sdpa_graph_us": graph_ms(theirs) * 1e3,
+        row = {"batch": batch, "cache_len": n, "ours_us": gpu_ms(ours) * 1e3, "sdpa_us": gpu_ms(theirs) * 1e3,
+               "ours_graph_us": gpu_ms(ours, GRAPH_TIMER) * 1e3, "sdpa_graph_us": gpu_ms(theirs, GRAPH_TIMER) * 1e3,
                "ours_host_us": host_us(ours), "sdpa_host_us": host_us(theirs)}
         row["speedup"] = row["sdpa_us"] / row["ours_us"]
         row["ours_tbs"] = 2 * k.numel() * 2 / (row["ours_us"] * 1e-6) / 1e12
@@ -229,7 +208,7 @@ def compare_candidates(rounds: int = 3) -> list[dict]:
         samples = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
-                samples[name].append(median_ms(fn) * 1e3)
+                samples[name].append(gpu_ms(fn) * 1e3)
         med = {name: sorted(t)[len(t) // 2] for name, t in samples.items()}
         roof = roofline_ms(k, v) * 1e3
         host = {name: host_us(fn) for name, fn in fns.items()}
@@ -251,23 +230,20 @@ def main() -> int:
         print("needs a CUDA GPU")
         return 2
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · triton {__import__('triton').__version__}")
-    print("correctness:")
-    failures = check_correctness([DecodeConfig(), DecodeConfig(fuse_combine=False)])
     if args.candidates:
         for i, config in enumerate(CANDIDATES):
             print(f"  c{i}: {config}")
         rows = compare_candidates()
         if args.out:
-            write_json(args.out, {"failures": failures, "candidates": [dataclasses.asdict(c) for c in CANDIDATES],
-                                  "rows": rows})
-        return 1 if failures else 0
+            write_json(args.out, {"candidates": [dataclasses.asdict(c) for c in CANDIDATES], "rows": rows})
+        return 0
     print("sweep (fp16, 32/8 heads, head dim 128):")
     started = time.perf_counter()
     baseline, rows = sweep()
     print(f"  {len(rows)} timings in {time.perf_counter() - started:.0f} s")
     config = choose(rows)
-    print(f"chosen: {config}")
-    failures += check_correctness([config])  # the sweep timed it; check it computes the right thing too
+    print(f"chosen: {config}; its merge check (pytest):")
+    failures = [] if check(config) else [f"{config} failed the merge check"]  # timed; does it compute right?
     table = final_table(config)
     result = {"failures": failures, "chosen": dataclasses.asdict(config), "table": table, "sweep": rows,
               "sdpa_ms": {f"{b}x{n}": ms for (b, n), ms in baseline.items()}}

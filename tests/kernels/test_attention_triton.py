@@ -2,13 +2,11 @@
 
 Without a GPU these run through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so shapes stay small; on a CUDA machine the same tests run
-the compiled kernel, bfloat16 included.
+the compiled kernel, bfloat16 included, and model-sized shapes too (skipped
+elsewhere, saying they need CUDA).
 
-Tolerances. The oracle is SDPA in fp32 on the same (rounded) inputs.
-* fp32: the same math summed in another order: errors ~ sqrt(Tk)·eps·|v| ~ 1e-6.
-* fp16: P is rounded to fp16 before P·V (relative 2^-11) and the output is rounded
-  to fp16 (half an ulp, 2^-11 relative, |out| <= max|v| ~ 4): ~1e-3 worst case.
-* bf16 (GPU only): the same with 2^-8 in place of 2^-11: ~1.6e-2.
+Tolerances: infermatrix.tolerances.ATTENTION (the oracle is SDPA in fp32 on the same
+rounded inputs; each dtype's bound is justified there).
 """
 
 import pytest
@@ -16,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from infermatrix.kernels.attention_triton import flash_attention, interpreting
+from infermatrix.tolerances import ATTENTION, close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 # The interpreter has no bfloat16.
 HALF_DTYPES = [torch.float16] + ([] if interpreting() else [torch.bfloat16])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA: model-sized shapes take minutes in the interpreter")
 
 
 def qkv(batch, heads, kv_heads, q_len, k_len, head_dim, dtype=torch.float32):
@@ -46,7 +45,7 @@ def test_every_length_matches_sdpa(n, causal):
     """N = 1, N below one tile, a multiple of the tile, and ragged edges; GQA 3:1."""
     q, k, v = qkv(1, 3, 1, n, n, 64)
     torch.testing.assert_close(flash_attention(q, k, v, causal=causal), oracle(q, k, v, causal=causal),
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.parametrize("group", [1, 3, 4])
@@ -54,14 +53,14 @@ def test_every_length_matches_sdpa(n, causal):
 def test_head_dims_and_gqa_ratios_match_sdpa(head_dim, group):
     q, k, v = qkv(2, group * 2, 2, 40, 40, head_dim)
     torch.testing.assert_close(flash_attention(q, k, v, causal=True), oracle(q, k, v, causal=True),
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.parametrize("head_dim", [16, 80, 256])
 def test_edge_and_non_power_of_two_head_dims(head_dim):
     q, k, v = qkv(1, 2, 2, 33, 33, head_dim)
     torch.testing.assert_close(flash_attention(q, k, v, causal=False), oracle(q, k, v, causal=False),
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -70,7 +69,25 @@ def test_half_precision_accumulates_in_fp32(dtype, causal):
     q, k, v = qkv(2, 4, 2, 130, 130, 64, dtype)
     out = flash_attention(q, k, v, causal=causal)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), oracle(q, k, v, causal=causal), **TOL[dtype])
+    torch.testing.assert_close(out.float(), oracle(q, k, v, causal=causal), **close(ATTENTION, dtype))
+
+
+# (heads, kv_heads, Tq, Tk, head_dim): MHA past one tile, GQA 4:1, a short query against
+# a long cache (chunked prefill) with GQA 3:1, the largest head dim; then one small enough
+# for the interpreter that joins GQA and a short query in half precision.
+@pytest.mark.parametrize("shape", [
+    *(pytest.param(s, marks=needs_cuda, id="model-" + "-".join(map(str, s)))
+      for s in ((8, 8, 1000, 1000, 64), (32, 8, 513, 513, 128), (12, 4, 77, 1024, 128), (4, 4, 300, 300, 256))),
+    pytest.param((4, 2, 37, 130, 32), id="small-gqa-short-query"),
+])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_half_precision_gqa_and_short_queries(shape, dtype, causal):
+    heads, kv_heads, q_len, k_len, head_dim = shape
+    q, k, v = qkv(2, heads, kv_heads, q_len, k_len, head_dim, dtype)
+    out = flash_attention(q, k, v, causal=causal)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), oracle(q, k, v, causal=causal), **close(ATTENTION, dtype))
 
 
 @pytest.mark.parametrize("q_len", [1, 37, 64])
@@ -80,7 +97,7 @@ def test_query_shorter_than_keys_is_chunked_prefill(q_len):
     full_q = torch.randn(1, 4, 130, 32, device=DEVICE)
     full_q[:, :, 130 - q_len:] = q
     expected = oracle(full_q, k, v, causal=True)[:, :, 130 - q_len:]
-    torch.testing.assert_close(flash_attention(q, k, v, causal=True), expected, **TOL[torch.float32])
+    torch.testing.assert_close(flash_attention(q, k, v, causal=True), expected, **close(ATTENTION, torch.float32))
 
 
 def test_large_logits_stay_exact_through_lazy_rescaling():
@@ -89,7 +106,7 @@ def test_large_logits_stay_exact_through_lazy_rescaling():
     q, k, v = qkv(1, 2, 2, 70, 200, 32)
     k = k * torch.linspace(0.1, 30.0, 200, device=DEVICE)[None, None, :, None]  # growing key norms
     torch.testing.assert_close(flash_attention(q, k, v, causal=True), oracle(q, k, v, causal=True),
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
 
 
 def test_per_row_key_ranges_cover_padding_and_cache_fill():
@@ -105,7 +122,7 @@ def test_per_row_key_ranges_cover_padding_and_cache_fill():
     seen = mask.any(-1)
     expected = oracle(q, k, v, causal=False, mask=mask[:, None].to(DEVICE))
     torch.testing.assert_close(out[seen[:, None].expand(-1, 4, -1)], expected[seen[:, None].expand(-1, 4, -1)],
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
     assert (out[1, :, :3] == 0).all()  # rows 0..2 of sequence 1 are padding: they see nothing
 
 
@@ -142,7 +159,7 @@ def test_bounds_past_the_keys_are_clamped_to_them():
     """A range reaching past Tk (or below 0) means the keys that exist: never a read outside k, v."""
     q, k, v = qkv(1, 2, 2, 4, 40, 32)
     wide = flash_attention(q, k, v, kv_bounds=(torch.full((1, 4), -9), torch.full((1, 4), 100)))
-    torch.testing.assert_close(wide, oracle(q, k, v, causal=False), **TOL[torch.float32])
+    torch.testing.assert_close(wide, oracle(q, k, v, causal=False), **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.skipif(not interpreting(), reason="the refusal concerns Triton's CPU interpreter only")

@@ -2,8 +2,8 @@
 math with the layout's element mask) in fp32: every pattern, grouped-query heads,
 a short last block, per-head layouts, half precision; and its refusals.
 
-fp32 tolerance: the same dot products, softmax over the same keys, summed in a
-different order: ~1e-6."""
+Tolerances: infermatrix.tolerances (fp32: the same dot products, softmax over the same
+keys, summed in a different order; half precision: computed in fp32, rounded once)."""
 
 import pytest
 import torch
@@ -12,8 +12,9 @@ from infermatrix.kernels import block_sparse_cpu
 from infermatrix.kernels import block_sparse_layout as L
 from infermatrix.kernels.block_sparse_cpu import block_sparse_attention
 from infermatrix.model import math_attention
+from infermatrix.tolerances import ATTENTION, ROUNDED_ONCE, close
 
-FP32 = dict(atol=1e-5, rtol=1e-5)
+FP32 = close(ATTENTION, torch.float32)
 
 LAYOUTS = {
     "causal": lambda t, b: L.causal(t, b),
@@ -79,13 +80,13 @@ def test_single_threaded_and_tiny_chunks_give_the_same_answer(monkeypatch):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_half_precision(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
     layout = L.sliding_window(256, 32, 64)
     q, k, v = qkv(1, 2, 2, 256, 32, dtype)
     out = block_sparse_attention(q, k, v, layout)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), masked_dense(q, k, v, layout), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), masked_dense(q, k, v, layout), **close(ROUNDED_ONCE, dtype))
 
 
 def test_work_follows_density():
@@ -110,7 +111,7 @@ def test_refuses_a_layout_for_another_length_or_head_count():
 
 def _child(q, k, v, layout, want):
     got = block_sparse_attention(q, k, v, layout)
-    raise SystemExit(0 if torch.allclose(got, want, atol=1e-5, rtol=1e-5) else 1)
+    raise SystemExit(0 if torch.allclose(got, want, **FP32) else 1)
 
 
 def test_a_forked_child_gets_its_own_workers():

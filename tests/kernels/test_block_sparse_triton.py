@@ -3,8 +3,7 @@
 Without a GPU it runs through Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before any kernel module is imported), so shapes stay small:
 seq 256, blocks of 32 or 64, 2 heads. The interpreter has no bfloat16.
-fp32: the same math in another order, ~1e-6; fp16: P rounded to fp16 before P·V
-and the output rounded to fp16, ~1e-3.
+Tolerances: infermatrix.tolerances.ATTENTION, as for the dense kernels.
 """
 
 import pytest
@@ -14,10 +13,9 @@ from infermatrix.kernels import block_sparse_layout as L
 from infermatrix.kernels.attention_triton import interpreting
 from infermatrix.kernels.block_sparse_triton import block_sparse_attention_triton
 from infermatrix.model import math_attention
+from infermatrix.tolerances import ATTENTION, close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 DTYPES = [torch.float32, torch.float16] + ([] if interpreting() else [torch.bfloat16])
 
 LAYOUTS = {
@@ -45,17 +43,17 @@ def test_matches_masked_dense_attention(name, dtype):
     layout = LAYOUTS[name](256, 64)
     q, k, v = qkv(2, 2, 256, 64, dtype)
     out = block_sparse_attention_triton(q, k, v, layout)
-    torch.testing.assert_close(out.float(), masked_dense(q, k, v, layout), **TOL[dtype])
+    torch.testing.assert_close(out.float(), masked_dense(q, k, v, layout), **close(ATTENTION, dtype))
 
 
 def test_grouped_heads_short_last_block_and_per_head_layouts():
     q, k, v = qkv(4, 2, 200, 32, torch.float32)  # 200 = 6 blocks of 32 and one of 8
     shared = L.sliding_window(200, 32, 64)
     torch.testing.assert_close(block_sparse_attention_triton(q, k, v, shared), masked_dense(q, k, v, shared),
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
     per_head = L.from_block_fn(200, 32, lambda h, i, j: (i - j <= h) & (j <= i), causal=True, heads=4)
     torch.testing.assert_close(block_sparse_attention_triton(q, k, v, per_head), masked_dense(q, k, v, per_head),
-                               **TOL[torch.float32])
+                               **close(ATTENTION, torch.float32))
 
 
 def test_refuses_bad_block_sizes_and_lengths():

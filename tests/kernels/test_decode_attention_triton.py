@@ -1,11 +1,14 @@
 """The split-KV decode kernel against PyTorch's scaled_dot_product_attention.
 
 One query per sequence against a cache; sequences in a batch see different key
-ranges. Tolerances as in test_attention_triton.py, plus the combine of partial
-results (fp32, exact up to rounding).
+ranges. Model-sized shapes and the repeated-call merge check need CUDA (they skip
+elsewhere, saying so); the rest runs in Triton's interpreter without one. Tolerances: infermatrix.tolerances.ATTENTION, as for the prefill kernel (the
+combine of partial results is fp32, exact up to rounding).
 """
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
@@ -13,11 +16,12 @@ import torch.nn.functional as F
 
 from infermatrix.kernels.attention_triton import interpreting
 from infermatrix.kernels.decode_attention_triton import DecodeConfig, decode_attention
+from infermatrix.tolerances import ATTENTION, close, within
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
-       torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 HALF_DTYPES = [torch.float16] + ([] if interpreting() else [torch.bfloat16])
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs CUDA: model-sized caches and a merge race need the compiled kernel")
 
 
 def cache(batch, heads, kv_heads, slots, head_dim, dtype=torch.float32):
@@ -38,6 +42,11 @@ def oracle(q, k, v, lo=None, hi=None):
 
 FUSED, SEPARATE = DecodeConfig(fuse_combine=True), DecodeConfig(fuse_combine=False)
 both_merges = pytest.mark.parametrize("config", [FUSED, SEPARATE], ids=["fused-merge", "merge-kernel"])
+# scripts/gpu_decode_sweep.py checks the config it chose with test_merge_is_stable_over_fresh_caches:
+# a JSON DecodeConfig in INFERMATRIX_DECODE_CONFIG joins that test's configs, as "swept".
+_SWEPT = os.environ.get("INFERMATRIX_DECODE_CONFIG")
+MERGE_CONFIGS = [pytest.param(FUSED, id="fused-merge"), pytest.param(SEPARATE, id="merge-kernel")] + (
+    [pytest.param(DecodeConfig(**json.loads(_SWEPT)), id="swept")] if _SWEPT else [])
 
 
 @both_merges
@@ -48,13 +57,14 @@ def test_batch_of_different_lengths_matches_sdpa(group, num_splits, config):
     q, k, v = cache(3, 2 * group, 2, 300, 64)
     lo, hi = torch.tensor([[0], [5], [40]]), torch.tensor([[300], [77], [41]])
     out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=num_splits, config=config)
-    torch.testing.assert_close(out, oracle(q, k, v, lo, hi), **TOL[torch.float32])
+    torch.testing.assert_close(out, oracle(q, k, v, lo, hi), **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_head_dims_match_sdpa(head_dim):
     q, k, v = cache(2, 4, 1, 130, head_dim)
-    torch.testing.assert_close(decode_attention(q, k, v, num_splits=2), oracle(q, k, v), **TOL[torch.float32])
+    torch.testing.assert_close(decode_attention(q, k, v, num_splits=2), oracle(q, k, v),
+                               **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -62,7 +72,50 @@ def test_half_precision(dtype):
     q, k, v = cache(2, 8, 2, 257, 64, dtype)
     out = decode_attention(q, k, v, num_splits=4)
     assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), oracle(q, k, v), **TOL[dtype])
+    torch.testing.assert_close(out.float(), oracle(q, k, v), **close(ATTENTION, dtype))
+
+
+@both_merges
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, slots, head_dim, lengths, num_splits", [
+    pytest.param(32, 8, 4096, 128, [4096, 17, 1000, 3333], None, marks=needs_cuda, id="model-32/8-heads"),
+    pytest.param(8, 2, 300, 64, [300, 17, 100, 233], 3, id="small"),
+])
+def test_half_precision_with_per_sequence_lengths(heads, kv_heads, slots, head_dim, lengths, num_splits, dtype,
+                                                  config):
+    """A batch of a full cache, a short sequence and two in between, in fp16/bf16: the
+    kernel's own split count at model size (32 query heads over 8 KV heads), three
+    splits at the interpreter's size."""
+    q, k, v = cache(len(lengths), heads, kv_heads, slots, head_dim, dtype)
+    hi = torch.tensor(lengths, device=DEVICE)[:, None]
+    lo = torch.zeros_like(hi)
+    out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=num_splits, config=config)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), oracle(q, k, v, lo, hi), **close(ATTENTION, dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", MERGE_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_is_stable_over_fresh_caches(dtype, config):
+    """20 calls, each on a fresh random cache of 4 sequences of mixed lengths (one full,
+    some left padding) in 3000 slots, 32 query heads over 8 KV heads, head dim 128: a
+    racy merge shows as an error that comes and goes between calls, so every call's
+    error is reported."""
+    gen = torch.Generator().manual_seed(0)
+    errors, bad = [], []
+    for call in range(20):
+        hi = torch.randint(1, 3000, (4, 1), generator=gen)
+        hi[call % 4] = 3000  # one full sequence
+        lo = (torch.rand(4, 1, generator=gen) * hi * 0.2).long()  # some left padding
+        lo, hi = lo.to(DEVICE), hi.to(DEVICE)
+        q, k, v = cache(4, 32, 8, 3000, 128, dtype)
+        ok, err = within(decode_attention(q, k, v, kv_bounds=(lo, hi), config=config), oracle(q, k, v, lo, hi),
+                         dtype)
+        errors.append(f"{err:.1e}")
+        if not ok:
+            bad.append(call)
+    assert not bad, f"calls {bad} out of tolerance; max abs error per call: {', '.join(errors)}"
 
 
 @both_merges
@@ -72,7 +125,8 @@ def test_splits_that_see_no_key_drop_out_of_the_combine(config):
     q, k, v = cache(2, 2, 2, 320, 32)
     lo, hi = torch.tensor([[100], [7]]), torch.tensor([[110], [7]])
     out = decode_attention(q, k, v, kv_bounds=(lo, hi), num_splits=5, config=config)
-    torch.testing.assert_close(out[:1], oracle(q[:1], k[:1], v[:1], lo[:1], hi[:1]), **TOL[torch.float32])
+    torch.testing.assert_close(out[:1], oracle(q[:1], k[:1], v[:1], lo[:1], hi[:1]),
+                               **close(ATTENTION, torch.float32))
     assert (out[1] == 0).all()
 
 
@@ -83,7 +137,7 @@ def test_more_splits_than_one_merge_step(config):
     q, k, v = cache(1, 4, 2, 70 * 32, 32)
     config = dataclasses.replace(config, merge_rows=32)
     out = decode_attention(q, k, v, num_splits=70, config=config)
-    torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
+    torch.testing.assert_close(out, oracle(q, k, v), **close(ATTENTION, torch.float32))
 
 
 def test_fused_merge_leaves_its_counters_ready_for_the_next_call():
@@ -92,7 +146,7 @@ def test_fused_merge_leaves_its_counters_ready_for_the_next_call():
     for splits in (3, 5, 2):
         q, k, v = cache(2, 4, 2, 200, 32)
         out = decode_attention(q, k, v, num_splits=splits, config=FUSED)
-        torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
+        torch.testing.assert_close(out, oracle(q, k, v), **close(ATTENTION, torch.float32))
 
 
 def test_bounds_are_clamped_at_full_width_and_may_differ_in_dtype_and_shape():
@@ -101,11 +155,11 @@ def test_bounds_are_clamped_at_full_width_and_may_differ_in_dtype_and_shape():
     q, k, v = cache(2, 4, 2, 100, 32)
     lo, hi = torch.tensor([[-5]]), torch.tensor([[2**32 + 5], [2**40]])  # int64
     out = decode_attention(q, k, v, kv_bounds=(lo, hi), config=FUSED)
-    torch.testing.assert_close(out, oracle(q, k, v), **TOL[torch.float32])
+    torch.testing.assert_close(out, oracle(q, k, v), **close(ATTENTION, torch.float32))
     lo32, hi64 = torch.tensor([[0], [30]], dtype=torch.int32), torch.tensor([[60]])
     out = decode_attention(q, k, v, kv_bounds=(lo32, hi64), config=FUSED)
     expected = oracle(q, k, v, torch.tensor([[0], [30]]), torch.tensor([[60], [60]]))
-    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    torch.testing.assert_close(out, expected, **close(ATTENTION, torch.float32))
 
 
 @pytest.mark.parametrize("field, value", [("merge_rows", 48), ("block_n", 0), ("num_stages", 0)])

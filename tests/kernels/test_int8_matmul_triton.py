@@ -16,6 +16,7 @@ from infermatrix.kernels.int8_matmul_triton import (  # noqa: E402
     int8_weight_only_matmul,
     reference_int8_matmul,
 )
+from infermatrix.tolerances import INT8_MATMUL, close  # noqa: E402  (tolerances: why each value, there)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -31,12 +32,6 @@ def operands(m, k, n, dtype, bias=False):
     return x, q, scale, b
 
 
-# Same int8 weights in both: only the matmul differs. fp32 (ieee tl.dot): reduction order,
-# ~K·eps·|x||w| -> 1e-4. fp16/bf16: the inputs are already in that dtype in both, products
-# accumulate in fp32 in both, so one rounding of the output remains: 2^-11 (fp16) and
-# 2^-8 (bf16) relative, with outputs of magnitude ~1.
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -46,14 +41,14 @@ def test_kernel_matches_the_dequantize_then_matmul_oracle(m, k, n, dtype):
     got = int8_weight_only_matmul(x, q, scale)
     assert got.dtype == dtype and got.shape == (m, n)
     torch.testing.assert_close(got.float(), reference_int8_matmul(x.float(), q, scale).to(dtype).float(),
-                               **TOL[dtype])
+                               **close(INT8_MATMUL, dtype))
 
 
 def test_bias_and_leading_dimensions():
     x, q, scale, b = operands(6, 64, 32, torch.float32, bias=True)
     got = int8_weight_only_matmul(x.view(2, 3, 64), q, scale, b)
     assert got.shape == (2, 3, 32)
-    torch.testing.assert_close(got.view(6, 32), reference_int8_matmul(x, q, scale, b), **TOL[torch.float32])
+    torch.testing.assert_close(got.view(6, 32), reference_int8_matmul(x, q, scale, b), **close(INT8_MATMUL, torch.float32))
 
 
 def test_bad_operands_are_refused_with_the_field_and_fix():

@@ -13,6 +13,7 @@ from infermatrix.kernels import block_sparse_layout as L
 from infermatrix.model import math_attention
 from infermatrix.reports.html_report import render_html
 from infermatrix.reports.record import Record
+from infermatrix.tolerances import ATTENTION, close
 from infermatrix.variants import apply_variants, canonical_spec, parse_spec, with_attention
 from infermatrix.variants.block_sparse import BlockSparseAttention
 from infermatrix.variants.flex import FlexAttention, to_flex_block_mask
@@ -127,7 +128,7 @@ def test_triton_backend_through_the_interpreter_matches_the_cpu_kernel(tiny):
     spec = "pattern=bigbird,window=32,n_random=1,block=32"
     triton_out = BlockSparseAttention(parse_spec(f"block_sparse({spec},backend=triton)")[0])(q, k, v, causal=True)
     cpu_out = BlockSparseAttention(parse_spec(f"block_sparse({spec})")[0])(q, k, v, causal=True)
-    torch.testing.assert_close(triton_out, cpu_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(triton_out, cpu_out, **close(ATTENTION, torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,8 @@ def test_flex_agrees_with_block_sparse_on_the_same_layout(flex_shapes, params):
     ours = BlockSparseAttention(parse_spec(f"block_sparse({spec})")[0])
     flex = FlexAttention(parse_spec(f"flex({spec})")[0])
     with torch.no_grad():
-        torch.testing.assert_close(flex(q, k, v, causal=True), ours(q, k, v, causal=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(flex(q, k, v, causal=True), ours(q, k, v, causal=True),
+                                   **close(ATTENTION, torch.float32))
 
 
 def test_flex_block_mask_has_the_layout_blocks():

@@ -8,11 +8,12 @@ import torch
 
 from infermatrix.kernels.block_sparse_layout import make_layout
 from infermatrix.model import math_attention
+from infermatrix.tolerances import ATTENTION, close
 from infermatrix.variants import apply_variants, parse_spec, unmet_requirements, with_attention
 from infermatrix.weights import load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32 = dict(rtol=1e-5, atol=1e-5)  # the same math in another summation order
+FP32 = close(ATTENTION, torch.float32)  # the same math in another summation order
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from infermatrix.model import math_attention
+from infermatrix.tolerances import ATTENTION, close
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.variants.sdpa import sdpa_attention
 from infermatrix.weights import load_model
 
-# fp32: same math, different reduction order; errors ~ sqrt(Tk)*eps*|v| ~ 1e-6.
-FP32 = dict(rtol=1e-5, atol=1e-5)
+FP32 = close(ATTENTION, torch.float32)  # same math, different reduction order (infermatrix.tolerances)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (8, 1)])

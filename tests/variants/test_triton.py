@@ -6,13 +6,14 @@ import torch
 from infermatrix.bench.matrix import parse_matrix
 from infermatrix.bench.runner import run_matrix
 from infermatrix.generate import generate_greedy
+from infermatrix.tolerances import ATTENTION, close
 from infermatrix.variants import apply_variants, parse_spec, unmet_requirements
 from infermatrix.variants.kv_cache import left_pad
 from infermatrix.variants.triton_attention import mask_bounds
 from infermatrix.weights import load_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32 = dict(rtol=1e-5, atol=1e-5)  # same math in another summation order
+FP32 = close(ATTENTION, torch.float32)  # the same math in another summation order
 
 
 @pytest.fixture(scope="module")
