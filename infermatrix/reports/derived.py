@@ -4,6 +4,7 @@ anything, and what the CPU it ran on can do."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from infermatrix.reports.record import Record
@@ -15,6 +16,40 @@ from infermatrix.reports.record import Record
 PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which deployed stack ran
 # metrics that are a timing (or derived from one): meaningless for an interpreted record
 _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_")
+
+
+# how each shape field shows in a case id and a shape label, in the label's order: a case
+# id's shape part is its workload's fields (bench.matrix.WORKLOADS) joined by '-', a label
+# the case's nonzero fields joined by ' ' (a workload's unused fields are zero, so the two
+# read the same: b1-p512-h9-kv3-d64-causal and b1 p512 h9 kv3 d64 causal)
+SHAPE_TAGS = {"windows": "w", "batch": "b", "prompt_len": "p", "kv_len": "kvlen", "new_tokens": "n", "heads": "h",
+              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n"}
+# the fields naming what ran rather than its shape
+_CASE_IDENTITY = ("model", "variant", "workload", "dtype", "device")
+
+
+def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
+    """The tags of `fields` of a case, in that order: `causal` as causal or full, each other
+    field with a nonzero value as its tag (SHAPE_TAGS; a field without one, its name) and value."""
+    parts = []
+    for name in fields:
+        value = case.get(name)
+        if name == "causal":
+            parts.append("causal" if value else "full")
+        elif value:
+            parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
+    return parts
+
+
+def shape_label(case: Mapping, *, without: Iterable[str] = ()) -> str:
+    """A case's shape for a table cell or a chart: `b1 p128 n6`, `w2 p128 n6`,
+    `b1 p512 h9 kv3 d64 causal`, `b2 p16 k64 n256`. Every nonzero integer field shows, a
+    field this module has no tag for under its own name after the known ones; causal or
+    full only for the attention workload. `without`: fields to leave out."""
+    extra = sorted(k for k, v in case.items() if k not in SHAPE_TAGS and k not in _CASE_IDENTITY
+                   and isinstance(v, int) and not isinstance(v, bool))
+    skip = set(without) | (set() if case.get("workload") == "attention" else {"causal"})
+    return " ".join(shape_parts(case, [name for name in [*SHAPE_TAGS, *extra] if name not in skip]))
 
 
 def is_speed_metric(metric: str) -> bool:

@@ -32,7 +32,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, is_peer, ran, shown_columns, timings_meaningful
+from infermatrix.reports.derived import (
+    cpu_features_text, is_peer, ran, shape_label, shown_columns, timings_meaningful,
+)
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
@@ -75,21 +77,6 @@ def _short(value: float) -> str:
     if abs(value) >= 1e5 or abs(value) < 1e-3:
         return f"{value:.0e}"
     return f"{value:,.4g}"
-
-
-def _shape(case: dict) -> str:
-    """A compact shape label: b1 p128 n6, w2 p128 n6, b1 p512 h9/3 d64 causal, b1 p64 576→1536."""
-    parts = [f"{tag}{case[k]}" for k, tag in (("windows", "w"), ("batch", "b"), ("prompt_len", "p"),
-                                              ("new_tokens", "n")) if case.get(k)]
-    if case.get("heads") or case.get("kv_heads"):
-        parts.append(f"h{case.get('heads') or '?'}/{case.get('kv_heads') or '?'}")
-    if case.get("head_dim"):
-        parts.append(f"d{case['head_dim']}")
-    if case.get("workload") == "attention":
-        parts.append("causal" if case.get("causal") else "full")
-    if case.get("in_features") or case.get("out_features"):
-        parts.append(f"{case.get('in_features') or '?'}→{case.get('out_features') or '?'}")
-    return " ".join(parts)
 
 
 def _case_key(case: dict, **override) -> str:
@@ -398,7 +385,7 @@ def _groups(records: list[Record], value, tip, order: dict[str, int], multi: dic
     for members in groups.values():
         members.sort(key=lambda r: order.get(str(r.case.get("variant")), 1 << 30))
         c = members[0].case
-        lines = [_shape(c) or "-", str(c.get("dtype", ""))]
+        lines = [shape_label(c) or "-", str(c.get("dtype", ""))]
         if multi["workload"]:
             lines.insert(0, str(c.get("workload", "")))
         if multi["model"]:
@@ -598,11 +585,8 @@ _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: 
 
 
 def _op_shape(case: dict) -> str:
-    if case.get("workload") not in ("attention", "linear"):
-        return ""
-    keep = {k: case.get(k) for k in ("workload", "heads", "kv_heads", "head_dim", "causal", "in_features",
-                                     "out_features")}
-    return _shape(keep)
+    """The shape fields without a column of their own (attention heads, linear features)."""
+    return shape_label(case, without=[key for key, _, numeric in _CASE_COLUMNS if numeric])
 
 
 def _data_value(value: object) -> str:

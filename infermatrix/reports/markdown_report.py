@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, ran, shown_columns
+from infermatrix.reports.derived import cpu_features_text, ran, shape_label, shown_columns
 from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
@@ -24,11 +24,6 @@ def _value(metrics: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _shape(case: dict) -> str:
-    keys = (("batch", "b"), ("prompt_len", "p"), ("new_tokens", "n"), ("windows", "w"))
-    return " ".join(f"{tag}{case[k]}" for k, tag in keys if case.get(k))
-
-
 def render_markdown(records: list[Record], title: str = "infermatrix run") -> str:
     ok = [r for r in records if r.status == "ok"]
     counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "failed")}
@@ -43,7 +38,7 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok:
             c = r.case
-            cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), _shape(c)]
+            cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), shape_label(c)]
             cells += [_value(r.metrics, col.metric, col.fmt) for col in columns] + [ran(r)]
             lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
     problems = [r for r in records if r.status != "ok"]

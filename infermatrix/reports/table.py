@@ -4,10 +4,10 @@ blank where a metric does not apply to a case's workload."""
 from __future__ import annotations
 
 from infermatrix.reports.csv_report import records_frame
-from infermatrix.reports.derived import ran, shown_columns
+from infermatrix.reports.derived import ran, shape_label, shown_columns
 from infermatrix.reports.record import Record
 
-_CASE_COLUMNS = ("model", "variant", "workload", "dtype", "batch", "prompt_len", "new_tokens")
+_CASE_COLUMNS = ("model", "variant", "workload", "dtype", "shape")
 
 
 def _cell(value, fmt: str | None, column: str = "") -> str:
@@ -22,6 +22,7 @@ def render_table(records: list[Record]) -> str:
     if not records:
         return "(no cases)"
     frame = records_frame(records)
+    frame["shape"] = [shape_label(r.case) for r in records]
     if any(ran(r) for r in records):
         frame["ran"] = [ran(r) for r in records]
     metrics = shown_columns(records)

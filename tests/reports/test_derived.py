@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from infermatrix.reports.compare import compare_runs, render_compare_text
-from infermatrix.reports.derived import ran, timings_meaningful
+from infermatrix.reports.derived import ran, shape_label, shape_parts, timings_meaningful
 from infermatrix.reports.gate import evaluate
 from infermatrix.reports.html_report import render_html, speedups
 from infermatrix.reports.markdown_report import render_markdown
@@ -68,3 +68,32 @@ def test_the_gate_keeps_interpreted_cases_out_of_speed_rules_only():
     plain = evaluate([rec("triton", median=100.0, seed=1)], [rec("triton", median=300.0, seed=2)],
                      ["latency_ms_p50:+5%"])
     assert not plain.passed
+
+
+def test_a_shape_label_reads_as_the_case_ids_shape_part():
+    """One tag table: the label every report shows is the case id's shape part with spaces."""
+    from infermatrix.bench.matrix import parse_matrix
+
+    matrix = parse_matrix({"cases": [
+        {"model": "tiny", "variant": "sdpa", "workload": ["prefill", "decode", "generate", "drift"],
+         "prompt_len": 32, "new_tokens": 6},
+        {"model": "tiny", "variant": "sdpa", "workload": "attention", "prompt_len": 64, "heads": 8, "kv_heads": 2,
+         "head_dim": 32, "causal": [True, False]},
+        {"model": "tiny", "variant": "sdpa", "workload": "linear", "batch": 2, "prompt_len": 16,
+         "in_features": 64, "out_features": 256},
+    ]})
+    labels = [shape_label(c.to_dict()) for c in matrix.cases]
+    assert labels == ["b1 p32", "b1 p32 n6", "b1 p32 n6", "w4 p32 n6", "b1 p64 h8 kv2 d32 causal",
+                      "b1 p64 h8 kv2 d32 full", "b2 p16 k64 n256"]
+    assert labels == [c.case_id.rsplit("/", 1)[1].replace("-", " ") for c in matrix.cases]
+
+
+def test_a_shape_label_shows_any_nonzero_size_field():
+    case = {"model": "m", "variant": "v", "workload": "attention", "dtype": "float32", "device": "cpu",
+            "batch": 1, "prompt_len": 1, "kv_len": 4096, "heads": 8, "kv_heads": 0, "causal": False,
+            "experts": 4, "top_k": 0, "fused": True}
+    assert shape_parts(case, ["kv_len", "experts", "causal", "top_k"]) == ["kvlen4096", "experts4", "full"]
+    assert shape_label(case) == "b1 p1 kvlen4096 h8 full experts4"  # a field without a tag: its name
+    assert shape_label(case, without=["batch", "prompt_len", "experts"]) == "kvlen4096 h8 full"
+    assert shape_label({**case, "workload": "prefill"}).endswith("h8 experts4")  # causal: attention only
+    assert shape_label({}) == ""
