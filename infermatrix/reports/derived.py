@@ -1,13 +1,20 @@
 """What a record says beyond its numbers, read the same way by every renderer,
 `compare` and `gate`: which implementation really ran, whether its timings mean
-anything, and what the CPU it ran on can do."""
+anything, what the CPU it ran on can do, its shape label, its speedup over its
+baseline, the Pareto front of speed against drift, and the summary tables' columns."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from infermatrix.reports.paired import PairedRatio, paired_ratio
 from infermatrix.reports.record import Record
+
+REFERENCE = "reference"  # the variant every other is measured against when no baseline is named
+DRIFT = "drift"  # the accuracy workload: no timings
 
 # metrics naming the implementations a seam really ran in a case, joined by '+' (variants
 # note them; see infermatrix.variants.note_path). attention: block_sparse_cpu,
@@ -65,6 +72,106 @@ def timings_meaningful(record: Record) -> bool:
     """False for a record whose Triton kernels ran in the CPU interpreter: its accuracy
     metrics hold, its timings measure the interpreter."""
     return not (record.metrics or {}).get("triton_interpreted")
+
+
+def is_speed_record(record: Record) -> bool:
+    """A record whose timings belong in speed charts and speedups: not drift, and not
+    run through the Triton interpreter."""
+    return record.case.get("workload") != DRIFT and timings_meaningful(record)
+
+
+def latency_p50(record: Record) -> float | None:
+    """An ok record's latency_ms_p50 when it is a finite positive number, else None."""
+    value = (record.metrics or {}).get("latency_ms_p50")
+    if record.status != "ok" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def case_key(case: Mapping, **override) -> str:
+    """Identity of a case (all its fields), optionally with some replaced."""
+    return json.dumps({**case, **override}, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """How much faster a record ran than its baseline: the baseline's latency over its own
+    (> 1: faster). From paired rounds when both ran interleaved in as many rounds, with the
+    interval of that ratio; else the ratio of their latency_ms_p50, without one."""
+
+    ratio: float
+    baseline_id: str  # the case_id of the record it is a ratio to (its own for a baseline row)
+    ci_low: float | None = None  # 95% interval of the paired ratio; None without paired rounds
+    ci_high: float | None = None  # (or with fewer than 6 of them)
+    rounds: int = 0  # the paired rounds behind the ratio; 0: a ratio of medians
+    named: bool = False  # the record named its baseline (Record.baseline_id), not the same case's reference row
+    baseline: str = ""  # what sets the baseline apart from the record: its differing case fields
+
+
+def _paired(record: Record, baseline: Record) -> PairedRatio | None:
+    """The paired ratio baseline/record of their per-round latency medians, when both
+    carry round_sizes with the same number (>= 2) of rounds."""
+    from infermatrix.reports.ab import round_values  # here: ab reads this module at import
+
+    own, base = round_values(record, "latency_ms_p50"), round_values(baseline, "latency_ms_p50")
+    if own is None or base is None or own.size != base.size or own.size < 2:
+        return None
+    try:
+        return paired_ratio(base, own).inverse()  # paired_ratio is NEW/BASE of times: a slowdown
+    except ValueError:  # a round without a positive, finite median: no pairing
+        return None
+
+
+def _differs(case: Mapping, baseline: Mapping) -> str:
+    """The baseline's case fields that differ from the case's, as a short label."""
+    parts = [str(baseline.get(k)) for k in _CASE_IDENTITY if baseline.get(k) != case.get(k)]
+    if shape_label(baseline) != shape_label(case):
+        parts.append(shape_label(baseline))
+    return " · ".join(parts)
+
+
+def speedup_details(records: Sequence[Record]) -> dict[str, Speedup]:
+    """case_id -> its Speedup over its baseline: the record whose case_id is its
+    `baseline_id`, or when that is None the same case under the `reference` variant (a
+    reference row is its own baseline, 1.0). Only speed records with a latency count
+    (is_speed_record, latency_p50), on both sides; a record without such a baseline has none."""
+    timed = [r for r in records if is_speed_record(r) and latency_p50(r) is not None]
+    by_id = {r.case_id: r for r in timed}
+    reference = {case_key(r.case): r for r in timed if r.case.get("variant") == REFERENCE}
+    out = {}
+    for r in timed:
+        named = r.baseline_id is not None
+        base = by_id.get(r.baseline_id) if named else reference.get(case_key(r.case, variant=REFERENCE))
+        if base is None:
+            continue
+        paired = _paired(r, base) if base is not r else None
+        if paired is None:
+            out[r.case_id] = Speedup(latency_p50(base) / latency_p50(r), base.case_id, named=named,
+                                     baseline=_differs(r.case, base.case))
+        else:
+            out[r.case_id] = Speedup(paired.ratio, base.case_id, paired.ci_low, paired.ci_high, paired.n,
+                                     named, _differs(r.case, base.case))
+    return out
+
+
+def speedups(records: Sequence[Record]) -> dict[str, float]:
+    """case_id -> the ratio of its Speedup (speedup_details)."""
+    return {case_id: s.ratio for case_id, s in speedup_details(records).items()}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (speedup, drift) that no other point dominates: none is at
+    least as fast with at most as much drift and strictly better in one of them.
+    The fastest for a given drift. Points with a non-finite coordinate are ignored;
+    equal points are all kept. Sorted by drift, then speedup (the front's line order)."""
+    valid = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+
+    def dominates(a: int, b: int) -> bool:
+        (xa, ya), (xb, yb) = points[a], points[b]
+        return xa >= xb and ya <= yb and (xa > xb or ya < yb)
+
+    front = [i for i in valid if not any(dominates(j, i) for j in valid if j != i)]
+    return sorted(front, key=lambda i: (points[i][1], points[i][0], i))
 
 
 def ran(record: Record) -> str:

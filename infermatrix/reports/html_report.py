@@ -33,13 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermatrix.reports.derived import (
-    cpu_features_text, is_peer, ran, shape_label, shown_columns, timings_meaningful,
+    DRIFT, REFERENCE, Speedup, case_key, cpu_features_text, is_peer, is_speed_record, latency_p50, pareto_front, ran,
+    shape_label, shown_columns, speedup_details,
 )
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
-REFERENCE = "reference"
-DRIFT = "drift"
 
 # -------------------------------------------------------------------- values
 
@@ -77,53 +76,6 @@ def _short(value: float) -> str:
     if abs(value) >= 1e5 or abs(value) < 1e-3:
         return f"{value:.0e}"
     return f"{value:,.4g}"
-
-
-def _case_key(case: dict, **override) -> str:
-    """Identity of a case (all its fields), optionally with some replaced."""
-    return json.dumps({**case, **override}, sort_keys=True, default=str)
-
-
-def _latency(record: Record) -> float | None:
-    value = _num(record.metrics.get("latency_ms_p50"))
-    return value if record.status == "ok" and value is not None and value > 0 else None
-
-
-def _is_speed(record: Record) -> bool:
-    """A record whose timings belong in speed charts and speedups: not drift, and not
-    run through the Triton interpreter."""
-    return record.case.get("workload") != DRIFT and timings_meaningful(record)
-
-
-def speedups(records: Sequence[Record]) -> dict[str, float]:
-    """case_id -> latency of the same case under the `reference` variant over its own
-    (ratio of latency_ms_p50; > 1 is faster). Reference cases map to 1.0."""
-    reference = {}
-    for r in records:
-        if r.case.get("variant") == REFERENCE and _is_speed(r) and _latency(r) is not None:
-            reference[_case_key(r.case)] = _latency(r)
-    out = {}
-    for r in records:
-        own = _latency(r)
-        ref = reference.get(_case_key(r.case, variant=REFERENCE)) if _is_speed(r) else None
-        if own is not None and ref is not None:
-            out[r.case_id] = ref / own
-    return out
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (speedup, drift) that no other point dominates: none is at
-    least as fast with at most as much drift and strictly better in one of them.
-    The fastest for a given drift. Points with a non-finite coordinate are ignored;
-    equal points are all kept. Sorted by drift, then speedup (the front's line order)."""
-    valid = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
-
-    def dominates(a: int, b: int) -> bool:
-        (xa, ya), (xb, yb) = points[a], points[b]
-        return xa >= xb and ya <= yb and (xa > xb or ya < yb)
-
-    front = [i for i in valid if not any(dominates(j, i) for j in valid if j != i)]
-    return sorted(front, key=lambda i: (points[i][1], points[i][0], i))
 
 
 # -------------------------------------------------------------------- colors
@@ -380,7 +332,7 @@ def _groups(records: list[Record], value, tip, order: dict[str, int], multi: dic
     """Records grouped by their case without the variant; one bar per variant."""
     groups: dict[str, list[Record]] = {}
     for r in records:
-        groups.setdefault(_case_key(r.case, variant=""), []).append(r)
+        groups.setdefault(case_key(r.case, variant=""), []).append(r)
     out = []
     for members in groups.values():
         members.sort(key=lambda r: order.get(str(r.case.get("variant")), 1 << 30))
@@ -407,9 +359,9 @@ def _tip(r: Record, what: str, value: float | None, fmt: str) -> str:
     return f"{head}: {what} " + ("n/a" if value is None else fmt.format(value))
 
 
-def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, float]) -> str:
+def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup]) -> str:
     order = _variant_order(colors)
-    speed = [r for r in records if _is_speed(r)]
+    speed = [r for r in records if is_speed_record(r)]
     workloads = list(dict.fromkeys(str(r.case.get("workload", "")) for r in speed))
     parts = ['<h3>Latency (p50)</h3><div class="charts">']
     if not workloads:
@@ -417,7 +369,7 @@ def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[s
     for w in workloads:
         rs = [r for r in speed if r.case.get("workload") == w]
         unit = _LATENCY_UNIT.get(w, "ms per call")
-        groups = _groups(rs, _latency, lambda r: _tip(r, "p50", _latency(r), "{:,.3f} ms"), order,
+        groups = _groups(rs, latency_p50, lambda r: _tip(r, "p50", latency_p50(r), "{:,.3f} ms"), order,
                          {**_multi(rs), "workload": False})
         parts.append(_bar_chart("latency", f"{w}: latency p50 ({unit}), lower is better", groups, colors,
                                 y_label=unit, value_fmt="{:.3g}", workload=w))
@@ -444,8 +396,8 @@ def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[s
                if not any(r.case.get("variant") == REFERENCE for r in speed) else "no data: no paired cases")
         parts.append(_no_data("speedup", "Speedup over reference", why))
     else:
-        groups = _groups(paired, lambda r: speedup.get(r.case_id),
-                         lambda r: _tip(r, "speedup over reference", speedup.get(r.case_id), "{:.3f}×"), order,
+        groups = _groups(paired, lambda r: speedup[r.case_id].ratio,
+                         lambda r: _tip(r, "speedup over reference", speedup[r.case_id].ratio, "{:.3f}×"), order,
                          _multi(paired))
         parts.append(_bar_chart("speedup", "Speedup over the reference variant (same case), higher is better",
                                 groups, colors, y_label="× reference latency", value_fmt="{:.2f}×",
@@ -471,7 +423,7 @@ def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[s
     return "".join(parts)
 
 
-def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, float]) -> list[dict]:
+def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, Speedup]) -> list[dict]:
     key = {"kl": "kl_mean", "ppl": "ppl_delta_pct"}[metric]
     drift: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
@@ -485,7 +437,8 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
     for r in records:
         if r.case.get("workload") == workload and r.case_id in speedup:
             c = r.case
-            ratios[(c.get("model"), c.get("variant"), c.get("dtype"), c.get("device"))].append(speedup[r.case_id])
+            key = (c.get("model"), c.get("variant"), c.get("dtype"), c.get("device"))
+            ratios[key].append(speedup[r.case_id].ratio)
     points = []
     for (model, variant, dtype, device), xs in ratios.items():
         ys = drift.get((model, variant, dtype, device)) or drift.get((model, variant, dtype, None))
@@ -502,11 +455,11 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
     return points
 
 
-def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, float]) -> str:
+def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup]) -> str:
     dtypes = list(dict.fromkeys(str(r.case.get("dtype", "")) for r in records))
     markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(dtypes)}
     workloads = list(dict.fromkeys(str(r.case.get("workload")) for r in records
-                                   if _is_speed(r) and r.case_id in speedup))
+                                   if is_speed_record(r) and r.case_id in speedup))
     parts = [('<h3>Speed vs accuracy</h3><p class="controls"><label>drift metric '
               '<select id="pareto-metric"><option value="kl">KL mean</option>'
               '<option value="ppl">|Δperplexity| %</option></select></label></p><div class="charts">')]
@@ -597,7 +550,7 @@ def _data_value(value: object) -> str:
     return repr(value)
 
 
-def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
+def _results_table(records: list[Record], speedup: dict[str, Speedup]) -> str:
     out = [('<div class="controls"><input id="filter" type="search"'
             ' placeholder="filter rows: words, all must match" aria-label="filter rows" autocomplete="off">')]
     for col in _FILTER_COLUMNS:
@@ -640,7 +593,7 @@ def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
                     if key == "variant" and is_peer(r) else ""
                 out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}{mark}</td>')
         for key, _, fmt in metric_columns:
-            value = speedup.get(r.case_id) if key == "speedup" else r.metrics.get(key)
+            value = speedup[r.case_id].ratio if key == "speedup" and r.case_id in speedup else r.metrics.get(key)
             text = _fmt(value, fmt)
             if key == "latency_ms_ci_rel" and r.status == "ok" and (
                     value == float("inf") or (value is None and (_num(r.metrics.get("latency_ms_n")) or 6) < 6)):
@@ -893,7 +846,7 @@ def render_html(records: list[Record], *, title: str = "infermatrix run", env: d
     records = list(records)
     env = _env_of(records, env)
     colors = _variant_colors(records)
-    speedup = speedups(records)
+    speedup = speedup_details(records)
     script_hash = base64.b64encode(hashlib.sha256(_JS.encode("utf-8")).digest()).decode("ascii")
     csp = (f"default-src 'none'; script-src 'sha256-{script_hash}'; style-src 'unsafe-inline'; "
            "img-src data:; base-uri 'none'; form-action 'none'")

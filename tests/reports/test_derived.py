@@ -2,13 +2,18 @@
 interpreted record's timings stay out of speed charts, compare and the gate, while
 its accuracy metrics still count."""
 
+import math
 import sys
 from pathlib import Path
 
+import pytest
+
 from infermatrix.reports.compare import compare_runs, render_compare_text
-from infermatrix.reports.derived import ran, shape_label, shape_parts, timings_meaningful
+from infermatrix.reports.derived import (
+    Speedup, ran, shape_label, shape_parts, speedup_details, speedups, timings_meaningful,
+)
 from infermatrix.reports.gate import evaluate
-from infermatrix.reports.html_report import render_html, speedups
+from infermatrix.reports.html_report import render_html
 from infermatrix.reports.markdown_report import render_markdown
 from infermatrix.reports.table import render_table
 
@@ -97,3 +102,54 @@ def test_a_shape_label_shows_any_nonzero_size_field():
     assert shape_label(case, without=["batch", "prompt_len", "experts"]) == "kvlen4096 h8 full"
     assert shape_label({**case, "workload": "prefill"}).endswith("h8 experts4")  # causal: attention only
     assert shape_label({}) == ""
+
+
+def test_a_named_baseline_is_the_record_a_speedup_is_a_ratio_to():
+    reference, sdpa, flex = rec("reference", median=100.0), rec("sdpa", median=50.0), rec("flex", median=25.0)
+    for r in (sdpa, flex):
+        r.baseline_id = sdpa.case_id  # the matrix's table names sdpa as its baseline
+    orphan = rec("triton", median=10.0)
+    orphan.baseline_id = "tiny/gone/prefill/float32/cpu/b1-p128"
+    slow = interpreted(5.0)
+    slow.baseline_id = sdpa.case_id
+    s = speedup_details([reference, sdpa, flex, orphan, slow])
+    assert set(s) == {reference.case_id, sdpa.case_id, flex.case_id}  # no baseline, no timings: no speedup
+    assert s[flex.case_id].ratio == pytest.approx(2.0) and s[flex.case_id].baseline_id == sdpa.case_id
+    assert s[flex.case_id].named and s[flex.case_id].baseline == "sdpa" and s[flex.case_id].rounds == 0
+    assert s[flex.case_id].ci_low is None and s[flex.case_id].ci_high is None  # a ratio of medians
+    assert s[sdpa.case_id] == Speedup(1.0, sdpa.case_id, named=True)  # the baseline row itself
+    assert s[reference.case_id] == Speedup(1.0, reference.case_id)  # no baseline named: the reference rule
+    drift_base = rec("sdpa", "drift")
+    flex.baseline_id = drift_base.case_id
+    assert flex.case_id not in speedup_details([drift_base, flex])  # a drift row has no latency to divide
+
+
+def rounds_record(variant, round_medians, *, p50):
+    """A record of an interleaved run: one round per median, three samples around it."""
+    r = rec(variant, median=p50)
+    r.samples = {"latency_ms": [m * f for m in round_medians for f in (0.99, 1.0, 1.01)],
+                 "round_sizes": [3] * len(round_medians)}
+    return r
+
+
+def test_paired_rounds_give_the_speedup_and_its_interval():
+    """The base drifts from 10 to 24 ms over the run; the variant ran each round about twice
+    as fast. The speedup comes from the rounds (not the p50 metrics, set apart here on
+    purpose) and reads > 1 for faster."""
+    base_rounds = [10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 22.0, 24.0]
+    jitter = [-0.02, -0.01, 0.0, 0.01, 0.02, 0.03, -0.03, 0.0]  # symmetric about 0
+    new_rounds = [b / 2 * math.exp(d) for b, d in zip(base_rounds, jitter)]
+    base = rounds_record("reference", base_rounds, p50=100.0)
+    new = rounds_record("sdpa", new_rounds, p50=80.0)
+    s = speedup_details([base, new])[new.case_id]
+    assert s.rounds == 8 and s.ratio == pytest.approx(2.0)
+    assert 1.9 < s.ci_low < 2.0 < s.ci_high < 2.1 and s.baseline_id == base.case_id and not s.named
+    slower = speedup_details([rounds_record("reference", new_rounds, p50=1.0),
+                              rounds_record("sdpa", base_rounds, p50=1.0)])
+    assert slower[new.case_id].ratio == pytest.approx(0.5) and slower[new.case_id].ci_high < 1.0
+    # rounds that do not pair (8 against 7, or a single round): the ratio of the p50s, no interval
+    for rounds in (new_rounds[:7], new_rounds[:1]):
+        uneven = rounds_record("sdpa", rounds, p50=80.0)
+        base_one = base if len(rounds) > 1 else rounds_record("reference", base_rounds[:1], p50=100.0)
+        s = speedup_details([base_one, uneven])[uneven.case_id]
+        assert (s.ratio, s.ci_low, s.ci_high, s.rounds) == (pytest.approx(1.25), None, None, 0)

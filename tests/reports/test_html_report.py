@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from infermatrix.reports.html_report import HTML_FILE, pareto_front, render_html, speedups, write_html
+from infermatrix.reports.derived import pareto_front, speedups
+from infermatrix.reports.html_report import HTML_FILE, render_html, write_html
 from infermatrix.reports.record import Record
 
 CHROMIUM = Path("/usr/bin/chromium")
