@@ -107,6 +107,15 @@ class Speedup:
     named: bool = False  # the record named its baseline (Record.baseline_id), not the same case's reference row
     baseline: str = ""  # what sets the baseline apart from the record: its differing case fields
 
+    def summary(self) -> str:
+        """`1.873× over <baseline_id>`, and its paired rounds and interval when it has them."""
+        text = f"{self.ratio:.3f}× over {self.baseline_id}"
+        if self.rounds:
+            text += f", paired over {self.rounds} rounds"
+        if self.ci_low is not None and self.ci_high is not None:
+            text += f", 95% CI {self.ci_low:.3f}–{self.ci_high:.3f}×"
+        return text
+
 
 def _paired(record: Record, baseline: Record) -> PairedRatio | None:
     """The paired ratio baseline/record of their per-round latency medians, when both
@@ -201,23 +210,44 @@ def cpu_features_text(env: dict) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """A metric column of the summary tables (terminal, Markdown, HTML)."""
+    """A column of the summary tables (terminal, Markdown, HTML): a record metric, or one
+    derived from two records (SPEEDUP, BASELINE; column_value reads either)."""
 
-    metric: str  # the results.csv metric
+    metric: str  # the results.csv column
     header: str  # Markdown and HTML header
     short: str  # terminal header
     fmt: str  # format of a value
     always: bool = True  # shown even when no record has the metric (the columns every run compares)
+    numeric: bool = True  # False: text (sorts as text in the HTML table)
 
+    def text(self, value: object) -> str:
+        """A cell: blank when not measured (None, NaN), text as is, `n<6` for a CI of the
+        median with too few samples (95% needs 6), `inf` for an SQNR of identical outputs."""
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return ("n<6" if self.metric == "latency_ms_ci_rel" else "inf") if value > 0 else "-inf"
+        return self.fmt.format(value)
+
+
+SPEEDUP = "speedup"  # Speedup.ratio
+BASELINE = "baseline"  # what sets a named baseline apart (Speedup.baseline)
 
 # The summary tables' metric columns, in order. The optional ones (always=False) show
-# only when some record has them: encoders' sequences/s and hidden-state drift.
+# only when some record has them: encoders' sequences/s and hidden-state drift; the
+# baseline when some record names one (Record.baseline_id).
 METRIC_COLUMNS: tuple[Column, ...] = (
     Column("latency_ms_p50", "ms p50", "ms_p50", "{:,.2f}"),
     Column("latency_ms_ci_rel", "CI ±", "ci±", "{:.1%}"),
     Column("tokens_per_s", "tok/s", "tok/s", "{:,.1f}"),
     Column("sequences_per_s", "seq/s", "seq/s", "{:,.1f}", always=False),
     Column("pct_of_limit", "% limit", "%limit", "{:.0f}%"),
+    Column(SPEEDUP, "× base", "×base", "{:.2f}×"),
+    Column(BASELINE, "baseline", "baseline", "{}", always=False, numeric=False),
     Column("kl_mean", "KL mean", "kl_mean", "{:.2e}"),
     Column("top1_agree_pct", "top-1 %", "top1%", "{:.1f}"),
     Column("ppl_delta_pct", "Δppl %", "Δppl%", "{:+.2f}"),
@@ -227,8 +257,21 @@ METRIC_COLUMNS: tuple[Column, ...] = (
 )
 
 
-def shown_columns(records: list[Record]) -> list[Column]:
-    """The metric columns a table of `records` shows: every always-column, and the
-    optional ones some record has."""
+def shown_columns(records: list[Record], speedup: Mapping[str, Speedup] | None = None) -> list[Column]:
+    """The metric columns a table of `records` shows: every always-column, the optional
+    ones some record has, and the baseline when some speedup is over a named one."""
     present = {key for r in records for key, value in (r.metrics or {}).items() if value is not None}
+    if any(s.named for s in (speedup or {}).values()):
+        present.add(BASELINE)
     return [c for c in METRIC_COLUMNS if c.always or c.metric in present]
+
+
+def column_value(record: Record, column: Column, speedup: Mapping[str, Speedup]) -> object:
+    """A record's value in a column: its metric, or its speedup (speedup_details) and the
+    baseline it is over when the record named one (`itself` on the baseline's own row)."""
+    s = speedup.get(record.case_id)
+    if column.metric == SPEEDUP:
+        return None if s is None else s.ratio
+    if column.metric == BASELINE:
+        return (s.baseline or "itself") if s is not None and s.named else None
+    return (record.metrics or {}).get(column.metric)

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from infermatrix.reports.derived import (
-    DRIFT, REFERENCE, Speedup, case_key, cpu_features_text, is_peer, is_speed_record, latency_p50, pareto_front, ran,
-    shape_label, shown_columns, speedup_details,
+    DRIFT, REFERENCE, SPEEDUP, Speedup, case_key, column_value, cpu_features_text, is_peer, is_speed_record,
+    latency_p50, pareto_front, ran, shape_label, shown_columns, speedup_details,
 )
 from infermatrix.reports.record import Record
 
@@ -54,19 +54,6 @@ def _num(value: object) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def _fmt(value: object, fmt: str) -> str:
-    """A metric cell: blank when not measured, text as is, numbers formatted."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
-        return str(value)
-    if math.isnan(value):
-        return ""
-    if math.isinf(value):
-        return "∞" if value > 0 else "-∞"
-    return fmt.format(value)
 
 
 def _short(value: float) -> str:
@@ -225,9 +212,9 @@ def _marker(kind: str, cx: float, cy: float, cls: str, color: str, attrs: str, t
 
 
 def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, str],
-             markers: dict[str, str], hidden: bool) -> str:
+             markers: dict[str, str], hidden: bool, over: str) -> str:
     label = {"kl": "KL mean", "ppl": "|Δperplexity| %"}[metric]
-    heading = f"Speed vs drift — {workload} speedup over reference vs {label}"
+    heading = f"Speed vs drift — {workload} speedup over {over} vs {label}"
     attrs = {"workload": workload, "metric": metric}
     hide = " hidden" if hidden else ""
     if not points:
@@ -290,7 +277,7 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
     x1 = x_of(1.0)
     out.append(f'<line class="baseline" x1="{x1:.1f}" x2="{x1:.1f}" y1="{mt}" y2="{mt + plot_h}"/>')
     out.append(f'<text class="axis-label" x="{ml + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
-               f'speedup over reference ({_esc(workload)}, geometric mean over shapes) →</text>'
+               f'speedup over {_esc(over)} ({_esc(workload)}, geometric mean over shapes) →</text>'
                f'<text class="axis-label" transform="translate(14 {mt + plot_h / 2:.0f}) rotate(-90)"'
                f' text-anchor="middle">{_esc(label)} (log) ↑ worse</text>')
     for line in lines:
@@ -312,8 +299,9 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
                f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
     legend = " ".join(f'<span class="marker-key">{_MARKER_GLYPH[m]} {_esc(d)}</span>' for d, m in markers.items()
                       if any(p["dtype"] == d for p in points))
-    caption = (f'Each point is a (model, variant, dtype): x is its {_esc(workload)} speedup over the reference '
-               f'of the same dtype, y its drift against the fp32 reference (mean over its drift cases). '
+    over_what = "its baseline" if over != REFERENCE else "the reference of the same dtype"
+    caption = (f'Each point is a (model, variant, dtype): x is its {_esc(workload)} speedup over {over_what}, '
+               f'y its drift against the fp32 reference (mean over its drift cases). '
                f'Outlined points joined by the line are the Pareto front per model: the fastest for a given '
                f'drift. Markers: {legend}')
     return (f'<figure class="figure pareto-fig" data-metric="{metric}" data-workload="{_esc(workload)}"{hide}>'
@@ -359,7 +347,7 @@ def _tip(r: Record, what: str, value: float | None, fmt: str) -> str:
     return f"{head}: {what} " + ("n/a" if value is None else fmt.format(value))
 
 
-def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup]) -> str:
+def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup], over: str) -> str:
     order = _variant_order(colors)
     speed = [r for r in records if is_speed_record(r)]
     workloads = list(dict.fromkeys(str(r.case.get("workload", "")) for r in speed))
@@ -389,21 +377,29 @@ def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[s
                          {**_multi(rs), "workload": False})
         parts.append(_bar_chart("tokens", f"{w}: tokens per second, higher is better", groups, colors,
                                 y_label="tokens/s", value_fmt="{:.3g}", workload=w))
-    parts.append('</div><h3>Speedup over reference</h3><div class="charts">')
-    paired = [r for r in speed if r.case.get("variant") != REFERENCE and r.case_id in speedup]
+    parts.append(f'</div><h3>Speedup over {_esc(over)}</h3><div class="charts">')
+    paired = [r for r in speed if r.case_id in speedup and speedup[r.case_id].baseline_id != r.case_id]
     if not paired:
-        why = ("no data: no reference cases to compare with"
-               if not any(r.case.get("variant") == REFERENCE for r in speed) else "no data: no paired cases")
-        parts.append(_no_data("speedup", "Speedup over reference", why))
+        named = any(r.baseline_id for r in speed)
+        none = not named and not any(r.case.get("variant") == REFERENCE for r in speed)
+        why = "no data: no reference cases to compare with" if none else "no data: no paired cases"
+        parts.append(_no_data("speedup", f"Speedup over {over}", why))
     else:
         groups = _groups(paired, lambda r: speedup[r.case_id].ratio,
-                         lambda r: _tip(r, "speedup over reference", speedup[r.case_id].ratio, "{:.3f}×"), order,
+                         lambda r: f"{r.case.get('variant')} — {r.case_id}: {speedup[r.case_id].summary()}", order,
                          _multi(paired))
-        parts.append(_bar_chart("speedup", "Speedup over the reference variant (same case), higher is better",
-                                groups, colors, y_label="× reference latency", value_fmt="{:.2f}×",
-                                baseline=1.0, baseline_label="reference = 1×", value_labels=True,
-                                caption="Ratio of latency_ms_p50: reference over the variant, for the same "
-                                        "model, workload, dtype, device and shape."))
+        if over == REFERENCE:
+            heading, caption = ("Speedup over the reference variant (same case), higher is better",
+                                "Ratio of latency_ms_p50: reference over the variant, for the same model, workload, "
+                                "dtype, device and shape.")
+        else:
+            heading, caption = ("Speedup over the baseline, higher is better",
+                                "Ratio of latency_ms_p50: the baseline the matrix names over the case (from paired "
+                                "rounds where both ran interleaved; the table's tooltips give the interval); a case "
+                                "whose matrix names none is measured against the reference variant of the same case.")
+        word = "reference" if over == REFERENCE else "baseline"
+        parts.append(_bar_chart("speedup", heading, groups, colors, y_label=f"× {word} latency", value_fmt="{:.2f}×",
+                                baseline=1.0, baseline_label=f"{word} = 1×", value_labels=True, caption=caption))
     parts.append('</div><h3>Share of the hardware limit</h3><div class="charts">')
     limit = [r for r in speed if r.status == "ok" and _num(r.metrics.get("pct_of_limit")) is not None]
 
@@ -423,7 +419,8 @@ def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[s
     return "".join(parts)
 
 
-def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, Speedup]) -> list[dict]:
+def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, Speedup],
+                   over: str) -> list[dict]:
     key = {"kl": "kl_mean", "ppl": "ppl_delta_pct"}[metric]
     drift: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
@@ -447,7 +444,7 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
         x = math.exp(sum(math.log(v) for v in xs) / len(xs))
         y = sum(ys) / len(ys)
         y_text = f"{y:.3e}" if metric == "kl" else f"{y:.3f}%"
-        tip = (f"{model} · {variant} · {dtype} · {device}: {x:.3f}× over reference "
+        tip = (f"{model} · {variant} · {dtype} · {device}: {x:.3f}× over {over} "
                f"(geomean of {len(xs)} {workload} case{'s' if len(xs) > 1 else ''}); "
                f"{'KL mean' if metric == 'kl' else '|Δppl|'} {y_text}")
         points.append({"model": str(model), "variant": str(variant), "dtype": str(dtype), "x": x, "y": y,
@@ -455,7 +452,7 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
     return points
 
 
-def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup]) -> str:
+def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup], over: str) -> str:
     dtypes = list(dict.fromkeys(str(r.case.get("dtype", "")) for r in records))
     markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(dtypes)}
     workloads = list(dict.fromkeys(str(r.case.get("workload")) for r in records
@@ -465,12 +462,12 @@ def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[
               '<option value="ppl">|Δperplexity| %</option></select></label></p><div class="charts">')]
     has_drift = any(r.case.get("workload") == DRIFT and r.status == "ok" for r in records)
     if not workloads or not has_drift:
-        why = "no data: " + ("no drift cases" if not has_drift else "no speed cases paired with a reference")
+        why = "no data: " + ("no drift cases" if not has_drift else f"no speed cases paired with {over}")
         parts.append(_no_data("pareto", "Speed vs drift", why))
     for w in workloads:
         for metric in ("kl", "ppl"):
-            parts.append(_scatter(w, metric, _pareto_points(records, w, metric, speedup), colors, markers,
-                                  hidden=metric != "kl"))
+            parts.append(_scatter(w, metric, _pareto_points(records, w, metric, speedup, over), colors, markers,
+                                  hidden=metric != "kl", over=over))
     parts.append("</div>")
     return "".join(parts)
 
@@ -516,22 +513,16 @@ _CASE_COLUMNS = [  # key, header, numeric
     ("prompt_len", "prompt", True), ("new_tokens", "new", True), ("windows", "windows", True),
     ("op_shape", "op shape", False), ("status", "status", False), ("ran", "ran", False),
 ]
-_SPEEDUP_COLUMN = ("speedup", "× ref", "{:.2f}×")  # the page's own: a ratio to the same case's reference row
-
-
-def _metric_columns(records: list[Record]) -> list[tuple[str, str, str]]:
-    """(key, header, format) of the metric columns: the registry's (reports.derived),
-    with the speedup after % limit."""
-    columns = [(c.metric, c.header, c.fmt) for c in shown_columns(records)]
-    at = next((i + 1 for i, (key, _, _) in enumerate(columns) if key == "pct_of_limit"), len(columns))
-    return columns[:at] + [_SPEEDUP_COLUMN] + columns[at:]
 
 
 _FILTER_COLUMNS = ("model", "variant", "workload", "dtype", "status")
 _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: per output token; "
                              "generate: per generation)",
            "latency_ms_ci_rel": "latency_ms_ci_rel: half-width of the median's 95% CI over the median",
-           "speedup": "reference latency_ms_p50 over this case's, same case", "op_shape": "attention / linear shape",
+           "speedup": "the baseline's latency_ms_p50 over this case's (from paired rounds when both ran "
+                      "interleaved): the case the matrix names as baseline, else the same case under reference",
+           "baseline": "the baseline the matrix names, where it differs from this case",
+           "op_shape": "attention / linear shape",
            "ran": "the attention / linear implementation that really ran (attention_path, linear_path); "
                   "Triton interpreted: timings left out of charts and speedups",
            "pct_of_limit": "pct_of_limit: roofline time over measured time"}
@@ -563,10 +554,10 @@ def _results_table(records: list[Record], speedup: dict[str, Speedup]) -> str:
     for key, header, numeric in _CASE_COLUMNS:
         out.append(f'<th data-col="{key}" data-type="{"num" if numeric else "text"}" tabindex="0"'
                    f' title="{_esc(_TITLES.get(key, key))}" aria-sort="none">{_esc(header)}</th>')
-    metric_columns = _metric_columns(records)
-    for key, header, _ in metric_columns:
-        out.append(f'<th data-col="{key}" data-type="num" tabindex="0" title="{_esc(_TITLES.get(key, key))}"'
-                   f' aria-sort="none">{_esc(header)}</th>')
+    metric_columns = shown_columns(records, speedup)
+    for col in metric_columns:
+        out.append(f'<th data-col="{col.metric}" data-type="{"num" if col.numeric else "text"}" tabindex="0"'
+                   f' title="{_esc(_TITLES.get(col.metric, col.metric))}" aria-sort="none">{_esc(col.header)}</th>')
     out.append("</tr></thead><tbody>")
     for r in records:
         c = r.case
@@ -592,14 +583,15 @@ def _results_table(records: list[Record], speedup: dict[str, Speedup]) -> str:
                 mark = ' <span class="badge peer" title="a peer: what users deploy, not our variant">peer</span>' \
                     if key == "variant" and is_peer(r) else ""
                 out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}{mark}</td>')
-        for key, _, fmt in metric_columns:
-            value = speedup[r.case_id].ratio if key == "speedup" and r.case_id in speedup else r.metrics.get(key)
-            text = _fmt(value, fmt)
-            if key == "latency_ms_ci_rel" and r.status == "ok" and (
-                    value == float("inf") or (value is None and (_num(r.metrics.get("latency_ms_n")) or 6) < 6)):
-                value, text = float("inf"), "n<6"  # a CI of the median needs 6 samples at 95%
-            out.append(f'<td data-col="{key}" data-value="{_esc(_data_value(value))}" class="num">'
-                       f'{_esc(text)}</td>')
+        for col in metric_columns:
+            value = column_value(r, col, speedup)
+            if col.metric == "latency_ms_ci_rel" and r.status == "ok" and value is None and \
+                    (_num(r.metrics.get("latency_ms_n")) or 6) < 6:
+                value = float("inf")  # a CI of the median needs 6 samples at 95%
+            s = speedup.get(r.case_id) if col.metric == SPEEDUP else None
+            tip = f' title="{_esc(s.summary())}"' if s is not None else ""
+            data, num = (_data_value(value), ' class="num"') if col.numeric else (col.text(value), "")
+            out.append(f'<td data-col="{col.metric}" data-value="{_esc(data)}"{num}{tip}>{_esc(col.text(value))}</td>')
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
@@ -847,6 +839,7 @@ def render_html(records: list[Record], *, title: str = "infermatrix run", env: d
     env = _env_of(records, env)
     colors = _variant_colors(records)
     speedup = speedup_details(records)
+    over = "the baseline" if any(s.named for s in speedup.values()) else REFERENCE
     script_hash = base64.b64encode(hashlib.sha256(_JS.encode("utf-8")).digest()).decode("ascii")
     csp = (f"default-src 'none'; script-src 'sha256-{script_hash}'; style-src 'unsafe-inline'; "
            "img-src data:; base-uri 'none'; form-action 'none'")
@@ -859,8 +852,8 @@ def render_html(records: list[Record], *, title: str = "infermatrix run", env: d
         _results_table(records, speedup) if records else '<p class="note" id="no-results">No cases.</p>',
         "</section>",
         f'<section id="charts"><h2>Charts</h2>{_legend(colors, records)}',
-        _speed_charts(records, colors, speedup),
-        _pareto_charts(records, colors, speedup),
+        _speed_charts(records, colors, speedup, over),
+        _pareto_charts(records, colors, speedup, over),
         _layout_pictures(records),
         "</section>",
         f'<section id="problems-section"><h2>Failed and skipped cases</h2>{_problems(records)}</section>',

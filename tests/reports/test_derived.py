@@ -2,13 +2,17 @@
 interpreted record's timings stay out of speed charts, compare and the gate, while
 its accuracy metrics still count."""
 
+import itertools
 import math
+import re
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from infermatrix.reports.compare import compare_runs, render_compare_text
+from infermatrix.reports.csv_report import write_csv
 from infermatrix.reports.derived import (
     Speedup, ran, shape_label, shape_parts, speedup_details, speedups, timings_meaningful,
 )
@@ -153,3 +157,68 @@ def test_paired_rounds_give_the_speedup_and_its_interval():
         base_one = base if len(rounds) > 1 else rounds_record("reference", base_rounds[:1], p50=100.0)
         s = speedup_details([base_one, uneven])[uneven.case_id]
         assert (s.ratio, s.ci_low, s.ci_high, s.rounds) == (pytest.approx(1.25), None, None, 0)
+
+
+
+def named_baseline_run():
+    """A table whose matrix names sdpa as the baseline, a reference row without one, and a drift row."""
+    reference, sdpa, flex = rec("reference", median=100.0), rec("sdpa", median=50.0), rec("flex", median=20.0)
+    sdpa.baseline_id = flex.baseline_id = sdpa.case_id
+    return [reference, sdpa, flex, rec("triton", "drift")]
+
+
+def markdown_rows(md: str) -> list[dict]:
+    """The summary table's rows as {header: cell}."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in row.strip("|").split("|")))) for row in table[2:]]
+
+
+def test_every_table_shows_the_speedup_and_a_named_baseline():
+    records = named_baseline_run()
+    rows = markdown_rows(render_markdown(records))
+    assert [(r["variant"], r["× base"], r["baseline"]) for r in rows] == [
+        ("reference", "1.00×", ""), ("sdpa", "1.00×", "itself"), ("flex", "2.50×", "sdpa"), ("triton", "", "")]
+    table = render_table(records).splitlines()
+    assert table[0].split()[-6:] == ["×base", "baseline", "kl_mean", "top1%", "Δppl%", "status"]
+    assert re.search(r" flex .* 2\.50× +sdpa +ok$", table[3]) and re.search(r" 1\.00× +itself +ok$", table[2])
+    # without a named baseline there is no baseline column, and the terminal drops a blank speedup column
+    plain = [rec("reference", median=100.0), rec("sdpa", median=50.0)]
+    assert [(r["× base"], "baseline" in r) for r in markdown_rows(render_markdown(plain))] == [
+        ("1.00×", False), ("2.00×", False)]
+    assert "×base" in render_table(plain) and "baseline" not in render_table(plain)
+    assert "×base" not in render_table([rec("sdpa")]) and "| × base |" in render_markdown([rec("sdpa")])
+
+
+def test_results_csv_carries_the_speedup_its_interval_and_baseline(tmp_path):
+    records = named_baseline_run()
+    base_rounds = [10.0, 12.0, 14.0, 16.0, 18.0, 20.0]
+    records += [rounds_record("reference", base_rounds, p50=1.0),
+                rounds_record("sdpa", [b / 2 for b in base_rounds], p50=1.0)]
+    records[-2].case["dtype"] = records[-1].case["dtype"] = "bfloat16"  # their own case, paired in six rounds
+    records[-2].case_id, records[-1].case_id = "ref/bf16", "sdpa/bf16"
+    write_csv(records, tmp_path)
+    frame = pd.read_csv(tmp_path / "results.csv")
+    assert list(frame.columns[-4:]) == ["speedup", "speedup_ci_low", "speedup_ci_high", "baseline_id"]
+    sdpa_id = records[1].case_id
+    assert frame["speedup"].tolist()[:3] == [1.0, 1.0, 2.5] and math.isnan(frame["speedup"][3])
+    assert frame["baseline_id"].tolist()[:3] == [records[0].case_id, sdpa_id, sdpa_id]
+    assert frame["speedup_ci_low"][:4].isna().all()  # ratios of medians: no interval
+    assert frame["speedup"][5] == pytest.approx(2.0) and frame["speedup_ci_low"][5] == pytest.approx(2.0)
+    assert frame["speedup_ci_high"][5] == pytest.approx(2.0) and frame["baseline_id"][5] == "ref/bf16"
+
+
+def test_the_page_names_the_baseline_in_cells_and_captions():
+    records = named_baseline_run()
+    page = render_html(records)
+    sdpa_id = records[1].case_id
+    assert '<th data-col="speedup" data-type="num"' in page and ">× base</th>" in page
+    assert '<th data-col="baseline" data-type="text"' in page
+    assert f'data-value="2.5" class="num" title="2.500× over {sdpa_id}">2.50×</td>' in page
+    assert '<td data-col="baseline" data-value="sdpa">sdpa</td>' in page
+    assert "Speedup over the baseline, higher is better" in page and "baseline = 1×" in page
+    assert "over reference" not in page and "× reference latency" not in page
+    plain = render_html([rec("reference", median=100.0), rec("sdpa", median=50.0)])
+    assert "Speedup over the reference variant (same case)" in plain and 'data-col="baseline"' not in plain
