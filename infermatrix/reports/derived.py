@@ -9,9 +9,12 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from infermatrix.reports.paired import PairedRatio, paired_ratio
 from infermatrix.reports.record import Record
+
+if TYPE_CHECKING:
+    from infermatrix.reports.paired import PairedRatio
 
 REFERENCE = "reference"  # the variant every other is measured against when no baseline is named
 DRIFT = "drift"  # the accuracy workload: no timings
@@ -120,7 +123,10 @@ class Speedup:
 def _paired(record: Record, baseline: Record) -> PairedRatio | None:
     """The paired ratio baseline/record of their per-round latency medians, when both
     carry round_sizes with the same number (>= 2) of rounds."""
-    from infermatrix.reports.ab import round_values  # here: ab reads this module at import
+    # imported here: ab reads this module at import, and scipy (paired) stays out of the
+    # import of every module that only needs a label or a column
+    from infermatrix.reports.ab import round_values
+    from infermatrix.reports.paired import paired_ratio
 
     own, base = round_values(record, "latency_ms_p50"), round_values(baseline, "latency_ms_p50")
     if own is None or base is None or own.size != base.size or own.size < 2:
@@ -154,12 +160,9 @@ def speedup_details(records: Sequence[Record]) -> dict[str, Speedup]:
         if base is None:
             continue
         paired = _paired(r, base) if base is not r else None
-        if paired is None:
-            out[r.case_id] = Speedup(latency_p50(base) / latency_p50(r), base.case_id, named=named,
-                                     baseline=_differs(r.case, base.case))
-        else:
-            out[r.case_id] = Speedup(paired.ratio, base.case_id, paired.ci_low, paired.ci_high, paired.n,
-                                     named, _differs(r.case, base.case))
+        ratio, low, high, rounds = ((latency_p50(base) / latency_p50(r), None, None, 0) if paired is None
+                                    else (paired.ratio, paired.ci_low, paired.ci_high, paired.n))
+        out[r.case_id] = Speedup(ratio, base.case_id, low, high, rounds, named, _differs(r.case, base.case))
     return out
 
 

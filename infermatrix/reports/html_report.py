@@ -526,8 +526,6 @@ _CASE_COLUMNS = [  # key, header, numeric
     ("prompt_len", "prompt", True), ("new_tokens", "new", True), ("windows", "windows", True),
     ("op_shape", "op shape", False), ("status", "status", False), ("ran", "ran", False),
 ]
-
-
 _FILTER_COLUMNS = ("model", "variant", "workload", "dtype", "status")
 _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: per output token; "
                              "generate: per generation)",
