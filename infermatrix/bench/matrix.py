@@ -50,6 +50,7 @@ import torch
 
 from infermatrix.bench.shipped import builtin_matrices
 from infermatrix.errors import UserError
+from infermatrix.reports.derived import shape_parts
 from infermatrix.variants import canonical_spec, parse_spec, registered_variants
 from infermatrix.weights import DTYPES, model_config
 
@@ -74,9 +75,6 @@ MODEL_WORKLOADS: dict[str, tuple[str, ...]] = {
     "decoder": ("prefill", "decode", "generate", "drift", "attention", "linear"),
     "encoder": ("encode", "drift", "attention", "linear"),
 }
-# how each shape field shows in a case id
-_ID_TAGS = {"batch": "b", "prompt_len": "p", "new_tokens": "n", "windows": "w", "heads": "h", "kv_heads": "kv",
-            "head_dim": "d", "kv_len": "kvlen", "in_features": "k", "out_features": "n"}
 
 
 @dataclass(frozen=True)
@@ -102,14 +100,9 @@ class Case:
 
     @property
     def case_id(self) -> str:
-        shape = []
-        for name in WORKLOADS[self.workload]:
-            value = getattr(self, name)
-            if name == "causal":
-                shape.append("causal" if value else "full")
-            elif value:
-                shape.append(f"{_ID_TAGS[name]}{value}")
-        return "/".join([self.model, self.variant, self.workload, self.dtype, self.device, "-".join(shape)])
+        # the shape part is the reports' shape label with '-' (reports.derived.SHAPE_TAGS)
+        shape = "-".join(shape_parts(self.to_dict(), WORKLOADS[self.workload]))
+        return "/".join([self.model, self.variant, self.workload, self.dtype, self.device, shape])
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -173,10 +173,9 @@ def evaluate_ab(base: list[Record], new: list[Record], rules=AB_DEFAULT_RULES, *
     paired = []
     for rule, cid, result in tests:
         q = q_of[(cid, SAMPLE_METRICS[rule.metric][0])]
-        ratio, low, high = result.ratio, result.ci_low, result.ci_high
         if SAMPLE_METRICS[rule.metric][1]:  # throughput: the inverse of the latency rounds
-            ratio = 1 / ratio
-            low, high = (1 / high, 1 / low) if low is not None and high is not None else (None, None)
+            result = result.inverse()
+        ratio, low, high = result.ratio, result.ci_low, result.ci_high
         paired.append(PairedCheck(
             cid, rule.text, rule.metric, _classify(rule, ratio, low, high, q, alpha), ratio, low, high,
             result.p_value, q, result.n, rule.relative, detectable_change(result.half_width, alpha)))

@@ -1,12 +1,23 @@
 """What a record says beyond its numbers, read the same way by every renderer,
 `compare` and `gate`: which implementation really ran, whether its timings mean
-anything, and what the CPU it ran on can do."""
+anything, what the CPU it ran on can do, its shape label, its speedup over its
+baseline, the Pareto front of speed against drift, and the summary tables' columns."""
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from infermatrix.reports.record import Record
+
+if TYPE_CHECKING:
+    from infermatrix.reports.paired import PairedRatio
+
+REFERENCE = "reference"  # the variant every other is measured against when no baseline is named
+DRIFT = "drift"  # the accuracy workload: no timings
 
 # metrics naming the implementations a seam really ran in a case, joined by '+' (variants
 # note them; see infermatrix.variants.note_path). attention: block_sparse_cpu,
@@ -15,6 +26,40 @@ from infermatrix.reports.record import Record
 PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which deployed stack ran
 # metrics that are a timing (or derived from one): meaningless for an interpreted record
 _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_")
+
+
+# how each shape field shows in a case id and a shape label, in the label's order: a case
+# id's shape part is its workload's fields (bench.matrix.WORKLOADS) joined by '-', a label
+# the case's nonzero fields joined by ' ' (a workload's unused fields are zero, so the two
+# read the same: b1-p512-h9-kv3-d64-causal and b1 p512 h9 kv3 d64 causal)
+SHAPE_TAGS = {"windows": "w", "batch": "b", "prompt_len": "p", "kv_len": "kvlen", "new_tokens": "n", "heads": "h",
+              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n"}
+# the fields naming what ran rather than its shape
+_CASE_IDENTITY = ("model", "variant", "workload", "dtype", "device")
+
+
+def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
+    """The tags of `fields` of a case, in that order: `causal` as causal or full, each other
+    field with a nonzero value as its tag (SHAPE_TAGS; a field without one, its name) and value."""
+    parts = []
+    for name in fields:
+        value = case.get(name)
+        if name == "causal":
+            parts.append("causal" if value else "full")
+        elif value:
+            parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
+    return parts
+
+
+def shape_label(case: Mapping, *, without: Iterable[str] = ()) -> str:
+    """A case's shape for a table cell or a chart: `b1 p128 n6`, `w2 p128 n6`,
+    `b1 p512 h9 kv3 d64 causal`, `b2 p16 k64 n256`. Every nonzero integer field shows, a
+    field this module has no tag for under its own name after the known ones; causal or
+    full only for the attention workload. `without`: fields to leave out."""
+    extra = sorted(k for k, v in case.items() if k not in SHAPE_TAGS and k not in _CASE_IDENTITY
+                   and isinstance(v, int) and not isinstance(v, bool))
+    skip = set(without) | (set() if case.get("workload") == "attention" else {"causal"})
+    return " ".join(shape_parts(case, [name for name in [*SHAPE_TAGS, *extra] if name not in skip]))
 
 
 def is_speed_metric(metric: str) -> bool:
@@ -30,6 +75,115 @@ def timings_meaningful(record: Record) -> bool:
     """False for a record whose Triton kernels ran in the CPU interpreter: its accuracy
     metrics hold, its timings measure the interpreter."""
     return not (record.metrics or {}).get("triton_interpreted")
+
+
+def is_speed_record(record: Record) -> bool:
+    """A record whose timings belong in speed charts and speedups: not drift, and not
+    run through the Triton interpreter."""
+    return record.case.get("workload") != DRIFT and timings_meaningful(record)
+
+
+def latency_p50(record: Record) -> float | None:
+    """An ok record's latency_ms_p50 when it is a finite positive number, else None."""
+    value = (record.metrics or {}).get("latency_ms_p50")
+    if record.status != "ok" or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def case_key(case: Mapping, **override) -> str:
+    """Identity of a case (all its fields), optionally with some replaced."""
+    return json.dumps({**case, **override}, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """How much faster a record ran than its baseline: the baseline's latency over its own
+    (> 1: faster). From paired rounds when both ran interleaved in as many rounds, with the
+    interval of that ratio; else the ratio of their latency_ms_p50, without one."""
+
+    ratio: float
+    baseline_id: str  # the case_id of the record it is a ratio to (its own for a baseline row)
+    ci_low: float | None = None  # 95% interval of the paired ratio; None without paired rounds
+    ci_high: float | None = None  # (or with fewer than 6 of them)
+    rounds: int = 0  # the paired rounds behind the ratio; 0: a ratio of medians
+    named: bool = False  # the record named its baseline (Record.baseline_id), not the same case's reference row
+    baseline: str = ""  # what sets the baseline apart from the record: its differing case fields
+
+    def summary(self) -> str:
+        """`1.873× over <baseline_id>`, and its paired rounds and interval when it has them."""
+        text = f"{self.ratio:.3f}× over {self.baseline_id}"
+        if self.rounds:
+            text += f", paired over {self.rounds} rounds"
+        if self.ci_low is not None and self.ci_high is not None:
+            text += f", 95% CI {self.ci_low:.3f}–{self.ci_high:.3f}×"
+        return text
+
+
+def _paired(record: Record, baseline: Record) -> PairedRatio | None:
+    """The paired ratio baseline/record of their per-round latency medians, when both
+    carry round_sizes with the same number (>= 2) of rounds."""
+    # imported here: ab reads this module at import, and scipy (paired) stays out of the
+    # import of every module that only needs a label or a column
+    from infermatrix.reports.ab import round_values
+    from infermatrix.reports.paired import paired_ratio
+
+    own, base = round_values(record, "latency_ms_p50"), round_values(baseline, "latency_ms_p50")
+    if own is None or base is None or own.size != base.size or own.size < 2:
+        return None
+    try:
+        return paired_ratio(base, own).inverse()  # paired_ratio is NEW/BASE of times: a slowdown
+    except ValueError:  # a round without a positive, finite median: no pairing
+        return None
+
+
+def _differs(case: Mapping, baseline: Mapping) -> str:
+    """The baseline's case fields that differ from the case's, as a short label."""
+    parts = [str(baseline.get(k)) for k in _CASE_IDENTITY if baseline.get(k) != case.get(k)]
+    if shape_label(baseline) != shape_label(case):
+        parts.append(shape_label(baseline))
+    return " · ".join(parts)
+
+
+def speedup_details(records: Sequence[Record]) -> dict[str, Speedup]:
+    """case_id -> its Speedup over its baseline: the record whose case_id is its
+    `baseline_id`, or when that is None the same case under the `reference` variant (a
+    reference row is its own baseline, 1.0). Only speed records with a latency count
+    (is_speed_record, latency_p50), on both sides; a record without such a baseline has none."""
+    timed = [r for r in records if is_speed_record(r) and latency_p50(r) is not None]
+    by_id = {r.case_id: r for r in timed}
+    reference = {case_key(r.case): r for r in timed if r.case.get("variant") == REFERENCE}
+    out = {}
+    for r in timed:
+        named = r.baseline_id is not None
+        base = by_id.get(r.baseline_id) if named else reference.get(case_key(r.case, variant=REFERENCE))
+        if base is None:
+            continue
+        paired = _paired(r, base) if base is not r else None
+        ratio, low, high, rounds = ((latency_p50(base) / latency_p50(r), None, None, 0) if paired is None
+                                    else (paired.ratio, paired.ci_low, paired.ci_high, paired.n))
+        out[r.case_id] = Speedup(ratio, base.case_id, low, high, rounds, named, _differs(r.case, base.case))
+    return out
+
+
+def speedups(records: Sequence[Record]) -> dict[str, float]:
+    """case_id -> the ratio of its Speedup (speedup_details)."""
+    return {case_id: s.ratio for case_id, s in speedup_details(records).items()}
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points (speedup, drift) that no other point dominates: none is at
+    least as fast with at most as much drift and strictly better in one of them.
+    The fastest for a given drift. Points with a non-finite coordinate are ignored;
+    equal points are all kept. Sorted by drift, then speedup (the front's line order)."""
+    valid = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+
+    def dominates(a: int, b: int) -> bool:
+        (xa, ya), (xb, yb) = points[a], points[b]
+        return xa >= xb and ya <= yb and (xa > xb or ya < yb)
+
+    front = [i for i in valid if not any(dominates(j, i) for j in valid if j != i)]
+    return sorted(front, key=lambda i: (points[i][1], points[i][0], i))
 
 
 def ran(record: Record) -> str:
@@ -59,23 +213,44 @@ def cpu_features_text(env: dict) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """A metric column of the summary tables (terminal, Markdown, HTML)."""
+    """A column of the summary tables (terminal, Markdown, HTML): a record metric, or one
+    derived from two records (SPEEDUP, BASELINE; column_value reads either)."""
 
-    metric: str  # the results.csv metric
+    metric: str  # the results.csv column
     header: str  # Markdown and HTML header
     short: str  # terminal header
     fmt: str  # format of a value
     always: bool = True  # shown even when no record has the metric (the columns every run compares)
+    numeric: bool = True  # False: text (sorts as text in the HTML table)
 
+    def text(self, value: object) -> str:
+        """A cell: blank when not measured (None, NaN), text as is, `n<6` for a CI of the
+        median with too few samples (95% needs 6), `inf` for an SQNR of identical outputs."""
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        if math.isnan(value):
+            return ""
+        if math.isinf(value):
+            return ("n<6" if self.metric == "latency_ms_ci_rel" else "inf") if value > 0 else "-inf"
+        return self.fmt.format(value)
+
+
+SPEEDUP = "speedup"  # Speedup.ratio
+BASELINE = "baseline"  # what sets a named baseline apart (Speedup.baseline)
 
 # The summary tables' metric columns, in order. The optional ones (always=False) show
-# only when some record has them: encoders' sequences/s and hidden-state drift.
+# only when some record has them: encoders' sequences/s and hidden-state drift; the
+# baseline when some record names one (Record.baseline_id).
 METRIC_COLUMNS: tuple[Column, ...] = (
     Column("latency_ms_p50", "ms p50", "ms_p50", "{:,.2f}"),
     Column("latency_ms_ci_rel", "CI ±", "ci±", "{:.1%}"),
     Column("tokens_per_s", "tok/s", "tok/s", "{:,.1f}"),
     Column("sequences_per_s", "seq/s", "seq/s", "{:,.1f}", always=False),
     Column("pct_of_limit", "% limit", "%limit", "{:.0f}%"),
+    Column(SPEEDUP, "× base", "×base", "{:.2f}×"),
+    Column(BASELINE, "baseline", "baseline", "{}", always=False, numeric=False),
     Column("kl_mean", "KL mean", "kl_mean", "{:.2e}"),
     Column("top1_agree_pct", "top-1 %", "top1%", "{:.1f}"),
     Column("ppl_delta_pct", "Δppl %", "Δppl%", "{:+.2f}"),
@@ -85,8 +260,21 @@ METRIC_COLUMNS: tuple[Column, ...] = (
 )
 
 
-def shown_columns(records: list[Record]) -> list[Column]:
-    """The metric columns a table of `records` shows: every always-column, and the
-    optional ones some record has."""
+def shown_columns(records: list[Record], speedup: Mapping[str, Speedup] | None = None) -> list[Column]:
+    """The metric columns a table of `records` shows: every always-column, the optional
+    ones some record has, and the baseline when some speedup is over a named one."""
     present = {key for r in records for key, value in (r.metrics or {}).items() if value is not None}
+    if any(s.named for s in (speedup or {}).values()):
+        present.add(BASELINE)
     return [c for c in METRIC_COLUMNS if c.always or c.metric in present]
+
+
+def column_value(record: Record, column: Column, speedup: Mapping[str, Speedup]) -> object:
+    """A record's value in a column: its metric, or its speedup (speedup_details) and the
+    baseline it is over when the record named one (`itself` on the baseline's own row)."""
+    s = speedup.get(record.case_id)
+    if column.metric == SPEEDUP:
+        return None if s is None else s.ratio
+    if column.metric == BASELINE:
+        return (s.baseline or "itself") if s is not None and s.named else None
+    return (record.metrics or {}).get(column.metric)

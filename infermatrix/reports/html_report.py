@@ -1,10 +1,14 @@
 """report.html: one self-contained page per run, readable offline.
 
-Inline CSS, a little inline vanilla JS (table sort and filter, the drift-metric
-toggle) and charts drawn here as inline SVG: no network, no third-party code.
-A Content-Security-Policy pins the page's only script by its hash, so even text
-that escaped escaping could not run. Every string taken from a record goes
-through html.escape. Raw samples are not embedded (the page stays small).
+The page is a Jinja2 template, templates/report.html.j2 (autoescaped), with its
+stylesheet and its little vanilla script (table sort and filter, the drift-metric
+toggle), templates/report.css and report.js, inlined as they are; the charts are
+drawn here as inline SVG fragments: no network, no third-party code. A
+Content-Security-Policy pins the page's only script by its hash, so even text that
+escaped escaping could not run. Every string taken from a record is escaped (`_esc`,
+html.escape's entities, in the fragments and, as the template's finalize, in the
+page). Raw samples are not embedded (the page stays small). This module gathers
+what the page shows; the template lays it out.
 
 Page anatomy (stable hooks for tests and scrapers):
 
@@ -30,21 +34,32 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, is_peer, ran, shown_columns, timings_meaningful
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
+
+from infermatrix.reports.derived import (
+    DRIFT, REFERENCE, SPEEDUP, Column, Speedup, case_key, column_value, cpu_features_text, is_peer, is_speed_record,
+    latency_p50, pareto_front, ran, shape_label, shown_columns, speedup_details,
+)
 from infermatrix.reports.record import Record
 
 HTML_FILE = "report.html"
-REFERENCE = "reference"
-DRIFT = "drift"
 
 # -------------------------------------------------------------------- values
 
 
-def _esc(value: object) -> str:
-    """Text from a record, safe in element content and in quoted attributes."""
-    return html.escape("" if value is None else str(value), quote=True)
+def _esc(value: object) -> Markup:
+    """Text from a record, safe in element content and in quoted attributes (html.escape's
+    entities; None is blank). The chart fragments escape with it, and the template's
+    finalize runs every value through it, so the page escapes one way; markup already
+    made safe passes as it is."""
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape("" if value is None else str(value), quote=True))
 
 
 def _num(value: object) -> float | None:
@@ -55,19 +70,6 @@ def _num(value: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _fmt(value: object, fmt: str) -> str:
-    """A metric cell: blank when not measured, text as is, numbers formatted."""
-    if value is None:
-        return ""
-    if isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
-        return str(value)
-    if math.isnan(value):
-        return ""
-    if math.isinf(value):
-        return "∞" if value > 0 else "-∞"
-    return fmt.format(value)
-
-
 def _short(value: float) -> str:
     """Axis tick text: compact, no float noise."""
     if value == 0:
@@ -75,68 +77,6 @@ def _short(value: float) -> str:
     if abs(value) >= 1e5 or abs(value) < 1e-3:
         return f"{value:.0e}"
     return f"{value:,.4g}"
-
-
-def _shape(case: dict) -> str:
-    """A compact shape label: b1 p128 n6, w2 p128 n6, b1 p512 h9/3 d64 causal, b1 p64 576→1536."""
-    parts = [f"{tag}{case[k]}" for k, tag in (("windows", "w"), ("batch", "b"), ("prompt_len", "p"),
-                                              ("new_tokens", "n")) if case.get(k)]
-    if case.get("heads") or case.get("kv_heads"):
-        parts.append(f"h{case.get('heads') or '?'}/{case.get('kv_heads') or '?'}")
-    if case.get("head_dim"):
-        parts.append(f"d{case['head_dim']}")
-    if case.get("workload") == "attention":
-        parts.append("causal" if case.get("causal") else "full")
-    if case.get("in_features") or case.get("out_features"):
-        parts.append(f"{case.get('in_features') or '?'}→{case.get('out_features') or '?'}")
-    return " ".join(parts)
-
-
-def _case_key(case: dict, **override) -> str:
-    """Identity of a case (all its fields), optionally with some replaced."""
-    return json.dumps({**case, **override}, sort_keys=True, default=str)
-
-
-def _latency(record: Record) -> float | None:
-    value = _num(record.metrics.get("latency_ms_p50"))
-    return value if record.status == "ok" and value is not None and value > 0 else None
-
-
-def _is_speed(record: Record) -> bool:
-    """A record whose timings belong in speed charts and speedups: not drift, and not
-    run through the Triton interpreter."""
-    return record.case.get("workload") != DRIFT and timings_meaningful(record)
-
-
-def speedups(records: Sequence[Record]) -> dict[str, float]:
-    """case_id -> latency of the same case under the `reference` variant over its own
-    (ratio of latency_ms_p50; > 1 is faster). Reference cases map to 1.0."""
-    reference = {}
-    for r in records:
-        if r.case.get("variant") == REFERENCE and _is_speed(r) and _latency(r) is not None:
-            reference[_case_key(r.case)] = _latency(r)
-    out = {}
-    for r in records:
-        own = _latency(r)
-        ref = reference.get(_case_key(r.case, variant=REFERENCE)) if _is_speed(r) else None
-        if own is not None and ref is not None:
-            out[r.case_id] = ref / own
-    return out
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points (speedup, drift) that no other point dominates: none is at
-    least as fast with at most as much drift and strictly better in one of them.
-    The fastest for a given drift. Points with a non-finite coordinate are ignored;
-    equal points are all kept. Sorted by drift, then speedup (the front's line order)."""
-    valid = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
-
-    def dominates(a: int, b: int) -> bool:
-        (xa, ya), (xb, yb) = points[a], points[b]
-        return xa >= xb and ya <= yb and (xa > xb or ya < yb)
-
-    front = [i for i in valid if not any(dominates(j, i) for j in valid if j != i)]
-    return sorted(front, key=lambda i: (points[i][1], points[i][0], i))
 
 
 # -------------------------------------------------------------------- colors
@@ -184,10 +124,10 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _no_data(name: str, heading: str, why: str = "no data", figure: str = '<figure class="figure">',
-             **attrs: str) -> str:
+             **attrs: str) -> Markup:
     extra = "".join(f' data-{k}="{_esc(v)}"' for k, v in attrs.items())
-    return (f'{figure}<figcaption>{_esc(heading)}</figcaption>'
-            f'<div class="chart nodata" data-chart="{_esc(name)}"{extra}>{_esc(why)}</div></figure>')
+    return Markup(f'{figure}<figcaption>{_esc(heading)}</figcaption>'
+                  f'<div class="chart nodata" data-chart="{_esc(name)}"{extra}>{_esc(why)}</div></figure>')
 
 
 class _Bar:
@@ -202,7 +142,7 @@ class _Group:
 
 def _bar_chart(name: str, heading: str, groups: list[_Group], colors: dict[str, str], *, y_label: str,
                value_fmt: str, baseline: float | None = None, baseline_label: str = "",
-               value_labels: bool = False, caption: str = "", **attrs: str) -> str:
+               value_labels: bool = False, caption: str = "", **attrs: str) -> Markup:
     values = [b.value for g in groups for b in g.bars if b.value is not None]
     if not values:
         return _no_data(name, heading, **attrs)
@@ -267,8 +207,8 @@ def _bar_chart(name: str, heading: str, groups: list[_Group], colors: dict[str, 
     out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
                f'<line class="axis" x1="{ml}" x2="{width - mr}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
     cap = f'<p class="caption">{caption}</p>' if caption else ""
-    return (f'<figure class="figure"><figcaption>{_esc(heading)}</figcaption>'
-            f'<div class="scroll">{"".join(out)}</div>{cap}</figure>')
+    return Markup(f'<figure class="figure"><figcaption>{_esc(heading)}</figcaption>'
+                  f'<div class="scroll">{"".join(out)}</div>{cap}</figure>')
 
 
 def _marker(kind: str, cx: float, cy: float, cls: str, color: str, attrs: str, tip: str) -> str:
@@ -286,9 +226,9 @@ def _marker(kind: str, cx: float, cy: float, cls: str, color: str, attrs: str, t
 
 
 def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, str],
-             markers: dict[str, str], hidden: bool) -> str:
+             markers: dict[str, str], hidden: bool, over: str) -> Markup:
     label = {"kl": "KL mean", "ppl": "|Δperplexity| %"}[metric]
-    heading = f"Speed vs drift — {workload} speedup over reference vs {label}"
+    heading = f"Speed vs drift — {workload} speedup over {over} vs {label}"
     attrs = {"workload": workload, "metric": metric}
     hide = " hidden" if hidden else ""
     if not points:
@@ -351,7 +291,7 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
     x1 = x_of(1.0)
     out.append(f'<line class="baseline" x1="{x1:.1f}" x2="{x1:.1f}" y1="{mt}" y2="{mt + plot_h}"/>')
     out.append(f'<text class="axis-label" x="{ml + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
-               f'speedup over reference ({_esc(workload)}, geometric mean over shapes) →</text>'
+               f'speedup over {_esc(over)} ({_esc(workload)}, geometric mean over shapes) →</text>'
                f'<text class="axis-label" transform="translate(14 {mt + plot_h / 2:.0f}) rotate(-90)"'
                f' text-anchor="middle">{_esc(label)} (log) ↑ worse</text>')
     for line in lines:
@@ -373,13 +313,14 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
                f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
     legend = " ".join(f'<span class="marker-key">{_MARKER_GLYPH[m]} {_esc(d)}</span>' for d, m in markers.items()
                       if any(p["dtype"] == d for p in points))
-    caption = (f'Each point is a (model, variant, dtype): x is its {_esc(workload)} speedup over the reference '
-               f'of the same dtype, y its drift against the fp32 reference (mean over its drift cases). '
+    over_what = "its baseline" if over != REFERENCE else "the reference of the same dtype"
+    caption = (f'Each point is a (model, variant, dtype): x is its {_esc(workload)} speedup over {over_what}, '
+               f'y its drift against the fp32 reference (mean over its drift cases). '
                f'Outlined points joined by the line are the Pareto front per model: the fastest for a given '
                f'drift. Markers: {legend}')
-    return (f'<figure class="figure pareto-fig" data-metric="{metric}" data-workload="{_esc(workload)}"{hide}>'
-            f'<figcaption>{_esc(heading)}</figcaption><div class="scroll">{"".join(out)}</div>'
-            f'<p class="caption">{caption}</p></figure>')
+    return Markup(f'<figure class="figure pareto-fig" data-metric="{metric}" data-workload="{_esc(workload)}"{hide}>'
+                  f'<figcaption>{_esc(heading)}</figcaption><div class="scroll">{"".join(out)}</div>'
+                  f'<p class="caption">{caption}</p></figure>')
 
 
 _MARKER_GLYPH = {"circle": "●", "square": "■", "triangle": "▲", "diamond": "◆"}
@@ -393,12 +334,12 @@ def _groups(records: list[Record], value, tip, order: dict[str, int], multi: dic
     """Records grouped by their case without the variant; one bar per variant."""
     groups: dict[str, list[Record]] = {}
     for r in records:
-        groups.setdefault(_case_key(r.case, variant=""), []).append(r)
+        groups.setdefault(case_key(r.case, variant=""), []).append(r)
     out = []
     for members in groups.values():
         members.sort(key=lambda r: order.get(str(r.case.get("variant")), 1 << 30))
         c = members[0].case
-        lines = [_shape(c) or "-", str(c.get("dtype", ""))]
+        lines = [shape_label(c) or "-", str(c.get("dtype", ""))]
         if multi["workload"]:
             lines.insert(0, str(c.get("workload", "")))
         if multi["model"]:
@@ -420,71 +361,85 @@ def _tip(r: Record, what: str, value: float | None, fmt: str) -> str:
     return f"{head}: {what} " + ("n/a" if value is None else fmt.format(value))
 
 
-def _speed_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, float]) -> str:
-    order = _variant_order(colors)
-    speed = [r for r in records if _is_speed(r)]
-    workloads = list(dict.fromkeys(str(r.case.get("workload", "")) for r in speed))
-    parts = ['<h3>Latency (p50)</h3><div class="charts">']
+def _workloads(records: list[Record]) -> list[str]:
+    return list(dict.fromkeys(str(r.case.get("workload", "")) for r in records))
+
+
+def _latency_charts(speed: list[Record], colors: dict[str, str]) -> Markup:
+    workloads = _workloads(speed)
     if not workloads:
-        parts.append(_no_data("latency", "Latency", "no data: no speed cases"))
+        return _no_data("latency", "Latency", "no data: no speed cases")
+    parts = []
     for w in workloads:
         rs = [r for r in speed if r.case.get("workload") == w]
         unit = _LATENCY_UNIT.get(w, "ms per call")
-        groups = _groups(rs, _latency, lambda r: _tip(r, "p50", _latency(r), "{:,.3f} ms"), order,
-                         {**_multi(rs), "workload": False})
+        groups = _groups(rs, latency_p50, lambda r: _tip(r, "p50", latency_p50(r), "{:,.3f} ms"),
+                         _variant_order(colors), {**_multi(rs), "workload": False})
         parts.append(_bar_chart("latency", f"{w}: latency p50 ({unit}), lower is better", groups, colors,
                                 y_label=unit, value_fmt="{:.3g}", workload=w))
-    parts.append('</div><h3>Throughput</h3><div class="charts">')
-    tokens = [r for r in speed if _num(r.metrics.get("tokens_per_s")) is not None or r.status != "ok"]
-    tok_workloads = [w for w in workloads
-                     if any(r.case.get("workload") == w and _num(r.metrics.get("tokens_per_s")) is not None
-                            for r in tokens)]
-    if not tok_workloads:
-        parts.append(_no_data("tokens", "Tokens per second", "no data: no case reports tokens/s"))
-    for w in tok_workloads:
-        rs = [r for r in tokens if r.case.get("workload") == w]
+    return Markup("".join(parts))
 
-        def tps(r):
-            return _num(r.metrics.get("tokens_per_s")) if r.status == "ok" else None
-        groups = _groups(rs, tps, lambda r: _tip(r, "tokens/s", tps(r), "{:,.1f}"), order,
+
+def _token_charts(speed: list[Record], colors: dict[str, str]) -> Markup:
+    def tps(r):
+        return _num(r.metrics.get("tokens_per_s")) if r.status == "ok" else None
+
+    workloads = [w for w in _workloads(speed) if any(r.case.get("workload") == w and tps(r) is not None
+                                                     for r in speed)]
+    if not workloads:
+        return _no_data("tokens", "Tokens per second", "no data: no case reports tokens/s")
+    parts = []
+    for w in workloads:
+        rs = [r for r in speed if r.case.get("workload") == w and (tps(r) is not None or r.status != "ok")]
+        groups = _groups(rs, tps, lambda r: _tip(r, "tokens/s", tps(r), "{:,.1f}"), _variant_order(colors),
                          {**_multi(rs), "workload": False})
         parts.append(_bar_chart("tokens", f"{w}: tokens per second, higher is better", groups, colors,
                                 y_label="tokens/s", value_fmt="{:.3g}", workload=w))
-    parts.append('</div><h3>Speedup over reference</h3><div class="charts">')
-    paired = [r for r in speed if r.case.get("variant") != REFERENCE and r.case_id in speedup]
-    if not paired:
-        why = ("no data: no reference cases to compare with"
-               if not any(r.case.get("variant") == REFERENCE for r in speed) else "no data: no paired cases")
-        parts.append(_no_data("speedup", "Speedup over reference", why))
-    else:
-        groups = _groups(paired, lambda r: speedup.get(r.case_id),
-                         lambda r: _tip(r, "speedup over reference", speedup.get(r.case_id), "{:.3f}×"), order,
-                         _multi(paired))
-        parts.append(_bar_chart("speedup", "Speedup over the reference variant (same case), higher is better",
-                                groups, colors, y_label="× reference latency", value_fmt="{:.2f}×",
-                                baseline=1.0, baseline_label="reference = 1×", value_labels=True,
-                                caption="Ratio of latency_ms_p50: reference over the variant, for the same "
-                                        "model, workload, dtype, device and shape."))
-    parts.append('</div><h3>Share of the hardware limit</h3><div class="charts">')
-    limit = [r for r in speed if r.status == "ok" and _num(r.metrics.get("pct_of_limit")) is not None]
+    return Markup("".join(parts))
 
+
+def _speedup_chart(speed: list[Record], colors: dict[str, str], speedup: dict[str, Speedup], over: str) -> Markup:
+    paired = [r for r in speed if r.case_id in speedup and speedup[r.case_id].baseline_id != r.case_id]
+    if not paired:
+        named = any(r.baseline_id for r in speed)
+        none = not named and not any(r.case.get("variant") == REFERENCE for r in speed)
+        why = "no data: no reference cases to compare with" if none else "no data: no paired cases"
+        return _no_data("speedup", f"Speedup over {over}", why)
+    groups = _groups(paired, lambda r: speedup[r.case_id].ratio,
+                     lambda r: f"{r.case.get('variant')} — {r.case_id}: {speedup[r.case_id].summary()}",
+                     _variant_order(colors), _multi(paired))
+    if over == REFERENCE:
+        heading, caption = ("Speedup over the reference variant (same case), higher is better",
+                            "Ratio of latency_ms_p50: reference over the variant, for the same model, workload, "
+                            "dtype, device and shape.")
+    else:
+        heading, caption = ("Speedup over the baseline, higher is better",
+                            "Ratio of latency_ms_p50: the baseline the matrix names over the case (from paired "
+                            "rounds where both ran interleaved; the table's tooltips give the interval); a case "
+                            "whose matrix names none is measured against the reference variant of the same case.")
+    word = "reference" if over == REFERENCE else "baseline"
+    return _bar_chart("speedup", heading, groups, colors, y_label=f"× {word} latency", value_fmt="{:.2f}×",
+                      baseline=1.0, baseline_label=f"{word} = 1×", value_labels=True, caption=caption)
+
+
+def _limit_chart(speed: list[Record], colors: dict[str, str]) -> Markup:
     def pct(r):
         return _num(r.metrics.get("pct_of_limit"))
+
+    limit = [r for r in speed if r.status == "ok" and pct(r) is not None]
     if not limit:
-        parts.append(_no_data("limit", "% of the hardware limit"))
-    else:
-        groups = _groups(limit, pct, lambda r: _tip(r, "% of limit", pct(r), "{:.1f}%") +
-                         (f" ({r.metrics.get('bound')}-bound)" if r.metrics.get("bound") else ""), order,
-                         _multi(limit))
-        parts.append(_bar_chart("limit", "% of the hardware limit (roofline time over measured time)", groups,
-                                colors, y_label="% of limit", value_fmt="{:.0f}%", baseline=100.0,
-                                baseline_label="roofline", caption="The limit is max(FLOPs / peak FLOP/s, "
-                                "bytes / peak bandwidth) with the machine's measured peaks."))
-    parts.append("</div>")
-    return "".join(parts)
+        return _no_data("limit", "% of the hardware limit")
+    groups = _groups(limit, pct, lambda r: _tip(r, "% of limit", pct(r), "{:.1f}%") +
+                     (f" ({r.metrics.get('bound')}-bound)" if r.metrics.get("bound") else ""),
+                     _variant_order(colors), _multi(limit))
+    return _bar_chart("limit", "% of the hardware limit (roofline time over measured time)", groups,
+                      colors, y_label="% of limit", value_fmt="{:.0f}%", baseline=100.0,
+                      baseline_label="roofline", caption="The limit is max(FLOPs / peak FLOP/s, "
+                      "bytes / peak bandwidth) with the machine's measured peaks.")
 
 
-def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, float]) -> list[dict]:
+def _pareto_points(records: list[Record], workload: str, metric: str, speedup: dict[str, Speedup],
+                   over: str) -> list[dict]:
     key = {"kl": "kl_mean", "ppl": "ppl_delta_pct"}[metric]
     drift: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
@@ -498,7 +453,8 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
     for r in records:
         if r.case.get("workload") == workload and r.case_id in speedup:
             c = r.case
-            ratios[(c.get("model"), c.get("variant"), c.get("dtype"), c.get("device"))].append(speedup[r.case_id])
+            key = (c.get("model"), c.get("variant"), c.get("dtype"), c.get("device"))
+            ratios[key].append(speedup[r.case_id].ratio)
     points = []
     for (model, variant, dtype, device), xs in ratios.items():
         ys = drift.get((model, variant, dtype, device)) or drift.get((model, variant, dtype, None))
@@ -507,7 +463,7 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
         x = math.exp(sum(math.log(v) for v in xs) / len(xs))
         y = sum(ys) / len(ys)
         y_text = f"{y:.3e}" if metric == "kl" else f"{y:.3f}%"
-        tip = (f"{model} · {variant} · {dtype} · {device}: {x:.3f}× over reference "
+        tip = (f"{model} · {variant} · {dtype} · {device}: {x:.3f}× over {over} "
                f"(geomean of {len(xs)} {workload} case{'s' if len(xs) > 1 else ''}); "
                f"{'KL mean' if metric == 'kl' else '|Δppl|'} {y_text}")
         points.append({"model": str(model), "variant": str(variant), "dtype": str(dtype), "x": x, "y": y,
@@ -515,27 +471,24 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
     return points
 
 
-def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, float]) -> str:
+def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup], over: str) -> Markup:
     dtypes = list(dict.fromkeys(str(r.case.get("dtype", "")) for r in records))
     markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(dtypes)}
     workloads = list(dict.fromkeys(str(r.case.get("workload")) for r in records
-                                   if _is_speed(r) and r.case_id in speedup))
-    parts = [('<h3>Speed vs accuracy</h3><p class="controls"><label>drift metric '
-              '<select id="pareto-metric"><option value="kl">KL mean</option>'
-              '<option value="ppl">|Δperplexity| %</option></select></label></p><div class="charts">')]
+                                   if is_speed_record(r) and r.case_id in speedup))
+    parts = []
     has_drift = any(r.case.get("workload") == DRIFT and r.status == "ok" for r in records)
     if not workloads or not has_drift:
-        why = "no data: " + ("no drift cases" if not has_drift else "no speed cases paired with a reference")
+        why = "no data: " + ("no drift cases" if not has_drift else f"no speed cases paired with {over}")
         parts.append(_no_data("pareto", "Speed vs drift", why))
     for w in workloads:
         for metric in ("kl", "ppl"):
-            parts.append(_scatter(w, metric, _pareto_points(records, w, metric, speedup), colors, markers,
-                                  hidden=metric != "kl"))
-    parts.append("</div>")
-    return "".join(parts)
+            parts.append(_scatter(w, metric, _pareto_points(records, w, metric, speedup, over), colors, markers,
+                                  hidden=metric != "kl", over=over))
+    return Markup("".join(parts))
 
 
-def _layout_pictures(records: list[Record]) -> str:
+def _layout_pictures(records: list[Record]) -> Markup:
     """Block-sparse attention layouts (metric `attention_layout`: rows of hex digits
     0..f, the share of active blocks per cell, joined by '/') as small SVG grids."""
     figures = []
@@ -562,10 +515,7 @@ def _layout_pictures(records: list[Record]) -> str:
                        f'viewBox="0 0 {size} {size}" role="img" aria-label="{_esc(caption)}">'
                        f'<rect width="{size}" height="{size}" fill="none" stroke="#999"/>'
                        f'<g fill="#1f77b4">{rects}</g></svg><figcaption>{_esc(caption)}</figcaption></figure>')
-    if not figures:
-        return ""
-    return ('<h3>Attention layouts</h3><p class="note">Rows: query blocks, columns: key blocks; '
-            'darker = more of the cell\'s blocks computed.</p><div class="charts">' + "".join(figures) + "</div>")
+    return Markup("".join(figures))
 
 
 # -------------------------------------------------------------------- table
@@ -576,33 +526,22 @@ _CASE_COLUMNS = [  # key, header, numeric
     ("prompt_len", "prompt", True), ("new_tokens", "new", True), ("windows", "windows", True),
     ("op_shape", "op shape", False), ("status", "status", False), ("ran", "ran", False),
 ]
-_SPEEDUP_COLUMN = ("speedup", "× ref", "{:.2f}×")  # the page's own: a ratio to the same case's reference row
-
-
-def _metric_columns(records: list[Record]) -> list[tuple[str, str, str]]:
-    """(key, header, format) of the metric columns: the registry's (reports.derived),
-    with the speedup after % limit."""
-    columns = [(c.metric, c.header, c.fmt) for c in shown_columns(records)]
-    at = next((i + 1 for i, (key, _, _) in enumerate(columns) if key == "pct_of_limit"), len(columns))
-    return columns[:at] + [_SPEEDUP_COLUMN] + columns[at:]
-
-
 _FILTER_COLUMNS = ("model", "variant", "workload", "dtype", "status")
 _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: per output token; "
                              "generate: per generation)",
            "latency_ms_ci_rel": "latency_ms_ci_rel: half-width of the median's 95% CI over the median",
-           "speedup": "reference latency_ms_p50 over this case's, same case", "op_shape": "attention / linear shape",
+           "speedup": "the baseline's latency_ms_p50 over this case's (from paired rounds when both ran "
+                      "interleaved): the case the matrix names as baseline, else the same case under reference",
+           "baseline": "the baseline the matrix names, where it differs from this case",
+           "op_shape": "attention / linear shape",
            "ran": "the attention / linear implementation that really ran (attention_path, linear_path); "
                   "Triton interpreted: timings left out of charts and speedups",
            "pct_of_limit": "pct_of_limit: roofline time over measured time"}
 
 
 def _op_shape(case: dict) -> str:
-    if case.get("workload") not in ("attention", "linear"):
-        return ""
-    keep = {k: case.get(k) for k in ("workload", "heads", "kv_heads", "head_dim", "causal", "in_features",
-                                     "out_features")}
-    return _shape(keep)
+    """The shape fields without a column of their own (attention heads, linear features)."""
+    return shape_label(case, without=[key for key, _, numeric in _CASE_COLUMNS if numeric])
 
 
 def _data_value(value: object) -> str:
@@ -613,79 +552,76 @@ def _data_value(value: object) -> str:
     return repr(value)
 
 
-def _results_table(records: list[Record], speedup: dict[str, float]) -> str:
-    out = [('<div class="controls"><input id="filter" type="search"'
-            ' placeholder="filter rows: words, all must match" aria-label="filter rows" autocomplete="off">')]
-    for col in _FILTER_COLUMNS:
-        values = sorted({str(r.status if col == "status" else r.case.get(col, "")) for r in records})
-        opts = "".join(f'<option value="{_esc(v)}">{_esc(v)}</option>' for v in values)
-        out.append(f'<label>{col} <select id="filter-{col}" class="col-filter" data-col="{col}">'
-                   f'<option value="">all</option>{opts}</select></label>')
-    out.append(f'<span id="row-count">{len(records)} of {len(records)} cases</span></div>')
-    out.append('<div class="scroll table-wrap"><table id="results"><thead><tr>')
-    for key, header, numeric in _CASE_COLUMNS:
-        out.append(f'<th data-col="{key}" data-type="{"num" if numeric else "text"}" tabindex="0"'
-                   f' title="{_esc(_TITLES.get(key, key))}" aria-sort="none">{_esc(header)}</th>')
-    metric_columns = _metric_columns(records)
-    for key, header, _ in metric_columns:
-        out.append(f'<th data-col="{key}" data-type="num" tabindex="0" title="{_esc(_TITLES.get(key, key))}"'
-                   f' aria-sort="none">{_esc(header)}</th>')
-    out.append("</tr></thead><tbody>")
-    for r in records:
-        c = r.case
-        attrs = "".join(f' data-{col}="{_esc(r.status if col == "status" else c.get(col, ""))}"'
-                        for col in _FILTER_COLUMNS)
-        out.append(f'<tr class="row status-{_esc(r.status)}" data-case-id="{_esc(r.case_id)}"{attrs}'
-                   f' title="{_esc(r.case_id)}">')
-        for key, _, numeric in _CASE_COLUMNS:
-            if key == "status":
-                reason = f' title="{_esc(r.reason)}"' if r.reason else ""
-                out.append(f'<td data-col="status" data-value="{_esc(r.status)}"{reason}>'
-                           f'<span class="badge {_esc(r.status)}">{_esc(r.status)}</span></td>')
-            elif key in ("op_shape", "ran"):
-                text = _op_shape(c) if key == "op_shape" else ran(r)
-                out.append(f'<td data-col="{key}" data-value="{_esc(text)}">{_esc(text)}</td>')
-            elif numeric:
-                value = c.get(key)
-                shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) and value else None
-                out.append(f'<td data-col="{key}" data-value="{_data_value(shown)}" class="num">'
-                           f'{_esc("" if shown is None else shown)}</td>')
-            else:
-                value = c.get(key, "")
-                mark = ' <span class="badge peer" title="a peer: what users deploy, not our variant">peer</span>' \
-                    if key == "variant" and is_peer(r) else ""
-                out.append(f'<td data-col="{key}" data-value="{_esc(value)}">{_esc(value)}{mark}</td>')
-        for key, _, fmt in metric_columns:
-            value = speedup.get(r.case_id) if key == "speedup" else r.metrics.get(key)
-            text = _fmt(value, fmt)
-            if key == "latency_ms_ci_rel" and r.status == "ok" and (
-                    value == float("inf") or (value is None and (_num(r.metrics.get("latency_ms_n")) or 6) < 6)):
-                value, text = float("inf"), "n<6"  # a CI of the median needs 6 samples at 95%
-            out.append(f'<td data-col="{key}" data-value="{_esc(_data_value(value))}" class="num">'
-                       f'{_esc(text)}</td>')
-        out.append("</tr>")
-    out.append("</tbody></table></div>")
-    return "".join(out)
+@dataclass(frozen=True)
+class _Cell:
+    """A results cell: `value` is its data-value (what the page sorts by), `text` what it shows."""
+
+    col: str
+    value: object
+    text: object
+    numeric: bool = False
+    title: str | None = None
+    badge: bool = False  # the text as a status badge
+    peer: bool = False  # a peer badge after the text
 
 
-def _problems(records: list[Record]) -> str:
-    bad = [r for r in records if r.status != "ok"]
-    if not bad:
-        return '<p class="ok-note" id="no-problems">Every case ran: nothing failed or was skipped.</p>'
-    out = ['<table id="problems"><thead><tr><th>status</th><th>case</th><th>reason</th></tr></thead><tbody>']
-    for r in sorted(bad, key=lambda r: (r.status != "failed", r.case_id)):
+def _case_cells(r: Record) -> list[_Cell]:
+    c = r.case
+    cells = []
+    for key, _, numeric in _CASE_COLUMNS:
+        if key == "status":
+            cells.append(_Cell(key, r.status, r.status, title=r.reason, badge=True))
+        elif key in ("op_shape", "ran"):
+            text = _op_shape(c) if key == "op_shape" else ran(r)
+            cells.append(_Cell(key, text, text))
+        elif numeric:
+            value = c.get(key)
+            shown = value if isinstance(value, (int, float)) and not isinstance(value, bool) and value else None
+            cells.append(_Cell(key, _data_value(shown), shown, numeric=True))
+        else:
+            value = c.get(key, "")
+            cells.append(_Cell(key, value, value, peer=key == "variant" and is_peer(r)))
+    return cells
+
+
+def _metric_cells(r: Record, columns: list[Column], speedup: dict[str, Speedup]) -> list[_Cell]:
+    cells = []
+    for col in columns:
+        value = column_value(r, col, speedup)
+        if col.metric == "latency_ms_ci_rel" and r.status == "ok" and value is None and \
+                (_num(r.metrics.get("latency_ms_n")) or 6) < 6:
+            value = float("inf")  # a CI of the median needs 6 samples at 95%
+        s = speedup.get(r.case_id) if col.metric == SPEEDUP else None
+        cells.append(_Cell(col.metric, _data_value(value) if col.numeric else col.text(value), col.text(value),
+                           numeric=col.numeric, title=s.summary() if s is not None else None))
+    return cells
+
+
+def _table(records: list[Record], speedup: dict[str, Speedup]) -> dict:
+    """The results table: its filters, headers and rows of cells (value: data-value, for sorting)."""
+    columns = shown_columns(records, speedup)
+    heads = [{"col": key, "header": header, "type": "num" if numeric else "text", "title": _TITLES.get(key, key)}
+             for key, header, numeric in _CASE_COLUMNS]
+    heads += [{"col": col.metric, "header": col.header, "type": "num" if col.numeric else "text",
+               "title": _TITLES.get(col.metric, col.metric)} for col in columns]
+    rows = [{"case_id": r.case_id, "status": r.status,
+             "filters": [(col, r.status if col == "status" else r.case.get(col, "")) for col in _FILTER_COLUMNS],
+             "cells": _case_cells(r) + _metric_cells(r, columns, speedup)} for r in records]
+    filters = [(col, sorted({str(r.status if col == "status" else r.case.get(col, "")) for r in records}))
+               for col in _FILTER_COLUMNS]
+    return {"filters": filters, "heads": heads, "rows": rows}
+
+
+def _problems(records: list[Record]) -> list[dict]:
+    """The failed and skipped cases, failures first; a long reason folds under its last line."""
+    out = []
+    for r in sorted((r for r in records if r.status != "ok"), key=lambda r: (r.status != "failed", r.case_id)):
         reason = (r.reason or "(no reason recorded)").rstrip()
         lines = [ln for ln in reason.splitlines() if ln.strip()]
-        if len(reason) > 300 or len(lines) > 3:
-            body = (f'<details><summary>{_esc(lines[-1] if lines else reason[:200])}</summary>'
-                    f'<pre class="reason">{_esc(reason)}</pre></details>')
-        else:
-            body = f'<pre class="reason">{_esc(reason)}</pre>'
-        out.append(f'<tr class="problem" data-status="{_esc(r.status)}" data-case-id="{_esc(r.case_id)}">'
-                   f'<td><span class="badge {_esc(r.status)}">{_esc(r.status)}</span></td>'
-                   f'<td class="case-id">{_esc(r.case_id)}</td><td>{body}</td></tr>')
-    out.append("</tbody></table>")
-    return "".join(out)
+        folded = len(reason) > 300 or len(lines) > 3
+        out.append({"status": r.status, "case_id": r.case_id, "reason": reason,
+                    "summary": (lines[-1] if lines else reason[:200]) if folded else None})
+    return out
 
 
 # -------------------------------------------------------------------- header and environment
@@ -697,25 +633,37 @@ def _env_of(records: list[Record], env: dict | None) -> dict:
     return next((r.env for r in records if r.env), {})
 
 
-def _kv(items: list[tuple[str, str]]) -> str:
-    return "".join(f"<dt>{_esc(k)}</dt><dd>{v}</dd>" for k, v in items if v)
+def _gpu_text(gpu: object) -> str:
+    if not isinstance(gpu, dict):
+        return str(gpu) if gpu else "none"
+    mem = _num(gpu.get("memory_bytes"))
+    return " · ".join(str(x) for x in (
+        gpu.get("name"), f"{mem / 2**30:.0f} GiB" if mem else None,
+        f"sm {gpu['capability']}" if gpu.get("capability") else None,
+        f"CUDA {gpu['cuda']}" if gpu.get("cuda") else None,
+        f"driver {gpu['driver']}" if gpu.get("driver") else None,
+        f"×{gpu['count']}" if (gpu.get("count") or 1) > 1 else None) if x)
 
 
-def _env_section(records: list[Record], env: dict) -> str:
+def _peaks(env: dict) -> list[dict]:
+    out = []
+    for device, peak in (env.get("peaks") or {}).items():
+        if not isinstance(peak, dict):
+            continue
+        bw = _num(peak.get("bandwidth_gbs"))
+        gemm = ", ".join(f"{d} {_num(v):.3g} TFLOP/s" for d, v in (peak.get("gemm_tflops") or {}).items()
+                         if _num(v) is not None)
+        out.append({"device": device, "bandwidth": f"{bw:.1f} GB/s copy" if bw is not None else "", "gemm": gemm,
+                    "measured_at": peak.get("measured_at")})
+    return out
+
+
+def _env_section(records: list[Record], env: dict) -> dict | None:
+    """The environment list: plain items before and after the Git SHA, which the
+    template lays out with the eval text and the peaks."""
     if not env:
-        return '<p class="note">No environment was recorded.</p>'
+        return None
     versions = env.get("versions") or {}
-    gpu = env.get("gpu")
-    if isinstance(gpu, dict):
-        mem = _num(gpu.get("memory_bytes"))
-        gpu_text = " · ".join(str(x) for x in (
-            gpu.get("name"), f"{mem / 2**30:.0f} GiB" if mem else None,
-            f"sm {gpu['capability']}" if gpu.get("capability") else None,
-            f"CUDA {gpu['cuda']}" if gpu.get("cuda") else None,
-            f"driver {gpu['driver']}" if gpu.get("driver") else None,
-            f"×{gpu['count']}" if (gpu.get("count") or 1) > 1 else None) if x)
-    else:
-        gpu_text = str(gpu) if gpu else "none"
     threads = [f"torch {env['torch_threads']}" if env.get("torch_threads") is not None else "",
                f"interop {env['torch_interop_threads']}" if env.get("torch_interop_threads") is not None else "",
                f"OMP_NUM_THREADS={env['omp_num_threads']}" if env.get("omp_num_threads") else ""]
@@ -724,216 +672,72 @@ def _env_section(records: list[Record], env: dict) -> str:
         cpu += f" · {env['cpu_count']} logical cores"
     if env.get("cpu_affinity"):
         cpu += f" · affinity {env['cpu_affinity']}"
-    shas = sorted({str(r.env.get("git_sha")) for r in records if r.env.get("git_sha")})
-    sha = str(env.get("git_sha") or "")
-    sha_html = f"<code>{_esc(sha)}</code>" if sha else "unknown"
-    if len(shas) > 1:
-        sha_html += f' <span class="warn">records come from {len(shas)} commits: {_esc(", ".join(shas))}</span>'
-    eval_text = env.get("eval_text") or {}
-    eval_html = ""
-    if isinstance(eval_text, dict) and eval_text:
-        eval_html = f"{_esc(eval_text.get('path', ''))} · sha256 <code>{_esc(eval_text.get('sha256', ''))}</code>"
-    peaks_html = []
-    for device, peak in (env.get("peaks") or {}).items():
-        if not isinstance(peak, dict):
-            continue
-        bw = _num(peak.get("bandwidth_gbs"))
-        gemm = ", ".join(f"{_esc(d)} {_num(v):.3g} TFLOP/s" for d, v in (peak.get("gemm_tflops") or {}).items()
-                         if _num(v) is not None)
-        peaks_html.append(f"{_esc(device)}: " + (f"{bw:.1f} GB/s copy" if bw is not None else "")
-                          + (f"; GEMM {gemm}" if gemm else "")
-                          + (f" <span class='dim'>(measured {_esc(peak.get('measured_at'))})</span>"
-                             if peak.get("measured_at") else ""))
+    eval_text = env.get("eval_text")
     settings = env.get("settings") or {}
-    items = [
-        ("Python", _esc(env.get("python"))), ("torch", _esc(versions.get("torch"))),
-        ("Platform", _esc(env.get("platform"))), ("CPU", _esc(cpu)),
-        ("CPU features", _esc(cpu_features_text(env))), ("GPU", _esc(gpu_text)),
-        ("Threads", _esc(" · ".join(t for t in threads if t))), ("Git SHA", sha_html),
-        ("Eval text", eval_html), ("Peaks", "<br>".join(peaks_html)),
-        ("Versions", _esc(", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch" and v))),
-        ("Settings", _esc(", ".join(f"{k}={v}" for k, v in settings.items()))),
-    ]
-    full = json.dumps(env, indent=2, sort_keys=True, default=str)
-    return (f'<dl class="env">{_kv(items)}</dl>'
-            f'<details><summary>full environment (JSON)</summary><pre id="env-json">{_esc(full)}</pre></details>')
+    return {
+        "before_sha": [("Python", env.get("python")), ("torch", versions.get("torch")),
+                       ("Platform", env.get("platform")), ("CPU", cpu), ("CPU features", cpu_features_text(env)),
+                       ("GPU", _gpu_text(env.get("gpu"))), ("Threads", " · ".join(t for t in threads if t))],
+        "sha": str(env.get("git_sha") or ""),
+        "shas": sorted({str(r.env.get("git_sha")) for r in records if r.env.get("git_sha")}),
+        "eval_text": ({"path": eval_text.get("path", ""), "sha256": eval_text.get("sha256", "")}
+                      if isinstance(eval_text, dict) and eval_text else None),
+        "peaks": _peaks(env),
+        "after_sha": [("Versions", ", ".join(f"{k} {v}" for k, v in versions.items() if k != "torch" and v)),
+                      ("Settings", ", ".join(f"{k}={v}" for k, v in settings.items()))],
+        "json": json.dumps(env, indent=2, sort_keys=True, default=str),
+    }
 
 
-def _summary(records: list[Record], title: str) -> str:
-    counts = {s: sum(r.status == s for r in records) for s in ("ok", "skipped", "failed")}
+def _summary(records: list[Record]) -> dict:
     started = sorted(r.started_at for r in records if r.started_at)
-    total = sum(_num(r.duration_s) or 0.0 for r in records)
-    distinct = {k: sorted({str(r.case.get(k, "")) for r in records}) for k in ("model", "variant", "workload",
-                                                                                   "dtype", "device")}
-    chips = "".join(f'<span class="badge {s}" id="count-{s}">{n} {s}</span> ' for s, n in counts.items())
-    when = ""
-    if started:
-        when = _esc(started[0]) + (f" → {_esc(started[-1])}" if started[-1] != started[0] else "")
-    items = [("Cases", f"{len(records)} {chips}"), ("Started", when),
-             ("Case time", f"{total:,.1f} s" if records else "")]
-    items += [(f"{k}s", _esc(", ".join(v))) for k, v in distinct.items() if any(v)]
-    return f'<h1>{_esc(title)}</h1><dl class="env summary">{_kv(items)}</dl>'
+    distinct = {k: sorted({str(r.case.get(k, "")) for r in records})
+                for k in ("model", "variant", "workload", "dtype", "device")}
+    return {
+        "cases": len(records),
+        "counts": [(s, sum(r.status == s for r in records)) for s in ("ok", "skipped", "failed")],
+        "started": (started[0] + (f" → {started[-1]}" if started[-1] != started[0] else "")) if started else "",
+        "case_time": f"{sum(_num(r.duration_s) or 0.0 for r in records):,.1f} s" if records else "",
+        "distinct": [(f"{k}s", ", ".join(v)) for k, v in distinct.items() if any(v)],
+    }
 
 
 # -------------------------------------------------------------------- page
 
-_CSS = """
-:root{--fg:#1f2328;--dim:#59636e;--line:#d1d9e0;--bg:#fff;--alt:#f6f8fa;--ok:#1a7f37;--skip:#9a6700;--fail:#cf222e}
-*{box-sizing:border-box}
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg);
-margin:0;padding:0 24px 48px}
-nav{position:sticky;top:0;background:var(--bg);border-bottom:1px solid var(--line);padding:8px 0;z-index:2}
-nav a{margin-right:16px;color:#0969da;text-decoration:none}
-h1{font-size:22px;margin:16px 0 8px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid var(--line)}
-h3{font-size:15px;margin:18px 0 6px}
-dl.env{display:grid;grid-template-columns:max-content 1fr;gap:2px 16px;margin:0}
-dl.env dt{color:var(--dim)}dl.env dd{margin:0;overflow-wrap:anywhere}
-code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
-pre{white-space:pre-wrap;overflow-wrap:anywhere;margin:0}
-.badge{display:inline-block;padding:0 7px;border-radius:10px;font-size:12px;color:#fff;background:var(--dim)}
-.badge.peer{background:#6a4c93}.badge.ok{background:var(--ok)}.badge.skipped{background:var(--skip)}.badge.failed{background:var(--fail)}
-.warn{color:var(--fail)}.dim,.note,.caption{color:var(--dim)}.caption{font-size:12px;max-width:900px;margin:4px 0}
-.controls{display:flex;flex-wrap:wrap;gap:8px 14px;align-items:center;margin:8px 0}
-#filter{width:280px;padding:4px 8px;font:inherit}select{font:inherit}#row-count{color:var(--dim)}
-.scroll{overflow-x:auto;max-width:100%}
-table{border-collapse:collapse;font-size:13px}
-th,td{padding:3px 8px;border-bottom:1px solid var(--line);text-align:left;white-space:nowrap}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-#results thead th{position:sticky;top:0;background:var(--alt);cursor:pointer;user-select:none}
-#results th[data-sort=asc]::after{content:" ▲"}#results th[data-sort=desc]::after{content:" ▼"}
-#results tbody tr:hover{background:#eef4ff}
-tr.status-failed td{background:#fff5f5}tr.status-skipped td{background:#fffbea}
-#problems td{vertical-align:top;white-space:normal}#problems .case-id{white-space:nowrap}
-.legend{display:flex;flex-wrap:wrap;gap:4px 14px;margin:6px 0}
-.legend span{display:inline-flex;align-items:center;gap:5px}
-.legend i{display:inline-block;width:12px;height:12px;border-radius:2px}
-.charts{display:flex;flex-wrap:wrap;gap:12px 28px}
-figure{margin:0;max-width:100%}figcaption{font-weight:600;font-size:13px;margin:4px 0}
-.chart.nodata{width:320px;height:90px;display:flex;align-items:center;justify-content:center;
-border:1px dashed var(--line);color:var(--dim);background:var(--alt)}
-svg.chart{font:11px system-ui,sans-serif;background:#fff}
-svg .grid{stroke:#e5e7eb}svg .grid.zero{stroke-dasharray:2 3}svg .axis{stroke:#57606a}
-svg .tick,svg .group-label,svg .value{fill:#3d444d}svg .axis-label{fill:var(--dim)}
-svg .group-bg{fill:#f6f8fa}svg .baseline{stroke:#57606a;stroke-dasharray:5 4}
-svg .baseline-label{fill:var(--dim);font-size:10px}svg .value{font-size:9px}
-svg .missing{fill:var(--fail);font-weight:700}svg .bar:hover,svg .point:hover{opacity:.75}
-svg .point{stroke:#fff;stroke-width:1}svg .point.pareto{stroke:#111;stroke-width:2}
-svg .pareto-front{fill:none;stroke:#111;stroke-width:1.2;stroke-dasharray:4 3}
-svg .point-label{fill:#3d444d;font-size:10px}
-.marker-key{margin-right:8px}
-"""
 
-_JS = """
-(function () {
-  "use strict";
-  var table = document.getElementById("results");
-  if (table) {
-    var tbody = table.tBodies[0];
-    var heads = Array.prototype.slice.call(table.querySelectorAll("thead th[data-col]"));
-    var rows = Array.prototype.slice.call(tbody.rows);
-    var text = rows.map(function (row) {
-      return (row.textContent + " " + (row.getAttribute("data-case-id") || "")).toLowerCase();
-    });
-    rows.forEach(function (row, i) { row._text = text[i]; });
-    var sortBy = function (th) {
-      var dir = th.getAttribute("data-sort") === "asc" ? "desc" : "asc";
-      heads.forEach(function (h) { h.removeAttribute("data-sort"); h.setAttribute("aria-sort", "none"); });
-      th.setAttribute("data-sort", dir);
-      th.setAttribute("aria-sort", dir === "asc" ? "ascending" : "descending");
-      var index = th.cellIndex, numeric = th.getAttribute("data-type") === "num", sign = dir === "asc" ? 1 : -1;
-      var keyed = Array.prototype.slice.call(tbody.rows).map(function (row, pos) {
-        var raw = row.cells[index].getAttribute("data-value") || "";
-        var key = numeric ? (raw === "" ? NaN : parseFloat(raw)) : raw.toLowerCase();
-        var missing = numeric ? isNaN(key) : key === "";
-        return {row: row, key: key, missing: missing, pos: pos};
-      });
-      keyed.sort(function (a, b) {
-        if (a.missing || b.missing) { return a.missing === b.missing ? a.pos - b.pos : (a.missing ? 1 : -1); }
-        var c = numeric ? (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)
-                        : a.key.localeCompare(b.key, undefined, {numeric: true});
-        return c !== 0 ? sign * c : a.pos - b.pos;
-      });
-      var frag = document.createDocumentFragment();
-      keyed.forEach(function (k) { frag.appendChild(k.row); });
-      tbody.appendChild(frag);
-    };
-    heads.forEach(function (th) {
-      th.addEventListener("click", function () { sortBy(th); });
-      th.addEventListener("keydown", function (e) {
-        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(th); }
-      });
-    });
-    var input = document.getElementById("filter");
-    var selects = Array.prototype.slice.call(document.querySelectorAll("select.col-filter"));
-    var count = document.getElementById("row-count");
-    var apply = function () {
-      var terms = (input ? input.value : "").toLowerCase().split(/\\s+/).filter(Boolean);
-      var shown = 0;
-      rows.forEach(function (row) {
-        var ok = terms.every(function (t) { return row._text.indexOf(t) !== -1; }) &&
-          selects.every(function (s) {
-            return s.value === "" || row.getAttribute("data-" + s.getAttribute("data-col")) === s.value;
-          });
-        row.hidden = !ok;
-        if (ok) { shown += 1; }
-      });
-      if (count) { count.textContent = shown + " of " + rows.length + " cases"; }
-    };
-    if (input) { input.addEventListener("input", apply); }
-    selects.forEach(function (s) { s.addEventListener("change", apply); });
-    apply();
-  }
-  var metric = document.getElementById("pareto-metric");
-  if (metric) {
-    var show = function () {
-      Array.prototype.forEach.call(document.querySelectorAll("figure.pareto-fig"), function (f) {
-        f.hidden = f.getAttribute("data-metric") !== metric.value;
-      });
-    };
-    metric.addEventListener("change", show);
-    show();
-  }
-})();
-"""
+@lru_cache(maxsize=1)
+def _templates() -> Environment:
+    """The page's templates (package data: templates/report.html.j2, report.css, report.js)."""
+    return Environment(loader=PackageLoader("infermatrix.reports", "templates"), autoescape=True,
+                       finalize=_esc, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                       undefined=StrictUndefined)
 
 
-def _legend(colors: dict[str, str], records: list[Record]) -> str:
-    present = {str(r.case.get("variant", "")) for r in records}
-    items = "".join(f'<span data-variant="{_esc(v)}"><i style="background:{c}"></i>{_esc(v)}</span>'
-                    for v, c in colors.items() if v in present)
-    return f'<div class="legend" id="legend">{items}</div>' if items else ""
+def _asset(name: str) -> Markup:
+    """A stylesheet or script to inline as is: ours, not a record's."""
+    environment = _templates()
+    source, _, _ = environment.loader.get_source(environment, name)
+    return Markup(source)
 
 
 def render_html(records: list[Record], *, title: str = "infermatrix run", env: dict | None = None) -> str:
     """The whole report as one HTML document (no external resources)."""
     records = list(records)
-    env = _env_of(records, env)
     colors = _variant_colors(records)
-    speedup = speedups(records)
-    script_hash = base64.b64encode(hashlib.sha256(_JS.encode("utf-8")).digest()).decode("ascii")
-    csp = (f"default-src 'none'; script-src 'sha256-{script_hash}'; style-src 'unsafe-inline'; "
-           "img-src data:; base-uri 'none'; form-action 'none'")
-    body = [
-        ('<nav><a href="#summary">Run</a><a href="#env">Environment</a><a href="#results-section">Results</a>'
-         '<a href="#charts">Charts</a><a href="#problems-section">Failed &amp; skipped</a></nav>'),
-        f'<section id="summary">{_summary(records, title)}</section>',
-        f'<section id="env-section"><h2 id="env">Environment</h2>{_env_section(records, env)}</section>',
-        '<section id="results-section"><h2>Results</h2>',
-        _results_table(records, speedup) if records else '<p class="note" id="no-results">No cases.</p>',
-        "</section>",
-        f'<section id="charts"><h2>Charts</h2>{_legend(colors, records)}',
-        _speed_charts(records, colors, speedup),
-        _pareto_charts(records, colors, speedup),
-        _layout_pictures(records),
-        "</section>",
-        f'<section id="problems-section"><h2>Failed and skipped cases</h2>{_problems(records)}</section>',
-    ]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            '<link rel="icon" href="data:,">'
-            f"<title>{_esc(title)}</title><style>{_CSS}</style></head>\n<body>"
-            + "\n".join(body) + f"\n<script>{_JS}</script></body></html>\n")
+    speedup = speedup_details(records)
+    over = "the baseline" if any(s.named for s in speedup.values()) else REFERENCE
+    speed = [r for r in records if is_speed_record(r)]
+    script = _asset("report.js")
+    return _templates().get_template("report.html.j2").render(
+        title=title, css=_asset("report.css"), script=script,
+        script_hash=base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii"),
+        summary=_summary(records), env=_env_section(records, _env_of(records, env)),
+        table=_table(records, speedup) if records else None,
+        legend=list(colors.items()), over=over,
+        charts={"latency": _latency_charts(speed, colors), "tokens": _token_charts(speed, colors),
+                "speedup": _speedup_chart(speed, colors, speedup, over), "limit": _limit_chart(speed, colors),
+                "pareto": _pareto_charts(records, colors, speedup, over), "layouts": _layout_pictures(records)},
+        problems=_problems(records))
 
 
 def write_html(records: list[Record], out_dir: Path, *, env: dict | None = None,

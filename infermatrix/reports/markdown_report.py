@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infermatrix.reports.derived import cpu_features_text, ran, shown_columns
+from infermatrix.reports.derived import (
+    column_value, cpu_features_text, ran, shape_label, shown_columns, speedup_details,
+)
 from infermatrix.reports.record import Record
 
 MARKDOWN_FILE = "summary.md"
@@ -13,20 +15,6 @@ MARKDOWN_FILE = "summary.md"
 def _md(text: object) -> str:
     """A table cell: pipes escaped, newlines flattened."""
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _value(metrics: dict, key: str, fmt: str) -> str:
-    value = metrics.get(key)
-    if value is None or value != value:
-        return ""
-    if value == float("inf"):  # a CI of the median needs 6 samples at 95%; an SQNR of identical outputs
-        return "n<6" if key == "latency_ms_ci_rel" else "inf"
-    return fmt.format(value)
-
-
-def _shape(case: dict) -> str:
-    keys = (("batch", "b"), ("prompt_len", "p"), ("new_tokens", "n"), ("windows", "w"))
-    return " ".join(f"{tag}{case[k]}" for k, tag in keys if case.get(k))
 
 
 def render_markdown(records: list[Record], title: str = "infermatrix run") -> str:
@@ -38,13 +26,14 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
     if env:  # a figure means little without the CPU: bf16/int8 speed differs by ISA
         lines += [f"CPU: {_md(env.get('cpu') or 'unknown')} · {_md(cpu_features_text(env))}", ""]
     if ok:
-        columns = shown_columns(ok)
+        speedup = speedup_details(records)
+        columns = shown_columns(ok, speedup)
         header = ["model", "variant", "workload", "dtype", "shape"] + [col.header for col in columns] + ["ran"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in ok:
             c = r.case
-            cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), _shape(c)]
-            cells += [_value(r.metrics, col.metric, col.fmt) for col in columns] + [ran(r)]
+            cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), shape_label(c)]
+            cells += [col.text(column_value(r, col, speedup)) for col in columns] + [ran(r)]
             lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
     problems = [r for r in records if r.status != "ok"]
     if problems:

@@ -77,6 +77,13 @@ class PairedRatio:
             return math.inf
         return (math.log(self.ci_high) - math.log(self.ci_low)) / 2
 
+    def inverse(self) -> PairedRatio:
+        """The same rounds read as BASE/NEW: the ratio and its interval inverted (a
+        throughput judged on latency rounds; a speedup over the base)."""
+        if self.ci_low is None or self.ci_high is None:
+            return PairedRatio(self.n, 1 / self.ratio, None, None, self.p_value)
+        return PairedRatio(self.n, 1 / self.ratio, 1 / self.ci_high, 1 / self.ci_low, self.p_value)
+
 
 def paired_ratio(base: np.ndarray | list[float], new: np.ndarray | list[float], alpha: float = 0.05) -> PairedRatio:
     """The paired ratio of per-round values (both positive, same length >= 1)."""

@@ -3,34 +3,27 @@ blank where a metric does not apply to a case's workload."""
 
 from __future__ import annotations
 
-from infermatrix.reports.csv_report import records_frame
-from infermatrix.reports.derived import ran, shown_columns
+import pandas as pd
+
+from infermatrix.reports.derived import column_value, ran, shape_label, shown_columns, speedup_details
 from infermatrix.reports.record import Record
 
-_CASE_COLUMNS = ("model", "variant", "workload", "dtype", "batch", "prompt_len", "new_tokens")
-
-
-def _cell(value, fmt: str | None, column: str = "") -> str:
-    if value is None or value != value:  # None or NaN: not measured for this workload
-        return ""
-    if value == float("inf"):  # a CI of the median needs 6 samples at 95%; an SQNR of identical outputs
-        return "n<6" if column == "latency_ms_ci_rel" else "inf"
-    return fmt.format(value) if fmt else str(value)
+_CASE_COLUMNS = ("model", "variant", "workload", "dtype")
 
 
 def render_table(records: list[Record]) -> str:
     if not records:
         return "(no cases)"
-    frame = records_frame(records)
-    if any(ran(r) for r in records):
-        frame["ran"] = [ran(r) for r in records]
-    metrics = shown_columns(records)
-    formats = {**dict.fromkeys(_CASE_COLUMNS), **{c.metric: c.fmt for c in metrics}, "status": None, "ran": None}
-    columns = [c for c in formats if c in frame.columns]  # blank for all: left out
-    frame = frame[columns].astype(object)
-    for col in columns:
-        frame[col] = [_cell(v, formats[col], col) for v in frame[col]]
-    lines = [frame.rename(columns={c.metric: c.short for c in metrics}).to_string(index=False)]
+    speedup = speedup_details(records)
+    frame = pd.DataFrame({
+        **{key: [str(r.case.get(key) or "") for r in records] for key in _CASE_COLUMNS},
+        "shape": [shape_label(r.case) for r in records],
+        **{c.short: [c.text(column_value(r, c, speedup)) for r in records] for c in shown_columns(records, speedup)},
+        "status": [r.status for r in records],
+        "ran": [ran(r) for r in records],
+    })
+    frame = frame[[col for col in frame.columns if frame[col].any()]]  # blank for all: left out
+    lines = [frame.to_string(index=False)]
     for r in records:
         if r.status != "ok":
             lines.append(f"{r.status}: {r.case_id}: {r.reason}")

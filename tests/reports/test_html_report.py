@@ -1,3 +1,5 @@
+import base64
+import hashlib
 import html
 import math
 from html.parser import HTMLParser
@@ -5,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from infermatrix.reports.html_report import HTML_FILE, pareto_front, render_html, speedups, write_html
+from infermatrix.reports.derived import pareto_front, speedups
+from infermatrix.reports.html_report import HTML_FILE, render_html, write_html
 from infermatrix.reports.record import Record
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -349,3 +352,15 @@ def test_in_chromium_sort_filter_and_charts(tmp_path):
         finally:
             browser.close()
     assert errors == []
+
+
+def test_the_policy_pins_the_inlined_script_and_the_assets_ship_with_the_package():
+    from importlib.resources import files
+
+    page = render_html(default_like())
+    script = page[page.index("<script>") + len("<script>"):page.index("</script>")]
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    assert f"script-src 'sha256-{digest}';" in page  # what runs is what the policy allows
+    templates = files("infermatrix.reports") / "templates"
+    assert script == templates.joinpath("report.js").read_text("utf-8")
+    assert f"<style>{templates.joinpath('report.css').read_text('utf-8')}</style>" in page
