@@ -158,3 +158,11 @@ def shard_costs(matrix: Matrix, n: int) -> list[float]:
     """Estimated seconds of each shard, for balance reports."""
     settings = split_settings(matrix)
     return [sum(estimate_cost(c, settings) for c in shard) for shard in assign_shards(matrix.cases, n, settings)]
+
+
+def share_note(whole: Matrix, k: int, n: int) -> str:
+    """What `run --shard K/N` says of its share of the `whole` matrix: its place, the
+    matrix's case count and the share of the estimated cost it carries."""
+    costs = shard_costs(whole, n)
+    share = costs[k - 1] / sum(costs) if sum(costs) else 0.0
+    return f"shard {k}/{n} of {len(whole.cases)}, {share:.0%} of the estimated cost"
