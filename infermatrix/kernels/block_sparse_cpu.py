@@ -279,11 +279,12 @@ class TileRunner:
         (pairs, tiles, keys, D)."""
         g, bs, dim = chunk.group, self.block, self.dim
         first_block = int(g.key_blocks[chunk.first_query_row * g.blocks_per_row])
-        view = dict(size=(chunk.pair_stop - chunk.pair_start, chunk.tiles, keys, dim),
-                    stride=(self.n_blocks * bs * dim, tile_step * bs * dim, dim, 1),
-                    storage_offset=self.key_blocks.storage_offset()
-                    + (chunk.pair_start * self.n_blocks + first_block) * bs * dim)
-        return self.key_blocks.as_strided(**view), self.value_blocks.as_strided(**view)
+        size = (chunk.pair_stop - chunk.pair_start, chunk.tiles, keys, dim)
+        stride = (self.n_blocks * bs * dim, tile_step * bs * dim, dim, 1)
+        start = (chunk.pair_start * self.n_blocks + first_block) * bs * dim
+        # each from its own storage offset: K and V may be views into one buffer
+        return tuple(blocks.as_strided(size, stride, blocks.storage_offset() + start)
+                     for blocks in (self.key_blocks, self.value_blocks))
 
     def _run_band_tiles(self, chunk: Chunk) -> None:
         """Tiles of several consecutive query blocks each, over their keys' union."""

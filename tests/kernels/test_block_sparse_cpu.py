@@ -97,6 +97,16 @@ def test_work_follows_density():
     assert any(g.band_step == 1 for g in plan)  # the band is read through strided views, not gathered
 
 
+
+@pytest.mark.parametrize("layout", [L.sliding_window(256, 32, 64), L.sliding_window(512, 16, 256)])
+def test_k_and_v_may_be_views_into_one_buffer(layout):
+    """A band's keys and values are strided views of K and V; each must start from its
+    own tensor's storage offset (V here starts half-way into the buffer K starts at)."""
+    q = torch.randn(1, 2, layout.seq_len, 16)
+    k, v = torch.randn(2, 1, 2, layout.seq_len, 16).unbind(0)
+    assert v.storage_offset() != k.storage_offset()
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout), masked_dense(q, k, v, layout), **FP32)
+
 def test_refuses_a_layout_for_another_length_or_head_count():
     q, k, v = qkv(1, 2, 2, 256, 16)
     with pytest.raises(ValueError, match="seq_len=512 does not match the input's sequence length 256"):
