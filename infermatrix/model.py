@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from infermatrix.memory import storage_bytes
+
 
 class AttentionFn(Protocol):
     """The attention seam: what ``Transformer.attention`` and ``Encoder.attention`` hold
@@ -441,20 +443,3 @@ class Transformer(nn.Module):
         """Bytes of distinct parameter and buffer storage (tied weights counted once)."""
         return storage_bytes(self)
 
-
-def storage_bytes(module: nn.Module) -> int:
-    """Bytes of a module's distinct parameter and buffer storage (shared tensors once)."""
-    seen, total = set(), 0
-    pending = list(module.parameters()) + list(module.buffers())
-    while pending:
-        t = pending.pop()
-        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-            pending += [getattr(t, name) for name in t.__tensor_flatten__()[0]]  # a wrapper (e.g. torchao's
-            continue  # int8 weight) has no storage of its own: count the tensors inside it
-        if t.is_mkldnn:  # oneDNN's packed layout has no storage pointer; never shared
-            total += t.numel() * t.element_size()
-            continue
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total

@@ -50,7 +50,8 @@ from infermatrix.bench.timing import TimerConfig, measure, time_once
 from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
 from infermatrix.generate import GreedyDecoder, generate_greedy
-from infermatrix.model import Transformer, math_attention, storage_bytes
+from infermatrix.memory import storage_bytes
+from infermatrix.model import Transformer, math_attention
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 
