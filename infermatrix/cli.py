@@ -37,12 +37,19 @@ def _given_rules(args: argparse.Namespace) -> list[str]:
     return rules
 
 
+def _subcommand(sub, name: str, handler, **parser_options) -> argparse.ArgumentParser:
+    """A subcommand's parser, bound to the handler that runs it."""
+    parser = sub.add_parser(name, **parser_options)
+    parser.set_defaults(func=handler)
+    return parser
+
+
 # run ------------------------------------------------------------------------------
 
 
 def _add_run(sub) -> None:
-    run = sub.add_parser(
-        "run", help="run a benchmark matrix and write a run folder",
+    run = _subcommand(
+        sub, "run", _cmd_run, help="run a benchmark matrix and write a run folder",
         description="Expand a matrix TOML file into cases, run each (a failing case becomes a failed "
                     "record; the run goes on) and write records.jsonl and results.csv.",
         epilog="Examples: infermatrix run; infermatrix run ci --out results/smoke; "
@@ -74,7 +81,6 @@ def _add_run(sub) -> None:
                           "local cluster, else start one)")
     run.add_argument("--cpus-per-case", type=float, metavar="N",
                      help="Ray: CPUs each CPU case asks for (default: a whole node, so timings do not share cores)")
-    run.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -155,8 +161,8 @@ def _resume_command(args: argparse.Namespace, out: Path) -> str:
 
 
 def _add_merge(sub) -> None:
-    merge = sub.add_parser(
-        "merge", help="combine the runs of one matrix's shards into one run folder",
+    merge = _subcommand(
+        sub, "merge", _cmd_merge, help="combine the runs of one matrix's shards into one run folder",
         description="Join the records of runs made from the same matrix file (e.g. `run --shard K/N`) into one "
                     "run folder and write its reports; each record keeps the environment it was measured in. "
                     "Duplicate and conflicting records, missing cases and different [run] settings are reported.",
@@ -166,7 +172,6 @@ def _add_merge(sub) -> None:
     merge.add_argument("--out", metavar="DIR", required=True, help="the merged run folder to create")
     merge.add_argument("--force", action="store_true",
                        help="merge even runs made from different (or unknown) matrix files")
-    merge.set_defaults(func=_cmd_merge)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -197,14 +202,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub) -> None:
-    report = sub.add_parser(
-        "report", help="write results.csv, results.json, summary.md and report.html of a run",
+    report = _subcommand(
+        sub, "report", _cmd_report, help="write results.csv, results.json, summary.md and report.html of a run",
         description="Render a run's records (a run folder, a records .jsonl, a results.json or pytest-benchmark "
                     "JSON) as CSV, JSON, Markdown and one self-contained HTML file. `run` does this at its end.",
     )
     report.add_argument("run", help="run folder or records file")
     report.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
-    report.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -225,8 +229,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_compare(sub) -> None:
-    compare = sub.add_parser(
-        "compare", help="compare two runs case by case, with significance tests",
+    compare = _subcommand(
+        sub, "compare", _cmd_compare, help="compare two runs case by case, with significance tests",
         description="Match cases by id; speed metrics as ratios NEW/BASE with confidence intervals from the raw "
                     "samples, marked significant only when a Mann-Whitney U test says so (else ~); accuracy "
                     "metrics as differences; cases in one run only are listed.",
@@ -236,7 +240,6 @@ def _add_compare(sub) -> None:
     compare.add_argument("--md", metavar="OUT", help="also write the comparison as Markdown")
     compare.add_argument("--html", metavar="OUT", help="also write the comparison as HTML")
     compare.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    compare.set_defaults(func=_cmd_compare)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -258,8 +261,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_gate(sub) -> None:
-    gate = sub.add_parser(
-        "gate", help="fail (exit 1) on a significant regression of speed or a breach of accuracy bounds",
+    gate = _subcommand(
+        sub, "gate", _cmd_gate, help="fail (exit 1) on a significant regression of speed or a breach of accuracy bounds",
         description="Apply rules METRIC:BOUND with an optional case filter, e.g. tokens_per_s:-5%%, "
                     "latency_ms_p50:+5%%, top1_agree:>=99%%, ppl_delta_pct:<=1, variant=int8_*:kl_mean:<=0.01. "
                     "Rules come from --fail/--rules, else the NEW run's matrix [gate] table, else the defaults. "
@@ -277,7 +280,6 @@ def _add_gate(sub) -> None:
     gate.add_argument("--calibrate", action="store_true",
                       help="treat BASE and NEW as an A/A pair (same code, same machine): print the noise floor "
                            "and suggested thresholds instead of a verdict")
-    gate.set_defaults(func=_cmd_gate)
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
@@ -307,8 +309,8 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _add_ab(sub) -> None:
-    ab = sub.add_parser(
-        "ab", help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
+    ab = _subcommand(
+        sub, "ab", _cmd_ab, help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
         description="Run every case of MATRIX for BASE and NEW alternately, in rounds of short turns (ABBA order, "
                     "the starting side drawn at random), each turn a fresh case process, forked from one template "
                     "shared by both sides, that imports its side's code. BASE and NEW are git refs (checked out into temporary "
@@ -337,7 +339,6 @@ def _add_ab(sub) -> None:
     ab.add_argument("--html", metavar="OUT", help="also write the verdict as HTML here")
     ab.add_argument("--shard", metavar="K/N", help=argparse.SUPPRESS)  # refused with a reason
     _add_interleave_options(ab)
-    ab.set_defaults(func=_cmd_ab)
 
 
 def _add_interleave_options(parser: argparse.ArgumentParser) -> None:
@@ -424,8 +425,8 @@ def _run_ab(base: str, new: str, args: argparse.Namespace, out: Path, rules: lis
 
 
 def _add_calibrate(sub) -> None:
-    cal = sub.add_parser(
-        "calibrate", help="run a matrix twice (A/A) and suggest gate thresholds from this machine's noise",
+    cal = _subcommand(
+        sub, "calibrate", _cmd_calibrate, help="run a matrix twice (A/A) and suggest gate thresholds from this machine's noise",
         description="Run the same matrix twice and compare the runs: every difference is noise. Prints each "
                     "metric's noise floor and a threshold that would not have fired.",
     )
@@ -435,7 +436,6 @@ def _add_calibrate(sub) -> None:
                      help="A/A the way `ab` measures: this code on both sides, interleaved in rounds; prints the "
                           "change each case could detect")
     _add_interleave_options(cal)
-    cal.set_defaults(func=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -466,14 +466,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _add_env(sub) -> None:
-    env = sub.add_parser(
-        "env", help="print this machine's environment and measured peaks",
+    env = _subcommand(
+        sub, "env", _cmd_env, help="print this machine's environment and measured peaks",
         description="Print versions, CPU/GPU, threads and pinning, and the memory bandwidth and GEMM "
                     "FLOP/s peaks the roofline figures use (measured once per machine, then cached).",
     )
     env.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     env.add_argument("--dtypes", default="float32,bfloat16", help="GEMM dtypes to measure (comma-separated)")
-    env.set_defaults(func=_cmd_env)
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -503,13 +502,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 
 def _add_list(sub) -> None:
-    lst = sub.add_parser(
-        "list", help="list variants and models, with availability on this machine",
+    lst = _subcommand(
+        sub, "list", _cmd_list, help="list variants and models, with availability on this machine",
         description="List registered variants (built-in and plugins) and model presets, and say why "
                     "any is unavailable here.",
     )
     lst.add_argument("--axis", help="only variants on this axis (linear, attention, cache, graph)")
-    lst.set_defaults(func=_cmd_list)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
