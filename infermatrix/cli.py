@@ -1,4 +1,10 @@
-"""The `infermatrix` command: thin, it parses and calls bench/ and reports/."""
+"""The `infermatrix` command: thin, it parses and calls bench/ and reports/.
+
+Each subcommand is a pair that sits together: `_add_<name>(sub)` declares its
+arguments and `_cmd_<name>(args)` runs it; `build_parser` lists the pairs in the
+order `--help` shows them. Heavy imports (torch, scipy) happen inside the handlers,
+so `--help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,71 @@ from pathlib import Path
 from infermatrix.errors import UserError
 
 EPILOG = "Bad input exits with status 2 and one line saying what was wrong."
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _timestamped(prefix: str = "") -> Path:
+    """The default folder of a new run: results/<prefix><date-time>."""
+    return Path("results") / (prefix + datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def _given_rules(args: argparse.Namespace) -> list[str]:
+    """The rules given on the command line: each --fail, then those of --rules FILE."""
+    from infermatrix.reports.gate import read_rules_file
+
+    rules = list(args.fail or [])
+    if args.rules:
+        rules += read_rules_file(Path(args.rules))
+    return rules
+
+
+def _subcommand(sub, name: str, handler, **parser_options) -> argparse.ArgumentParser:
+    """A subcommand's parser, bound to the handler that runs it."""
+    parser = sub.add_parser(name, **parser_options)
+    parser.set_defaults(func=handler)
+    return parser
+
+
+# run ------------------------------------------------------------------------------
+
+
+def _add_run(sub) -> None:
+    run = _subcommand(
+        sub, "run", _cmd_run, help="run a benchmark matrix and write a run folder",
+        description="Expand a matrix TOML file into cases, run each (a failing case becomes a failed "
+                    "record; the run goes on) and write records.jsonl and results.csv.",
+        epilog="Examples: infermatrix run; infermatrix run ci --out results/smoke; "
+               "infermatrix run my_matrix.toml",
+    )
+    from infermatrix.bench.shipped import builtin_matrices  # torch-free: the help stays fast
+
+    run.add_argument("matrix", nargs="?",
+                     help="matrix TOML file, or a built-in matrix name: "
+                          f"{', '.join(sorted(builtin_matrices()))} (default: default)")
+    run.add_argument("--out", metavar="DIR", help="run folder to create (default: results/<timestamp>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out DIR: cases that already have a record are not run again")
+    run.add_argument("--eval-text", metavar="FILE",
+                     help="UTF-8 text for the drift workload (default: the standard library's pydoc topics)")
+    run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                     help="run each case in its own process (default: the matrix's [run] isolate, true)")
+    run.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take when isolated")
+    run.add_argument("--max-time", type=float, metavar="S", help="time cap per measurement (adaptive repetition)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--shard", metavar="K/N",
+                     help="run only the K-th of N shares of the cases (K from 1): the split depends on the set "
+                          "of cases alone and balances their estimated cost; join the runs with `merge`")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: one case after another on this machine (default); ray: each case a Ray task "
+                          "(pip install 'infermatrix[ray]')")
+    run.add_argument("--address", metavar="ADDR",
+                     help="Ray cluster to use, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a "
+                          "local cluster, else start one)")
+    run.add_argument("--cpus-per-case", type=float, metavar="N",
+                     help="Ray: CPUs each CPU case asks for (default: a whole node, so timings do not share cores)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -30,26 +101,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.executor == "ray":
         from infermatrix.bench.ray_executor import RayExecutor
 
-        executor = RayExecutor(args.address, args.cpus_per_case, log=lambda line: print(line, flush=True))
+        executor = RayExecutor(args.address, args.cpus_per_case, log=_log)
     matrix = load_matrix(args.matrix, overrides)
     if args.resume and not args.out:
         raise UserError("--resume needs --out DIR: the run folder to continue")
-    out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else _timestamped()
     if executor is not None:
         executor.connect()  # a cluster that cannot be reached is refused before the run folder is made
-    of = ""
+    share = ""
     if shard is not None:
-        from infermatrix.bench.shard import shard_costs, shard_matrix
+        from infermatrix.bench.shard import shard_matrix, share_note
 
-        whole = matrix
-        matrix = shard_matrix(whole, *shard)
-        costs = shard_costs(whole, shard[1])
-        share = costs[shard[0] - 1] / sum(costs) if sum(costs) else 0.0
-        of = f" (shard {shard[0]}/{shard[1]} of {matrix.shard.matrix_cases}, {share:.0%} of the estimated cost)"
-    print(f"infermatrix: {len(matrix.cases)} cases{of} from {matrix.source} -> {out}", flush=True)
+        share = f" ({share_note(matrix, *shard)})"
+        matrix = shard_matrix(matrix, *shard)
+    print(f"infermatrix: {len(matrix.cases)} cases{share} from {matrix.source} -> {out}", flush=True)
     try:
-        records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text,
-                             log=lambda line: print(line, flush=True),
+        records = run_matrix(matrix, out, resume=args.resume, eval_text=args.eval_text, log=_log,
                              progress=sys.stderr.isatty() and not args.quiet, executor=executor)
     except KeyboardInterrupt:  # Ctrl-C: what is recorded stays, and the run can go on from there
         print(f"infermatrix: interrupted: {_recorded_cases(out)} of {len(matrix.cases)} cases recorded in {out}; "
@@ -90,6 +157,23 @@ def _resume_command(args: argparse.Namespace, out: Path) -> str:
     return shlex.join([*words, "--resume"])
 
 
+# merge ----------------------------------------------------------------------------
+
+
+def _add_merge(sub) -> None:
+    merge = _subcommand(
+        sub, "merge", _cmd_merge, help="combine the runs of one matrix's shards into one run folder",
+        description="Join the records of runs made from the same matrix file (e.g. `run --shard K/N`) into one "
+                    "run folder and write its reports; each record keeps the environment it was measured in. "
+                    "Duplicate and conflicting records, missing cases and different [run] settings are reported.",
+        epilog="Example: infermatrix merge shards/* --out results/full && infermatrix gate results/base results/full",
+    )
+    merge.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or records .jsonl / results .json files)")
+    merge.add_argument("--out", metavar="DIR", required=True, help="the merged run folder to create")
+    merge.add_argument("--force", action="store_true",
+                       help="merge even runs made from different (or unknown) matrix files")
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from infermatrix.reports.merge import merge_runs, write_merged
     from infermatrix.reports.run import load_run
@@ -114,6 +198,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# report ---------------------------------------------------------------------------
+
+
+def _add_report(sub) -> None:
+    report = _subcommand(
+        sub, "report", _cmd_report, help="write results.csv, results.json, summary.md and report.html of a run",
+        description="Render a run's records (a run folder, a records .jsonl, a results.json or pytest-benchmark "
+                    "JSON) as CSV, JSON, Markdown and one self-contained HTML file. `run` does this at its end.",
+    )
+    report.add_argument("run", help="run folder or records file")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from infermatrix.reports.run import load_nonempty_run, write_reports
     from infermatrix.reports.table import render_table
@@ -126,6 +223,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for path in write_reports(run, out):
         print(f"wrote {path}")
     return 0
+
+
+# compare --------------------------------------------------------------------------
+
+
+def _add_compare(sub) -> None:
+    compare = _subcommand(
+        sub, "compare", _cmd_compare, help="compare two runs case by case, with significance tests",
+        description="Match cases by id; speed metrics as ratios NEW/BASE with confidence intervals from the raw "
+                    "samples, marked significant only when a Mann-Whitney U test says so (else ~); accuracy "
+                    "metrics as differences; cases in one run only are listed.",
+    )
+    compare.add_argument("base", help="BASE run folder or records file")
+    compare.add_argument("new", help="NEW run folder or records file")
+    compare.add_argument("--md", metavar="OUT", help="also write the comparison as Markdown")
+    compare.add_argument("--html", metavar="OUT", help="also write the comparison as HTML")
+    compare.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -143,57 +257,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _select_rules(args: argparse.Namespace, new_run) -> tuple[list[str], str]:
-    """The rules to apply and where they came from: --fail/--rules, else the NEW run's
-    matrix [gate] table, else the documented defaults."""
-    from infermatrix.reports.gate import DEFAULT_RULES
-
-    rules = list(args.fail or [])
-    if args.rules:
-        rules += _rules_file(Path(args.rules))
-    if rules:
-        return rules, "command line"
-    matrix_gate = _matrix_gate_rules(new_run.matrix_text)
-    if matrix_gate:
-        return matrix_gate, "the run's matrix [gate]"
-    return list(DEFAULT_RULES), "defaults"
+# gate -----------------------------------------------------------------------------
 
 
-def _matrix_gate_rules(matrix_text: str | None) -> list[str]:
-    """The [gate] rules of a run's matrix copy (none without one)."""
-    if not matrix_text:
-        return []
-    from infermatrix.bench.matrix import parse_gate_table, tomllib
-
-    return list(parse_gate_table(tomllib.loads(matrix_text).get("gate", {}), "the run's matrix"))
-
-
-def _rules_file(path: Path) -> list[str]:
-    """A TOML file with [gate] rules = [...], or a text file with one rule per line (# comments)."""
-    if not path.is_file():
-        raise UserError(f"--rules {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".toml":
-        from infermatrix.bench.matrix import parse_gate_table, tomllib
-
-        try:
-            return list(parse_gate_table(tomllib.loads(text).get("gate", {}), str(path)))
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"--rules {path}: invalid TOML: {exc}") from None
-    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+def _add_gate(sub) -> None:
+    gate = _subcommand(
+        sub, "gate", _cmd_gate, help="fail (exit 1) on a significant regression of speed or a breach of accuracy bounds",
+        description="Apply rules METRIC:BOUND with an optional case filter, e.g. tokens_per_s:-5%%, "
+                    "latency_ms_p50:+5%%, top1_agree:>=99%%, ppl_delta_pct:<=1, variant=int8_*:kl_mean:<=0.01. "
+                    "Rules come from --fail/--rules, else the NEW run's matrix [gate] table, else the defaults. "
+                    "A speed change fails only when beyond the threshold AND significant; accuracy bounds are "
+                    "absolute; a case ok in BASE and failed or missing in NEW fails. Exit 0 pass, 1 regression, "
+                    "2 bad input; the verdict goes to $GITHUB_STEP_SUMMARY when set. For stored runs (a nightly "
+                    "against today's); to gate a code change, `infermatrix ab` measures both versions interleaved "
+                    "and sees far smaller regressions than two runs made minutes apart.",
+    )
+    gate.add_argument("base", help="BASE run folder or records file")
+    gate.add_argument("new", help="NEW run folder or records file")
+    gate.add_argument("--rules", metavar="FILE", help="rules file: TOML with [gate] rules = [...], or one rule per line")
+    gate.add_argument("--fail", metavar="RULE", action="append", help="a rule (repeatable)")
+    gate.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    gate.add_argument("--calibrate", action="store_true",
+                      help="treat BASE and NEW as an A/A pair (same code, same machine): print the noise floor "
+                           "and suggested thresholds instead of a verdict")
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    import os
-
-    from infermatrix.reports.gate import RuleError, calibrate, evaluate, parse_rule, render_calibration
+    from infermatrix.reports.gate import (RuleError, calibrate, evaluate, parse_rule, render_calibration,
+                                          select_rules, write_step_summary)
     from infermatrix.reports.run import load_nonempty_run
 
     base, new = load_nonempty_run(args.base, "gate"), load_nonempty_run(args.new, "gate")
     if args.calibrate:
         print(render_calibration(calibrate(base.records, new.records)))
         return 0
-    rules, origin = _select_rules(args, new)
+    rules, origin = select_rules(_given_rules(args), new.matrix_text)
     try:
         parsed = [parse_rule(rule) for rule in rules]
     except RuleError as exc:
@@ -203,10 +301,84 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     for failure in result.failures:
         print(f"FAIL {failure}")
     print("gate: PASS" if result.passed else f"gate: FAIL ({len(result.failures)} regressions)")
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as f:
-            f.write(result.markdown + "\n")
+    write_step_summary(result.markdown)
+    return 0 if result.passed else 1
+
+
+# ab -------------------------------------------------------------------------------
+
+
+def _add_ab(sub) -> None:
+    ab = _subcommand(
+        sub, "ab", _cmd_ab, help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
+        description="Run every case of MATRIX for BASE and NEW alternately, in rounds of short turns (ABBA order, "
+                    "the starting side drawn at random), each turn a fresh case process, forked from one template "
+                    "shared by both sides, that imports its side's code. BASE and NEW are git refs (checked out into temporary "
+                    "worktrees) or source folders, of infermatrix itself or of a variant plugin package. Speed "
+                    "rules are judged on the paired per-round ratios (Hodges-Lehmann interval, Benjamini-Hochberg "
+                    "across cases): regression, improvement, unchanged or inconclusive; other rules and case "
+                    "statuses as in `gate`. Writes OUT/base and OUT/new (run folders) and OUT/ab.{json,md,html}. "
+                    "Exit 0 pass, 1 regression or a case failing on one side, 2 bad input.",
+        epilog="Examples: infermatrix ab HEAD~1 HEAD; infermatrix ab origin/main . ci --fail latency_ms_p50:+3%%; "
+               "infermatrix ab ../plugin-main ../plugin-pr my.toml",
+    )
+    ab.add_argument("base", metavar="BASE", help="git ref (branch, tag, commit, HEAD~1) or source folder")
+    ab.add_argument("new", metavar="NEW", help="git ref or source folder ('.' is the working tree)")
+    ab.add_argument("matrix", nargs="?", help="matrix TOML file, or a built-in name each side reads its own of "
+                                              "(default: default)")
+    ab.add_argument("--out", metavar="DIR", help="new folder for the A/B run (default: results/ab-<time>)")
+    ab.add_argument("--fail", metavar="RULE", action="append",
+                    help="a gate rule (repeatable); default: the NEW matrix's [gate] rules, else latency_ms_p50:+5%%, "
+                         "tokens_per_s:-5%% and the gate's accuracy bounds")
+    ab.add_argument("--rules", metavar="FILE", help="rules file, as for gate")
+    ab.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate (default 0.05)")
+    ab.add_argument("--repo", metavar="DIR", help="git repository the refs belong to (default: the current one)")
+    ab.add_argument("--eval-text", metavar="FILE", help="UTF-8 text for prompts and drift, as for run")
+    ab.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take on one side")
+    ab.add_argument("--md", metavar="OUT", help="also write the verdict as Markdown here")
+    ab.add_argument("--html", metavar="OUT", help="also write the verdict as HTML here")
+    ab.add_argument("--shard", metavar="K/N", help=argparse.SUPPRESS)  # refused with a reason
+    _add_interleave_options(ab)
+
+
+def _add_interleave_options(parser: argparse.ArgumentParser) -> None:
+    """How long `ab` (and `calibrate --interleaved`) interleave each case."""
+    parser.add_argument("--turn", dest="turn_s", type=float, metavar="S",
+                        help="seconds of sampling per turn, each in a fresh case process (default 0.3; at "
+                             "least one sample)")
+    parser.add_argument("--min-rounds", type=int, metavar="N", help="rounds before stopping (default 8)")
+    parser.add_argument("--max-rounds", type=int, metavar="N", help="rounds at most (default 20)")
+    parser.add_argument("--target-ci", type=float, metavar="F",
+                        help="stop once the paired ratio's 95%% interval is within ±F (default 0.02)")
+    parser.add_argument("--max-time", dest="max_time_s", type=float, metavar="S",
+                        help="seconds of turns per side and case after --min-rounds (default: the matrix's "
+                             "max_time_s)")
+    parser.add_argument("--seed", type=int, help="seed of the starting sides (default: drawn and recorded)")
+    parser.add_argument("--only", metavar="FILTER", action="append",
+                        help="only the cases matching field=glob[,field=glob...] (repeatable: any of them), "
+                             "e.g. --only workload=prefill --only workload=attention")
+
+
+def _cmd_ab(args: argparse.Namespace) -> int:
+    from infermatrix.bench.ab import ab_header
+    from infermatrix.reports.ab import render_ab_html, render_ab_markdown, render_ab_text
+    from infermatrix.reports.gate import write_step_summary
+
+    if args.shard is not None:
+        raise UserError("ab does not take --shard: both sides of a case must run on one machine, moments apart; "
+                        "split the matrix into smaller files and run ab on each instead")
+    rules = _given_rules(args)
+    out = Path(args.out) if args.out else _timestamped("ab-")
+    run, result, origin = _run_ab(args.base, args.new, args, out, rules)
+    print()
+    print(render_ab_text(result, f"{ab_header(run)} · {len(result.rules)} rules from {origin}"))
+    for option, render in ((args.md, render_ab_markdown), (args.html, render_ab_html)):
+        if option:
+            Path(option).write_text(render(result, ab_header(run)), encoding="utf-8")
+            print(f"wrote {option}")
+    print(f"wrote {out / 'base'}, {out / 'new'} (run folders) and {out / 'ab.md'}, {out / 'ab.html'}, "
+          f"{out / 'ab.json'}")
+    write_step_summary(render_ab_markdown(result, ab_header(run)))
     return 0 if result.passed else 1
 
 
@@ -224,59 +396,46 @@ def _run_ab(base: str, new: str, args: argparse.Namespace, out: Path, rules: lis
     result, where the rules came from)."""
     from infermatrix.bench.ab import run_ab, write_ab_reports
     from infermatrix.reports.ab import AB_DEFAULT_RULES, evaluate_ab
-    from infermatrix.reports.gate import RuleError, parse_rule
+    from infermatrix.reports.gate import RuleError, parse_rule, select_rules
     from infermatrix.reports.run import MATRIX_COPY
 
     try:
-        parsed = [parse_rule(rule) for rule in rules]
+        parsed = [parse_rule(rule) for rule in rules]  # bad rules are refused before anything runs
     except RuleError as exc:
         raise UserError(f"rule: {exc}") from None
     if not 0 < args.alpha < 1:
         raise UserError(f"--alpha must be in (0, 1), got {args.alpha}")
     overrides = {"timeout_s": args.timeout} if args.timeout is not None else {}
     run = run_ab(base, new, args.matrix, out, settings=_ab_settings(args), repo=args.repo,
-                 eval_text=args.eval_text, overrides=overrides, only=args.only,
-                 log=lambda line: print(line, flush=True))
-    origin = "command line"
-    if not rules:
+                 eval_text=args.eval_text, overrides=overrides, only=args.only, log=_log)
+    if not rules:  # the NEW side's matrix copy exists only now
         copy = out / "new" / MATRIX_COPY
-        rules = _matrix_gate_rules(copy.read_text(encoding="utf-8") if copy.exists() else None)
-        origin = "the matrix [gate]"
-        if not rules:
-            rules, origin = list(AB_DEFAULT_RULES), "A/B defaults"
+        rules, origin = select_rules([], copy.read_text(encoding="utf-8") if copy.exists() else None,
+                                     AB_DEFAULT_RULES, matrix_origin="the matrix [gate]",
+                                     defaults_origin="A/B defaults")
         parsed = [parse_rule(rule) for rule in rules]
+    else:
+        origin = "command line"
     result = evaluate_ab(run.records["base"], run.records["new"], parsed, alpha=args.alpha)
     write_ab_reports(run, result)
     return run, result, origin
 
 
-def _cmd_ab(args: argparse.Namespace) -> int:
-    import os
+# calibrate ------------------------------------------------------------------------
 
-    from infermatrix.bench.ab import ab_header
-    from infermatrix.reports.ab import render_ab_html, render_ab_markdown, render_ab_text
 
-    if args.shard is not None:
-        raise UserError("ab does not take --shard: both sides of a case must run on one machine, moments apart; "
-                        "split the matrix into smaller files and run ab on each instead")
-    rules = list(args.fail or [])
-    if args.rules:
-        rules += _rules_file(Path(args.rules))
-    out = Path(args.out) if args.out else Path("results") / ("ab-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
-    run, result, origin = _run_ab(args.base, args.new, args, out, rules)
-    print()
-    print(render_ab_text(result, f"{ab_header(run)} · {len(result.rules)} rules from {origin}"))
-    for option, render in ((args.md, render_ab_markdown), (args.html, render_ab_html)):
-        if option:
-            Path(option).write_text(render(result, ab_header(run)), encoding="utf-8")
-            print(f"wrote {option}")
-    print(f"wrote {out / 'base'}, {out / 'new'} (run folders) and {out / 'ab.md'}, {out / 'ab.html'}, "
-          f"{out / 'ab.json'}")
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as f:
-            f.write(render_ab_markdown(result, ab_header(run)) + "\n")
-    return 0 if result.passed else 1
+def _add_calibrate(sub) -> None:
+    cal = _subcommand(
+        sub, "calibrate", _cmd_calibrate, help="run a matrix twice (A/A) and suggest gate thresholds from this machine's noise",
+        description="Run the same matrix twice and compare the runs: every difference is noise. Prints each "
+                    "metric's noise floor and a threshold that would not have fired.",
+    )
+    cal.add_argument("matrix", nargs="?", help="matrix TOML file or built-in name (default: default)")
+    cal.add_argument("--out", metavar="DIR", help="folder for the two runs (default: results/calibrate-<time>)")
+    cal.add_argument("--interleaved", action="store_true",
+                     help="A/A the way `ab` measures: this code on both sides, interleaved in rounds; prints the "
+                          "change each case could detect")
+    _add_interleave_options(cal)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -284,7 +443,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from infermatrix.bench.runner import run_matrix
     from infermatrix.reports.gate import calibrate, render_calibration
 
-    out = Path(args.out) if args.out else Path("results") / ("calibrate-" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out = Path(args.out) if args.out else _timestamped("calibrate-")
     if args.interleaved:  # the same code on both sides, interleaved: the paired noise floor
         import infermatrix
         from infermatrix.reports.ab import render_ab_calibration
@@ -298,9 +457,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     runs = []
     for name in ("a", "b"):  # the same matrix twice: every difference is noise
         print(f"infermatrix: A/A run {name} of {len(matrix.cases)} cases -> {out / name}", flush=True)
-        runs.append(run_matrix(matrix, out / name, log=lambda line: print(line, flush=True)))
+        runs.append(run_matrix(matrix, out / name, log=_log))
     print(render_calibration(calibrate(*runs)))
     return 0
+
+
+# env ------------------------------------------------------------------------------
+
+
+def _add_env(sub) -> None:
+    env = _subcommand(
+        sub, "env", _cmd_env, help="print this machine's environment and measured peaks",
+        description="Print versions, CPU/GPU, threads and pinning, and the memory bandwidth and GEMM "
+                    "FLOP/s peaks the roofline figures use (measured once per machine, then cached).",
+    )
+    env.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    env.add_argument("--dtypes", default="float32,bfloat16", help="GEMM dtypes to measure (comma-separated)")
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -310,7 +482,6 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
     from infermatrix.bench.env import capture_env
     from infermatrix.bench.roofline import load_or_measure_peaks
-
     from infermatrix.weights import parse_dtype
 
     dtypes = tuple(d.strip() for d in args.dtypes.split(","))
@@ -325,6 +496,18 @@ def _cmd_env(args: argparse.Namespace) -> int:
     peaks = load_or_measure_peaks(device, dtypes)
     print(json.dumps({"env": env, "peaks": peaks.to_dict()}, indent=2, default=str))
     return 0
+
+
+# list -----------------------------------------------------------------------------
+
+
+def _add_list(sub) -> None:
+    lst = _subcommand(
+        sub, "list", _cmd_list, help="list variants and models, with availability on this machine",
+        description="List registered variants (built-in and plugins) and model presets, and say why "
+                    "any is unavailable here.",
+    )
+    lst.add_argument("--axis", help="only variants on this axis (linear, attention, cache, graph)")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -363,22 +546,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ab_options(parser: argparse.ArgumentParser) -> None:
-    """How long `ab` (and `calibrate --interleaved`) interleave each case."""
-    parser.add_argument("--turn", dest="turn_s", type=float, metavar="S",
-                        help="seconds of sampling per turn, each in a fresh case process (default 0.3; at "
-                             "least one sample)")
-    parser.add_argument("--min-rounds", type=int, metavar="N", help="rounds before stopping (default 8)")
-    parser.add_argument("--max-rounds", type=int, metavar="N", help="rounds at most (default 20)")
-    parser.add_argument("--target-ci", type=float, metavar="F",
-                        help="stop once the paired ratio's 95%% interval is within ±F (default 0.02)")
-    parser.add_argument("--max-time", dest="max_time_s", type=float, metavar="S",
-                        help="seconds of turns per side and case after --min-rounds (default: the matrix's "
-                             "max_time_s)")
-    parser.add_argument("--seed", type=int, help="seed of the starting sides (default: drawn and recorded)")
-    parser.add_argument("--only", metavar="FILTER", action="append",
-                        help="only the cases matching field=glob[,field=glob...] (repeatable: any of them), "
-                             "e.g. --only workload=prefill --only workload=attention")
+# the command ----------------------------------------------------------------------
+
+SUBCOMMANDS = (_add_run, _add_merge, _add_report, _add_compare, _add_gate, _add_ab, _add_calibrate, _add_env,
+               _add_list)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -390,159 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    run = sub.add_parser(
-        "run", help="run a benchmark matrix and write a run folder",
-        description="Expand a matrix TOML file into cases, run each (a failing case becomes a failed "
-                    "record; the run goes on) and write records.jsonl and results.csv.",
-        epilog="Examples: infermatrix run; infermatrix run ci --out results/smoke; "
-               "infermatrix run my_matrix.toml",
-    )
-    from infermatrix.bench.shipped import builtin_matrices  # torch-free: the help stays fast
-
-    run.add_argument("matrix", nargs="?",
-                     help="matrix TOML file, or a built-in matrix name: "
-                          f"{', '.join(sorted(builtin_matrices()))} (default: default)")
-    run.add_argument("--out", metavar="DIR", help="run folder to create (default: results/<timestamp>)")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out DIR: cases that already have a record are not run again")
-    run.add_argument("--eval-text", metavar="FILE",
-                     help="UTF-8 text for the drift workload (default: the standard library's pydoc topics)")
-    run.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                     help="run each case in its own process (default: the matrix's [run] isolate, true)")
-    run.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take when isolated")
-    run.add_argument("--max-time", type=float, metavar="S", help="time cap per measurement (adaptive repetition)")
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    run.add_argument("--shard", metavar="K/N",
-                     help="run only the K-th of N shares of the cases (K from 1): the split depends on the set "
-                          "of cases alone and balances their estimated cost; join the runs with `merge`")
-    run.add_argument("--executor", choices=("local", "ray"), default="local",
-                     help="local: one case after another on this machine (default); ray: each case a Ray task "
-                          "(pip install 'infermatrix[ray]')")
-    run.add_argument("--address", metavar="ADDR",
-                     help="Ray cluster to use, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, else a "
-                          "local cluster, else start one)")
-    run.add_argument("--cpus-per-case", type=float, metavar="N",
-                     help="Ray: CPUs each CPU case asks for (default: a whole node, so timings do not share cores)")
-    run.set_defaults(func=_cmd_run)
-
-    merge = sub.add_parser(
-        "merge", help="combine the runs of one matrix's shards into one run folder",
-        description="Join the records of runs made from the same matrix file (e.g. `run --shard K/N`) into one "
-                    "run folder and write its reports; each record keeps the environment it was measured in. "
-                    "Duplicate and conflicting records, missing cases and different [run] settings are reported.",
-        epilog="Example: infermatrix merge shards/* --out results/full && infermatrix gate results/base results/full",
-    )
-    merge.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or records .jsonl / results .json files)")
-    merge.add_argument("--out", metavar="DIR", required=True, help="the merged run folder to create")
-    merge.add_argument("--force", action="store_true",
-                       help="merge even runs made from different (or unknown) matrix files")
-    merge.set_defaults(func=_cmd_merge)
-
-    report = sub.add_parser(
-        "report", help="write results.csv, results.json, summary.md and report.html of a run",
-        description="Render a run's records (a run folder, a records .jsonl, a results.json or pytest-benchmark "
-                    "JSON) as CSV, JSON, Markdown and one self-contained HTML file. `run` does this at its end.",
-    )
-    report.add_argument("run", help="run folder or records file")
-    report.add_argument("--out", metavar="DIR", help="where to write (default: the run folder)")
-    report.set_defaults(func=_cmd_report)
-
-    compare = sub.add_parser(
-        "compare", help="compare two runs case by case, with significance tests",
-        description="Match cases by id; speed metrics as ratios NEW/BASE with confidence intervals from the raw "
-                    "samples, marked significant only when a Mann-Whitney U test says so (else ~); accuracy "
-                    "metrics as differences; cases in one run only are listed.",
-    )
-    compare.add_argument("base", help="BASE run folder or records file")
-    compare.add_argument("new", help="NEW run folder or records file")
-    compare.add_argument("--md", metavar="OUT", help="also write the comparison as Markdown")
-    compare.add_argument("--html", metavar="OUT", help="also write the comparison as HTML")
-    compare.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    compare.set_defaults(func=_cmd_compare)
-
-    gate = sub.add_parser(
-        "gate", help="fail (exit 1) on a significant regression of speed or a breach of accuracy bounds",
-        description="Apply rules METRIC:BOUND with an optional case filter, e.g. tokens_per_s:-5%%, "
-                    "latency_ms_p50:+5%%, top1_agree:>=99%%, ppl_delta_pct:<=1, variant=int8_*:kl_mean:<=0.01. "
-                    "Rules come from --fail/--rules, else the NEW run's matrix [gate] table, else the defaults. "
-                    "A speed change fails only when beyond the threshold AND significant; accuracy bounds are "
-                    "absolute; a case ok in BASE and failed or missing in NEW fails. Exit 0 pass, 1 regression, "
-                    "2 bad input; the verdict goes to $GITHUB_STEP_SUMMARY when set. For stored runs (a nightly "
-                    "against today's); to gate a code change, `infermatrix ab` measures both versions interleaved "
-                    "and sees far smaller regressions than two runs made minutes apart.",
-    )
-    gate.add_argument("base", help="BASE run folder or records file")
-    gate.add_argument("new", help="NEW run folder or records file")
-    gate.add_argument("--rules", metavar="FILE", help="rules file: TOML with [gate] rules = [...], or one rule per line")
-    gate.add_argument("--fail", metavar="RULE", action="append", help="a rule (repeatable)")
-    gate.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    gate.add_argument("--calibrate", action="store_true",
-                      help="treat BASE and NEW as an A/A pair (same code, same machine): print the noise floor "
-                           "and suggested thresholds instead of a verdict")
-    gate.set_defaults(func=_cmd_gate)
-
-    ab = sub.add_parser(
-        "ab", help="measure two versions of the code interleaved on this machine, and gate on paired ratios",
-        description="Run every case of MATRIX for BASE and NEW alternately, in rounds of short turns (ABBA order, "
-                    "the starting side drawn at random), each turn a fresh case process, forked from one template "
-                    "shared by both sides, that imports its side's code. BASE and NEW are git refs (checked out into temporary "
-                    "worktrees) or source folders, of infermatrix itself or of a variant plugin package. Speed "
-                    "rules are judged on the paired per-round ratios (Hodges-Lehmann interval, Benjamini-Hochberg "
-                    "across cases): regression, improvement, unchanged or inconclusive; other rules and case "
-                    "statuses as in `gate`. Writes OUT/base and OUT/new (run folders) and OUT/ab.{json,md,html}. "
-                    "Exit 0 pass, 1 regression or a case failing on one side, 2 bad input.",
-        epilog="Examples: infermatrix ab HEAD~1 HEAD; infermatrix ab origin/main . ci --fail latency_ms_p50:+3%%; "
-               "infermatrix ab ../plugin-main ../plugin-pr my.toml",
-    )
-    ab.add_argument("base", metavar="BASE", help="git ref (branch, tag, commit, HEAD~1) or source folder")
-    ab.add_argument("new", metavar="NEW", help="git ref or source folder ('.' is the working tree)")
-    ab.add_argument("matrix", nargs="?", help="matrix TOML file, or a built-in name each side reads its own of "
-                                              "(default: default)")
-    ab.add_argument("--out", metavar="DIR", help="new folder for the A/B run (default: results/ab-<time>)")
-    ab.add_argument("--fail", metavar="RULE", action="append",
-                    help="a gate rule (repeatable); default: the NEW matrix's [gate] rules, else latency_ms_p50:+5%%, "
-                         "tokens_per_s:-5%% and the gate's accuracy bounds")
-    ab.add_argument("--rules", metavar="FILE", help="rules file, as for gate")
-    ab.add_argument("--alpha", type=float, default=0.05, help="false-discovery rate (default 0.05)")
-    ab.add_argument("--repo", metavar="DIR", help="git repository the refs belong to (default: the current one)")
-    ab.add_argument("--eval-text", metavar="FILE", help="UTF-8 text for prompts and drift, as for run")
-    ab.add_argument("--timeout", type=float, metavar="S", help="seconds a case may take on one side")
-    ab.add_argument("--md", metavar="OUT", help="also write the verdict as Markdown here")
-    ab.add_argument("--html", metavar="OUT", help="also write the verdict as HTML here")
-    ab.add_argument("--shard", metavar="K/N", help=argparse.SUPPRESS)  # refused with a reason
-    _ab_options(ab)
-    ab.set_defaults(func=_cmd_ab)
-
-    cal = sub.add_parser(
-        "calibrate", help="run a matrix twice (A/A) and suggest gate thresholds from this machine's noise",
-        description="Run the same matrix twice and compare the runs: every difference is noise. Prints each "
-                    "metric's noise floor and a threshold that would not have fired.",
-    )
-    cal.add_argument("matrix", nargs="?", help="matrix TOML file or built-in name (default: default)")
-    cal.add_argument("--out", metavar="DIR", help="folder for the two runs (default: results/calibrate-<time>)")
-    cal.add_argument("--interleaved", action="store_true",
-                     help="A/A the way `ab` measures: this code on both sides, interleaved in rounds; prints the "
-                          "change each case could detect")
-    _ab_options(cal)
-    cal.set_defaults(func=_cmd_calibrate)
-
-    env = sub.add_parser(
-        "env", help="print this machine's environment and measured peaks",
-        description="Print versions, CPU/GPU, threads and pinning, and the memory bandwidth and GEMM "
-                    "FLOP/s peaks the roofline figures use (measured once per machine, then cached).",
-    )
-    env.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    env.add_argument("--dtypes", default="float32,bfloat16", help="GEMM dtypes to measure (comma-separated)")
-    env.set_defaults(func=_cmd_env)
-
-    lst = sub.add_parser(
-        "list", help="list variants and models, with availability on this machine",
-        description="List registered variants (built-in and plugins) and model presets, and say why "
-                    "any is unavailable here.",
-    )
-    lst.add_argument("--axis", help="only variants on this axis (linear, attention, cache, graph)")
-    lst.set_defaults(func=_cmd_list)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

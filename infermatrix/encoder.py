@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from infermatrix.model import AttentionFn, math_attention, require_positive, storage_bytes
+from infermatrix.memory import storage_bytes
+from infermatrix.model import AttentionFn, math_attention, require_positive
 
 POSITIONS = ("learned", "sinusoidal")
 ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu}  # gelu: exact (erf), BERT's and torch's default

@@ -3,7 +3,7 @@
 Attention is the textbook `softmax(Q Kᵀ / √d_k) V`, multi-head with grouped-query
 KV heads. The model has exactly two seams for optimized variants:
 
-* ``Transformer.attention``: a callable ``(q, k, v, *, causal, mask=None) -> out``
+* ``Transformer.attention``: an ``AttentionFn``, ``(q, k, v, *, causal, mask=None) -> out``
   with q (B, H, Tq, D) and k, v (B, Hkv, Tk, D). Without a mask the last Tq keys are
   the queries' own positions (a query shorter than the keys sits at the end). A
   boolean mask (B or 1, 1, Tq, Tk), True = attend, replaces the causal rule: a
@@ -30,7 +30,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-AttentionFn = Callable[..., torch.Tensor]
+from infermatrix.memory import storage_bytes
+
+
+class AttentionFn(Protocol):
+    """The attention seam: what ``Transformer.attention`` and ``Encoder.attention`` hold
+    and an attention variant replaces (``variants.with_attention``).
+
+    q (B, H, Tq, D); k, v (B, Hkv, Tk, D), H a multiple of Hkv (grouped-query: KV head j
+    serves query heads j*H/Hkv .. (j+1)*H/Hkv - 1) -> (B, H, Tq, D): softmax(q kᵀ / √D) v.
+
+    Without a mask the queries are the last Tq of the Tk key positions (a decode step's
+    one query is the newest position); ``causal`` lets each see the keys up to its own
+    position, else every key. A boolean ``mask`` (B or 1, 1, Tq, Tk), True = attend,
+    replaces the causal rule when given: a KV cache's unfilled slots and left padding, a
+    model's own sliding window, an encoder's padding. The decoder passes ``mask=``
+    always (None when it has none), so an implementation must take the keyword.
+    """
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                 mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 # A block's modules under Hugging Face's names (Llama, Qwen2/3, Gemma and Phi-3 share
 # them): the checkpoint loader reads by this table, the transformers peer writes by it
 HF_BLOCK_NAMES = {
@@ -422,20 +443,3 @@ class Transformer(nn.Module):
         """Bytes of distinct parameter and buffer storage (tied weights counted once)."""
         return storage_bytes(self)
 
-
-def storage_bytes(module: nn.Module) -> int:
-    """Bytes of a module's distinct parameter and buffer storage (shared tensors once)."""
-    seen, total = set(), 0
-    pending = list(module.parameters()) + list(module.buffers())
-    while pending:
-        t = pending.pop()
-        if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-            pending += [getattr(t, name) for name in t.__tensor_flatten__()[0]]  # a wrapper (e.g. torchao's
-            continue  # int8 weight) has no storage of its own: count the tensors inside it
-        if t.is_mkldnn:  # oneDNN's packed layout has no storage pointer; never shared
-            total += t.numel() * t.element_size()
-            continue
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total

@@ -139,20 +139,20 @@ def sweep() -> tuple[dict, list[dict]]:
     cases = {shape: inputs(*shape) for shape in SHAPES}
     baseline = {shape: gpu_ms(lambda: sdpa(*qkv)) for shape, qkv in cases.items()}
 
-    def timed(config):
+    def measure_config(config):  # its time and speedup over SDPA on every shape, into rows
         for (batch, n), (q, k, v) in cases.items():
             ms = gpu_ms(lambda: decode_attention(q, k, v, config=config))
             rows.append({"batch": batch, "cache_len": n, **dataclasses.asdict(config), "ms": ms,
                          "speedup": baseline[batch, n] / ms})
 
     for (block_n, warps, stages), pps in itertools.product(TILINGS, (2, 4)):
-        timed(DecodeConfig(block_n, warps, stages, pps))
+        measure_config(DecodeConfig(block_n, warps, stages, pps))
     tiling_score = geomean_speedups(rows, lambda r: (r["block_n"], r["num_warps"], r["num_stages"]))
     best_tilings = sorted(tiling_score, key=tiling_score.get, reverse=True)[:3]
     print(f"  best tilings (block_n, warps, stages): {best_tilings}")
     for (block_n, warps, stages), pps, fuse in itertools.product(best_tilings, PROGRAMS_PER_SM, (True, False)):
         if not (fuse and pps in (2, 4)):  # those were timed in stage 1
-            timed(DecodeConfig(block_n, warps, stages, pps, fuse_combine=fuse))
+            measure_config(DecodeConfig(block_n, warps, stages, pps, fuse_combine=fuse))
     for batch, n in SHAPES:
         best = min((r for r in rows if (r["batch"], r["cache_len"]) == (batch, n)), key=lambda r: r["ms"])
         print(f"  batch {batch} cache {n:6}: SDPA {baseline[batch, n] * 1e3:7.1f} us, best {best['ms'] * 1e3:7.1f} us "

@@ -9,8 +9,7 @@ from infermatrix.bench.runner import run_matrix
 from infermatrix.bench.shard import shard_matrix
 from infermatrix.cli import main
 from infermatrix.reports.compare import compare_runs
-from infermatrix.reports.merge import matrix_sha256
-from infermatrix.reports.record import read_records
+from infermatrix.reports.record import matrix_sha256, read_records
 from infermatrix.reports.run import load_run
 
 MATRIX = """\

@@ -232,6 +232,8 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
                         f"{' and '.join(stepped)} time each step of a generation with a host timer, where no "
                         f"graph runs; set cuda_graph = false, or put the {' and '.join(stepped)} cases in a "
                         "matrix of their own")
+    from infermatrix.reports.gate import parse_gate_table  # here, not at the top: it loads scipy
+
     return Matrix(tuple(cases), settings, source, gate_rules=parse_gate_table(data.get("gate", {}), source),
                   baselines={case.case_id: base.case_id for case, base in baselines.items()})
 
@@ -271,23 +273,6 @@ def _add_baselines(baselines: dict[Case, Case], found: dict[Case, Case], where: 
                             f"earlier table, and this one gives {base.variant!r}; list the case in one table only")
         _check_shape(base, f"{where}: baseline")
         baselines[case] = base
-
-
-def parse_gate_table(table, source: str) -> tuple[str, ...]:
-    """[gate] rules = ["tokens_per_s:-5%", ...]: checked now, applied by `infermatrix gate`."""
-    from infermatrix.reports.gate import RuleError, parse_rule
-
-    if not isinstance(table, dict) or set(table) - {"rules"}:
-        raise UserError(f"{source}: [gate] takes one key, rules = [\"metric:bound\", ...]")
-    rules = table.get("rules", [])
-    if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
-        raise UserError(f"{source}: [gate] rules must be a list of strings such as \"latency_ms_p50:+5%\"")
-    for rule in rules:
-        try:
-            parse_rule(rule)
-        except RuleError as exc:
-            raise UserError(f"{source}: [gate] rule {rule!r}: {exc}") from None
-    return tuple(rules)
 
 
 def _parse_settings(table: dict, source: str) -> RunSettings:

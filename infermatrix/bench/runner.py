@@ -27,8 +27,7 @@ from infermatrix.bench.matrix import Case, Matrix, RunSettings, device_dtypes
 from infermatrix.bench.roofline import Peaks, load_or_measure_peaks
 from infermatrix.bench.text import load_text, text_sha256
 from infermatrix.errors import UserError
-from infermatrix.reports.merge import matrix_sha256
-from infermatrix.reports.record import RECORDS_FILE, Record, append_record, read_records
+from infermatrix.reports.record import RECORDS_FILE, Record, append_record, matrix_sha256, read_records
 from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
 from infermatrix.variants import parse_spec, runs_in_triton_interpreter, take_paths, unmet_requirements
 from infermatrix.weights import DTYPES, LoadedModel, is_gguf_model, load_model, model_config

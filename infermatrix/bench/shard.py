@@ -99,9 +99,9 @@ def estimate_cost(case: Case, settings: RunSettings = RunSettings()) -> float:
     # the timer: warm-up, then at least min_runs (6 for a 95% CI) and usually more, within max_time_s
     # (the time cap is hard, but one timed call is always made)
     runs = min(settings.max_runs, max(settings.min_runs, 6) * 2)
-    timed = max(per_call, min(settings.max_time_s, runs * per_call))
+    sampling = max(per_call, min(settings.max_time_s, runs * per_call))
     warm = max(settings.warmup * per_call, settings.warmup_s)
-    return _CASE_START_S + load + warm + timed + _compile_s(case)
+    return _CASE_START_S + load + warm + sampling + _compile_s(case)
 
 
 def _generation(cfg, case: Case, batch: int, prompt_len: int, new_tokens: int, nbytes: int) -> roofline.Cost:
@@ -158,3 +158,11 @@ def shard_costs(matrix: Matrix, n: int) -> list[float]:
     """Estimated seconds of each shard, for balance reports."""
     settings = split_settings(matrix)
     return [sum(estimate_cost(c, settings) for c in shard) for shard in assign_shards(matrix.cases, n, settings)]
+
+
+def share_note(whole: Matrix, k: int, n: int) -> str:
+    """What `run --shard K/N` says of its share of the `whole` matrix: its place, the
+    matrix's case count and the share of the estimated cost it carries."""
+    costs = shard_costs(whole, n)
+    share = costs[k - 1] / sum(costs) if sum(costs) else 0.0
+    return f"shard {k}/{n} of {len(whole.cases)}, {share:.0%} of the estimated cost"

@@ -17,7 +17,7 @@ Interleaved A/B (`infermatrix ab`): a case process of one side installs a `Turns
 controller with `interleave_with`; measure() then warms up as configured and, instead
 of its own stopping rule, samples in turns the controller grants (the A/B driver
 alternates the two sides' turns) until it is told to stop. The samples of all turns
-form the Measurement, as usual, and the controller is told each turn's samples.
+form the TimerResult, as usual, and the controller is told each turn's samples.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ class TimerConfig:
 
 
 @dataclass(frozen=True)
-class Measurement:
+class TimerResult:
+    """What measure() returns: the samples it took and how it stopped."""
+
     samples_ms: list[float]  # every timed sample, in the order taken
     warmup_runs: int  # untimed calls actually made (warmup_s may add to the configured count)
     stopped_by: str  # "ci" | "max_runs" | "max_time" | "turns" (interleaved A/B)
@@ -131,7 +133,7 @@ def _ci_is_tight(ordered: list[float], target: float) -> bool:
 
 def _as_ms(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"a self_timed fn must return its elapsed milliseconds as a finite number >= 0, "
+        raise ValueError(f"with fn_returns_ms, fn must return its elapsed milliseconds as a finite number >= 0, "
                          f"got {value!r}")
     return float(value)
 
@@ -153,16 +155,16 @@ def _capture_graph(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def _sampler(fn: Callable[[], object], device: torch.device, config: TimerConfig,
-             self_timed: bool) -> Callable[[], tuple[float, float]]:
+             fn_returns_ms: bool) -> Callable[[], tuple[float, float]]:
     """A function taking one sample: returns (sample in ms, host seconds it cost)."""
     perf_ns = time.perf_counter_ns
     if device.type != "cuda":
-        if self_timed:
-            def sample_cpu_self() -> tuple[float, float]:
+        if fn_returns_ms:
+            def sample_cpu_returned() -> tuple[float, float]:
                 t0 = perf_ns()
                 ms = _as_ms(fn())
                 return ms, (perf_ns() - t0) / 1e9
-            return sample_cpu_self
+            return sample_cpu_returned
 
         def sample_cpu() -> tuple[float, float]:
             t0 = perf_ns()
@@ -178,14 +180,14 @@ def _sampler(fn: Callable[[], object], device: torch.device, config: TimerConfig
             flush.zero_()
             torch.cuda.synchronize(device)  # flushed and idle, like a sample without flush
 
-    if self_timed:
-        def sample_cuda_self() -> tuple[float, float]:
+    if fn_returns_ms:
+        def sample_cuda_returned() -> tuple[float, float]:
             flush_l2()
             t0 = perf_ns()
             ms = _as_ms(fn())
             torch.cuda.synchronize(device)
             return ms, (perf_ns() - t0) / 1e9
-        return sample_cuda_self
+        return sample_cuda_returned
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
@@ -201,13 +203,13 @@ def _sampler(fn: Callable[[], object], device: torch.device, config: TimerConfig
 
 
 def measure(fn: Callable[[], object], *, device: torch.device | str, config: TimerConfig | None = None,
-            self_timed: bool = False) -> Measurement:
+            fn_returns_ms: bool = False) -> TimerResult:
     """Time fn() until the stopping rule holds.
 
-    With self_timed=True, fn() times itself and returns its elapsed milliseconds (say a
+    With fn_returns_ms=True, fn() times itself and returns its elapsed milliseconds (say a
     decode loop that times only its steps); those values are the samples. Warm-up, the
     time cap and the CI rule apply the same way. CUDA-only options on another device,
-    and cuda_graph with self_timed, raise ValueError.
+    and cuda_graph with fn_returns_ms, raise ValueError.
 
     Stops with "ci" once n >= max(min_runs, 6) and the 95% CI half-width of the median is
     within target_ci_rel of the median, else with "max_runs" or "max_time". Checking
@@ -217,15 +219,16 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
     config = config or TimerConfig()
     device = torch.device(device)
     cuda = device.type == "cuda"
-    if config.cuda_graph and self_timed:
-        raise ValueError("cuda_graph cannot time a self_timed fn: a graph replay returns no value")
+    if config.cuda_graph and fn_returns_ms:
+        raise ValueError("cuda_graph cannot time a fn that returns its own milliseconds (fn_returns_ms): "
+                         "a graph replay returns no value")
     for option in ("l2_flush", "cuda_graph"):
         if getattr(config, option) and not cuda:
             raise ValueError(f"{option} needs a CUDA device, got device {str(device)!r}")
 
     with torch.cuda.device(device) if cuda else nullcontext():
         call = _capture_graph(fn) if config.cuda_graph else fn
-        if self_timed:
+        if fn_returns_ms:
             call = lambda: _as_ms(fn())  # noqa: E731  (a bad return value fails during warm-up already)
 
         # Warm-up: the configured count, then on until warmup_s passed (capped by max_time_s).
@@ -238,12 +241,12 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
             warmed += 1
         spent_s = time.perf_counter() - t_start
 
-        sample = _sampler(fn if self_timed else call, device, config, self_timed)
+        sample = _sampler(fn if fn_returns_ms else call, device, config, fn_returns_ms)
         if _turns is not None:
             turns, samples = _take_turns(sample), []
             for turn in turns:
                 samples += turn
-            return Measurement(samples_ms=samples, warmup_runs=warmed, stopped_by="turns",
+            return TimerResult(samples_ms=samples, warmup_runs=warmed, stopped_by="turns",
                                summary=summarize(samples))
         first_check = max(config.min_runs, min_samples_for_ci(CI_CONFIDENCE))
         next_check = first_check
@@ -267,7 +270,7 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
             if out_of_time:
                 stopped_by = "max_time"
                 break
-    return Measurement(samples_ms=samples, warmup_runs=warmed, stopped_by=stopped_by, summary=summarize(samples))
+    return TimerResult(samples_ms=samples, warmup_runs=warmed, stopped_by=stopped_by, summary=summarize(samples))
 
 
 def _take_turns(sample: Callable[[], tuple[float, float]]) -> list[list[float]]:

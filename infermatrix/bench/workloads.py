@@ -50,7 +50,8 @@ from infermatrix.bench.timing import TimerConfig, measure, time_once
 from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
 from infermatrix.generate import GreedyDecoder, generate_greedy
-from infermatrix.model import Transformer, math_attention, storage_bytes
+from infermatrix.memory import storage_bytes
+from infermatrix.model import Transformer, math_attention
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 
@@ -58,22 +59,22 @@ if TYPE_CHECKING:
     from infermatrix.bench.matrix import Case
     from infermatrix.bench.runner import ModelCache, RunContext
 
-Measurement = tuple[dict[str, float | int | str | bool | None], dict[str, list[float]]]  # metrics, raw samples (ms)
+WorkloadResult = tuple[dict[str, float | int | str | bool | None], dict[str, list[float]]]  # metrics, raw samples (ms)
 
 DRIFT_PROMPT_TOKENS = 32  # greedy-agreement prompts: the first tokens of each eval window
 
 
-def timed(fn, case: Case, ctx: RunContext, *, self_timed: bool = False):
+def measure_for_case(fn, case: Case, ctx: RunContext, *, fn_returns_ms: bool = False):
     """measure() with the run's settings; CUDA memory peaks are reset first, so they
     cover the timed calls, not loading."""
     s, device = ctx.settings, torch.device(case.device)
     cuda = device.type == "cuda"  # the L2 flush and CUDA graphs exist only there
     config = TimerConfig(warmup_runs=s.warmup, warmup_s=s.warmup_s, min_runs=s.min_runs, max_runs=s.max_runs,
                          target_ci_rel=s.target_ci, max_time_s=s.max_time_s, l2_flush=s.l2_flush and cuda,
-                         cuda_graph=s.cuda_graph and cuda and not self_timed)  # a graph cannot time itself
+                         cuda_graph=s.cuda_graph and cuda and not fn_returns_ms)  # a graph cannot time itself
     if cuda:  # the runner reads the peaks when the workload returns
         torch.cuda.reset_peak_memory_stats(device)
-    return measure(fn, device=device, config=config, self_timed=self_timed)
+    return measure(fn, device=device, config=config, fn_returns_ms=fn_returns_ms)
 
 
 _CUT_TOKENS = 16  # the last tokens of a cut text may differ from the whole text's (a word cut in two)
@@ -144,11 +145,11 @@ def _timing_metrics(m, per: int = 1) -> dict:
     return metrics
 
 
-def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     model, loaded = _model(case, models)
     tokens = prompt_tokens(loaded, case, ctx)  # (B, T)
     first_call_ms = time_once(lambda: model(tokens), torch.device(case.device))  # cold: compile, lazy init
-    m = timed(lambda: model(tokens), case, ctx)
+    m = measure_for_case(lambda: model(tokens), case, ctx)
     metrics = _timing_metrics(m)
     metrics["first_call_ms"] = first_call_ms
     median_s = m.summary.median / 1e3
@@ -176,7 +177,7 @@ def _static_cache(model: Transformer, case: Case):
     return model.new_cache(case.batch, case.prompt_len + case.new_tokens)
 
 
-def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end: bool) -> Measurement:
+def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end: bool) -> WorkloadResult:
     """Greedy generation of new_tokens after the prompt; each sample is one whole
     generation, its steps timed one by one."""
     model, loaded = _model(case, models)
@@ -191,7 +192,7 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
         return sum(times) if end_to_end else sum(times[1:])
 
     first_call_ms = generation()  # cold: compilation and lazy initialisation land here, not in the samples
-    m = timed(generation, case, ctx, self_timed=True)
+    m = measure_for_case(generation, case, ctx, fn_returns_ms=True)
     kept = runs[-len(m.samples_ms):]  # drop the cold and warm-up generations
     ttft = [t[0] for t in kept]
     steps = [x for t in kept for x in t[1:]]  # pooled over positions: a recompute step grows with context
@@ -219,15 +220,15 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     return metrics, {"generation_ms": m.samples_ms, "tpot_ms": steps, "ttft_ms": ttft}
 
 
-def run_decode(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_decode(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     return _run_generation(case, ctx, models, end_to_end=False)
 
 
-def run_generate(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_generate(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     return _run_generation(case, ctx, models, end_to_end=True)
 
 
-def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_drift(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     model, loaded = _model(case, models)
     if isinstance(loaded.model, Encoder):
         return _encoder_drift(model, loaded, case, ctx)
@@ -322,11 +323,11 @@ def encode_batch(loaded: LoadedModel, case: Case,
     return tokens, (None if min(lengths) == tokens.shape[1] else mask), lengths
 
 
-def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     model, loaded = _model(case, models)
     tokens, seam_mask, lengths = encode_batch(loaded, case, ctx)  # (B, T), (B, T) or None
     first_call_ms = time_once(lambda: model(tokens, seam_mask), torch.device(case.device))  # compile, lazy init
-    m = timed(lambda: model(tokens, seam_mask), case, ctx)
+    m = measure_for_case(lambda: model(tokens, seam_mask), case, ctx)
     metrics = _timing_metrics(m)
     median_s = m.summary.median / 1e3
     real = sum(lengths)
@@ -357,7 +358,7 @@ def encoder_passages(loaded: LoadedModel, count: int, max_len: int, eval_text_pa
         drawn *= 2
 
 
-def _encoder_drift(model, loaded: LoadedModel, case: Case, ctx: RunContext) -> Measurement:
+def _encoder_drift(model, loaded: LoadedModel, case: Case, ctx: RunContext) -> WorkloadResult:
     """The variant's final hidden states (and masked-LM logits) against the fp32
     reference's at real positions; the reference's are cached on disk, keyed by the
     weights, the exact input tokens and the code (logits_cache)."""
@@ -417,9 +418,9 @@ def _attention_op(case: Case, ctx: RunContext) -> Callable[[], object]:
     return lambda: attention(q, k, v, causal=case.causal)
 
 
-def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     heads, kv_heads, head_dim = attention_shape(case)
-    m = timed(_attention_op(case, ctx), case, ctx)
+    m = measure_for_case(_attention_op(case, ctx), case, ctx)
     layout = {}
     for variant in parse_spec(case.variant):  # e.g. a sparse layout's density and picture, for the reports
         layout.update(variant.report_metrics(case))
@@ -447,10 +448,10 @@ def _linear_op(case: Case, ctx: RunContext) -> tuple[Callable[[], object], int]:
     return (lambda: layer[0](x)), weight_bytes
 
 
-def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> Measurement:
+def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     m_dim, k_dim, n_dim = linear_shape(case)
     op, weight_bytes = _linear_op(case, ctx)
-    m = timed(op, case, ctx)
+    m = measure_for_case(op, case, ctx)
     cost = roofline.linear_cost(m_dim, k_dim, n_dim, act_bytes=DTYPES[case.dtype].itemsize,
                                 weight_bytes_per_elem=weight_bytes / (k_dim * n_dim))
     metrics = _timing_metrics(m)
@@ -492,7 +493,7 @@ def benchmark_callable(case: Case, ctx: RunContext, models: ModelCache) -> tuple
     raise UserError(f"the {case.workload} workload has no single timed call; pytest-benchmark cannot run it")
 
 
-WORKLOAD_FNS: dict[str, Callable[[Case, RunContext, ModelCache], Measurement]] = {
+WORKLOAD_FNS: dict[str, Callable[[Case, RunContext, ModelCache], WorkloadResult]] = {
     "prefill": run_prefill,
     "decode": run_decode,
     "generate": run_generate,

@@ -357,15 +357,15 @@ def compare_runs(base: list[Record], new: list[Record], *, alpha: float = 0.05,
         if b_rec.status != n_rec.status:
             out.status_changes.append(StatusChange(cid, b_rec.status, n_rec.status, n_rec.reason or b_rec.reason))
         if b_rec.status == n_rec.status == "ok":
-            timed = timings_meaningful(b_rec) and timings_meaningful(n_rec)
-            if not timed:
+            both_timings_meaningful = timings_meaningful(b_rec) and timings_meaningful(n_rec)
+            if not both_timings_meaningful:
                 out.interpreted.append(cid)
             for path in PATH_METRICS:  # the same label, another implementation: say so
                 was, now = b_rec.metrics.get(path), n_rec.metrics.get(path)
                 if was != now:
                     out.path_changes.append(f"{cid}: {path} {was or '(none)'} -> {now or '(none)'}")
             for metric in names:
-                if not timed and is_speed_metric(metric):
+                if not both_timings_meaningful and is_speed_metric(metric):
                     continue  # the interpreter's timings measure the interpreter
                 change = compare_metric(b_rec, n_rec, metric, alpha=alpha)
                 if change is not None:

@@ -63,17 +63,26 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 from infermatrix.reports.compare import (
     ALIASES, CSV_METRICS, DEFAULT_SPEED_METRICS, DIRECTION, HIGHER, LOWER, NON_NUMERIC_METRICS, SAMPLE_METRICS,
     MetricChange, compare_metric, compare_runs, fmt_p, fmt_ratio, fmt_value, index_records, metric_value,
 )
 from infermatrix.reports.derived import is_speed_metric, timings_meaningful
+from infermatrix.errors import UserError
 from infermatrix.reports.record import Record
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 DEFAULT_RULES: tuple[str, ...] = (
     "latency_ms_p50:+25%",
@@ -255,6 +264,65 @@ def parse_rules(rules: Iterable[str | Rule]) -> list[Rule]:
 
 # --------------------------------------------------------------------------- evaluate
 
+
+
+def parse_gate_table(table, source: str) -> tuple[str, ...]:
+    """A TOML [gate] table, rules = ["tokens_per_s:-5%", ...]: every rule checked now
+    (a bad one is a UserError naming `source`), applied when a gate runs."""
+    if not isinstance(table, dict) or set(table) - {"rules"}:
+        raise UserError(f"{source}: [gate] takes one key, rules = [\"metric:bound\", ...]")
+    rules = table.get("rules", [])
+    if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+        raise UserError(f"{source}: [gate] rules must be a list of strings such as \"latency_ms_p50:+5%\"")
+    for rule in rules:
+        try:
+            parse_rule(rule)
+        except RuleError as exc:
+            raise UserError(f"{source}: [gate] rule {rule!r}: {exc}") from None
+    return tuple(rules)
+
+
+def matrix_gate_rules(matrix_text: str | None) -> list[str]:
+    """The [gate] rules of a run's matrix copy (none without one)."""
+    if not matrix_text:
+        return []
+    return list(parse_gate_table(tomllib.loads(matrix_text).get("gate", {}), "the run's matrix"))
+
+
+def read_rules_file(path: Path) -> list[str]:
+    """A TOML file with [gate] rules = [...], or a text file with one rule per line (# comments)."""
+    if not path.is_file():
+        raise UserError(f"--rules {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        try:
+            return list(parse_gate_table(tomllib.loads(text).get("gate", {}), str(path)))
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"--rules {path}: invalid TOML: {exc}") from None
+    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def select_rules(given: list[str], matrix_text: str | None, defaults: Iterable[str] = DEFAULT_RULES, *,
+                 matrix_origin: str = "the run's matrix [gate]",
+                 defaults_origin: str = "defaults") -> tuple[list[str], str]:
+    """The rules a gate applies and where they came from: those `given` (on the command
+    line), else the NEW run's matrix [gate] table (`matrix_text`, its matrix copy), else
+    `defaults`."""
+    if given:
+        return list(given), "command line"
+    from_matrix = matrix_gate_rules(matrix_text)
+    if from_matrix:
+        return from_matrix, matrix_origin
+    return list(defaults), defaults_origin
+
+
+def write_step_summary(markdown: str) -> None:
+    """Append a verdict to the GitHub Actions job summary ($GITHUB_STEP_SUMMARY) when
+    that is set: successive gate steps of one job each add theirs."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as f:
+            f.write(markdown + "\n")
 
 @dataclass(frozen=True)
 class Check:

@@ -11,21 +11,14 @@ given, and every one is reported.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infermatrix.errors import UserError
-from infermatrix.reports.record import RECORDS_FILE, Record
+from infermatrix.reports.record import RECORDS_FILE, Record, matrix_sha256
 from infermatrix.reports.run import MATRIX_COPY, Run, write_reports
 
 _STATUS_RANK = {"ok": 2, "failed": 1, "skipped": 0}
-
-
-def matrix_sha256(text: str) -> str:
-    """The identity of a matrix file: its text, line endings normalized (a Windows
-    checkout of the same file is the same matrix)."""
-    return hashlib.sha256(text.replace("\r\n", "\n").encode("utf-8")).hexdigest()
 
 
 @dataclass

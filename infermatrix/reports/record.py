@@ -6,6 +6,7 @@ A run folder holds `records.jsonl`, one Record per line, appended as each case e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,13 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict) -> "Record":
         return cls(**data)
+
+
+def matrix_sha256(text: str) -> str:
+    """A record's env["matrix_sha256"]: the identity of the matrix file it ran, the
+    SHA-256 of its text with line endings normalized (a Windows checkout of the same
+    file is the same matrix). The runner writes it; merge and --resume compare it."""
+    return hashlib.sha256(text.replace("\r\n", "\n").encode("utf-8")).hexdigest()
 
 
 def _finite(value):

@@ -2,6 +2,8 @@
 
 Importing this package registers the built-in variants; third-party ones arrive
 through the `infermatrix.variants` entry-point group.
+
+`AttentionFn` is the contract of the attention seam that `with_attention` swaps in.
 """
 
 # importing registers the built-ins
@@ -9,6 +11,7 @@ from infermatrix.variants import compiled, kv_cache, reference, sdpa, triton_att
 from infermatrix.variants import block_sparse, flex  # noqa: F401  (block-sparse attention)
 from infermatrix.variants import int8  # noqa: F401  (int8 linear layers)
 from infermatrix.variants import fused, packed, peers  # noqa: F401  (decode at the limit; peers as rows)
+from infermatrix.model import AttentionFn
 from infermatrix.variants.base import (
     ANY_MODEL,
     AXES,
@@ -29,7 +32,7 @@ from infermatrix.variants.base import (
 )
 
 __all__ = [
-    "ANY_MODEL", "AXES", "ENTRY_POINT_GROUP", "Variant", "apply_variants", "canonical_spec", "missing_requirements",
-    "note_path", "parse_spec", "register_variant", "registered_variants", "runs_in_triton_interpreter", "take_paths",
-    "unmet_requirements", "variant_class", "with_attention",
+    "ANY_MODEL", "AXES", "ENTRY_POINT_GROUP", "AttentionFn", "Variant", "apply_variants", "canonical_spec",
+    "missing_requirements", "note_path", "parse_spec", "register_variant", "registered_variants",
+    "runs_in_triton_interpreter", "take_paths", "unmet_requirements", "variant_class", "with_attention",
 ]

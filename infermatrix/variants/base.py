@@ -22,7 +22,7 @@ import torch
 
 from infermatrix.errors import UserError
 from infermatrix.kernels import interpreting
-from infermatrix.model import Transformer
+from infermatrix.model import AttentionFn, Transformer
 
 # Axes in the order variants are applied: the weights' layout first, then their
 # precision, the graph last. A `peer` (a whole model users deploy, such as Hugging
@@ -134,8 +134,9 @@ def shared_copy(model: Transformer) -> Transformer:
     return copied
 
 
-def with_attention(model: Transformer, attention) -> Transformer:
-    """A copy of `model` sharing its weights, with the attention seam replaced."""
+def with_attention(model: Transformer, attention: AttentionFn) -> Transformer:
+    """A copy of `model` sharing its weights, with the attention seam replaced by
+    `attention` (its contract: infermatrix.model.AttentionFn)."""
     swapped = shared_copy(model)
     swapped.attention = attention
     return swapped

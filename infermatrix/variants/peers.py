@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from infermatrix.model import HF_BLOCK_NAMES, Transformer, storage_bytes
+from infermatrix.memory import storage_bytes
+from infermatrix.model import HF_BLOCK_NAMES, Transformer
 from infermatrix.variants.base import Variant, note_path, register_variant
 
 HF_ATTENTION = ("sdpa", "eager")

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from infermatrix.bench.timing import Measurement, TimerConfig, measure, time_once
+from infermatrix.bench.timing import TimerResult, TimerConfig, measure, time_once
 
 CPU = "cpu"
 
@@ -31,7 +31,7 @@ class Counter:
 
 def test_a_steady_1ms_op_stops_on_the_ci_quickly():
     m = measure(lambda: busy_wait(1.0), device=CPU, config=TimerConfig(max_time_s=5.0))
-    assert isinstance(m, Measurement)
+    assert isinstance(m, TimerResult)
     assert m.stopped_by == "ci"
     assert 6 <= len(m.samples_ms) <= 200  # the CI is tight long before max_runs, even on a busy machine
     assert m.summary.median == pytest.approx(1.0, rel=0.2)
@@ -39,10 +39,10 @@ def test_a_steady_1ms_op_stops_on_the_ci_quickly():
     assert m.summary.n == len(m.samples_ms)
 
 
-def test_a_constant_self_timed_fn_stops_at_the_first_n_with_a_95_percent_ci():
-    m = measure(lambda: 1.0, device=CPU, config=TimerConfig(min_runs=2), self_timed=True)
+def test_a_fn_returning_a_constant_ms_stops_at_the_first_n_with_a_95_percent_ci():
+    m = measure(lambda: 1.0, device=CPU, config=TimerConfig(min_runs=2), fn_returns_ms=True)
     assert (m.stopped_by, len(m.samples_ms)) == ("ci", 6)  # n <= 5 has no 95% interval
-    m = measure(lambda: 1.0, device=CPU, config=TimerConfig(min_runs=9), self_timed=True)
+    m = measure(lambda: 1.0, device=CPU, config=TimerConfig(min_runs=9), fn_returns_ms=True)
     assert (m.stopped_by, len(m.samples_ms)) == ("ci", 9)
 
 
@@ -83,25 +83,25 @@ def test_warmup_s_keeps_warming_up_past_the_count():
     assert fn.calls == m.warmup_runs + len(m.samples_ms)
 
 
-def test_self_timed_collects_the_returned_values_exactly():
+def test_fn_returns_ms_collects_the_returned_values_exactly():
     values = iter([100.0, 1.0, 2.0, 3.0, 4.0, 99.0])  # first one is the warm-up's, last is never asked for
     m = measure(lambda: next(values), device=CPU, config=TimerConfig(warmup_runs=1, min_runs=4, max_runs=4),
-                self_timed=True)
+                fn_returns_ms=True)
     assert m.samples_ms == [1.0, 2.0, 3.0, 4.0]
     assert m.stopped_by == "max_runs" and m.warmup_runs == 1
     assert m.summary.median == 2.5
 
 
-def test_self_timed_fn_must_return_milliseconds():
-    with pytest.raises(ValueError, match="self_timed"):
-        measure(lambda: None, device=CPU, self_timed=True)
+def test_fn_returns_ms_needs_milliseconds_returned():
+    with pytest.raises(ValueError, match="with fn_returns_ms, fn must return its elapsed milliseconds"):
+        measure(lambda: None, device=CPU, fn_returns_ms=True)
 
 
 def test_the_stopping_check_is_cheap_for_many_samples():
     rng = random.Random(2)  # continuous values: the CI never reaches width 0, so it runs to max_runs
     t0 = time.perf_counter()
     m = measure(rng.random, device=CPU, config=TimerConfig(max_runs=20_000, target_ci_rel=0.0,
-                                                          max_time_s=math.inf), self_timed=True)
+                                                          max_time_s=math.inf), fn_returns_ms=True)
     assert (m.stopped_by, len(m.samples_ms)) == ("max_runs", 20_000)
     assert time.perf_counter() - t0 < 3.0  # ~0.1 s when lean; minutes if the summary ran per sample
 
@@ -137,16 +137,16 @@ def test_cuda_only_options_on_cpu_raise(option):
     assert fn.calls == 0
 
 
-def test_cuda_graph_with_self_timed_is_refused():
+def test_cuda_graph_with_fn_returns_ms_is_refused():
     config = TimerConfig(cuda_graph=True)
-    with pytest.raises(ValueError, match="cuda_graph cannot time a self_timed fn"):
-        measure(lambda: 1.0, device=CPU, config=config, self_timed=True)
+    with pytest.raises(ValueError, match="cuda_graph cannot time a fn that returns its own milliseconds"):
+        measure(lambda: 1.0, device=CPU, config=config, fn_returns_ms=True)
 
 
 def test_samples_are_kept_in_order_taken():
     values = itertools.count(1.0)
     m = measure(lambda: next(values), device=CPU, config=TimerConfig(warmup_runs=0, min_runs=8, max_runs=8),
-                self_timed=True)
+                fn_returns_ms=True)
     assert m.samples_ms == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
 
 

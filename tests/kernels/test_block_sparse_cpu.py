@@ -55,7 +55,7 @@ def test_wide_bands_merge_query_blocks_into_bigger_tiles(causal):
     back to each block's own window): the answer stays exact."""
     # 32 (causal) or 31 (both sides) key blocks per row: tiles of 4 query blocks
     layout = L.sliding_window(1024, 16, 512 if causal else 256, causal=causal)
-    assert any(g.merge > 1 for g in block_sparse_cpu._plan(layout, 0))
+    assert any(g.blocks_per_tile > 1 for g in block_sparse_cpu.plan_groups(layout, 0))
     q, k, v = qkv(1, 4, 2, 1024, 16)
     torch.testing.assert_close(block_sparse_attention(q, k, v, layout), masked_dense(q, k, v, layout), **FP32)
 
@@ -92,11 +92,21 @@ def test_half_precision(dtype):
 def test_work_follows_density():
     """Each active block is computed once: the scores computed equal the active blocks."""
     layout = L.sliding_window(1024, 64, 192)
-    plan = block_sparse_cpu._plan(layout, 0)
-    assert sum(len(g.rows) * g.count for g in plan) == int(layout.kv_num_blocks.sum())
-    assert all(g.merge == 1 for g in plan)  # a narrow band: merging would waste more than it gains
-    assert any(g.run_step == 1 for g in plan)  # the band is read through strided views, not gathered
+    plan = block_sparse_cpu.plan_groups(layout, 0)
+    assert sum(len(g.query_blocks) * g.blocks_per_row for g in plan) == int(layout.kv_num_blocks.sum())
+    assert all(g.blocks_per_tile == 1 for g in plan)  # a narrow band: merging would waste more than it gains
+    assert any(g.band_step == 1 for g in plan)  # the band is read through strided views, not gathered
 
+
+
+@pytest.mark.parametrize("layout", [L.sliding_window(256, 32, 64), L.sliding_window(512, 16, 256)])
+def test_k_and_v_may_be_views_into_one_buffer(layout):
+    """A band's keys and values are strided views of K and V; each must start from its
+    own tensor's storage offset (V here starts half-way into the buffer K starts at)."""
+    q = torch.randn(1, 2, layout.seq_len, 16)
+    k, v = torch.randn(2, 1, 2, layout.seq_len, 16).unbind(0)
+    assert v.storage_offset() != k.storage_offset()
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout), masked_dense(q, k, v, layout), **FP32)
 
 def test_refuses_a_layout_for_another_length_or_head_count():
     q, k, v = qkv(1, 2, 2, 256, 16)

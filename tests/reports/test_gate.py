@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from infermatrix.errors import UserError
 from infermatrix.reports.gate import (
-    DEFAULT_RULES, Rule, RuleError, calibrate, evaluate, parse_rule, render_calibration,
+    DEFAULT_RULES, Rule, RuleError, calibrate, evaluate, parse_rule, render_calibration, select_rules,
 )
 from infermatrix.reports.record import Record
 
@@ -276,3 +277,14 @@ def test_calibrate_identical_runs_floor_at_two_percent():
     a = run()
     result = calibrate(a, a)
     assert all(m["suggested_threshold"] == 0.02 and m["significant"] == 0 for m in result["metrics"].values())
+
+
+def test_rules_come_from_the_command_line_else_the_matrix_gate_table_else_the_defaults():
+    matrix = '[[cases]]\nmodel = "tiny"\nvariant = "sdpa"\n\n[gate]\nrules = ["kl_mean:<=0.1"]\n'
+    assert select_rules(["tokens_per_s:-5%"], matrix) == (["tokens_per_s:-5%"], "command line")
+    assert select_rules([], matrix) == (["kl_mean:<=0.1"], "the run's matrix [gate]")
+    assert select_rules([], None) == (list(DEFAULT_RULES), "defaults")
+    assert select_rules([], '[[cases]]\nmodel = "tiny"\n', ["x:<=1"], defaults_origin="A/B defaults") == (
+        ["x:<=1"], "A/B defaults")
+    with pytest.raises(UserError, match="the run's matrix: \\[gate\\] rule 'speed:fast'"):
+        select_rules([], '[gate]\nrules = ["speed:fast"]\n')

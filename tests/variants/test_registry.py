@@ -104,6 +104,32 @@ def test_attention_variants_do_not_mutate_the_base_model():
     assert base_model.output.weight.shape == (base_model.config.vocab_size, base_model.config.dim)
 
 
+
+def test_an_attention_written_to_the_seam_contract_runs_the_model_cached_and_not():
+    """The README's plugin attention, `(q, k, v, *, causal, mask=None)`: the decoder
+    passes mask= on every call (None without a cache, the cache's mask with one), and
+    an AttentionFn that hands its arguments to the reference gives the same logits."""
+    from infermatrix.generate import GreedyDecoder
+    from infermatrix.model import math_attention
+    from infermatrix.variants import AttentionFn, with_attention
+
+    masks = []
+
+    def mine(q, k, v, *, causal, mask=None):
+        masks.append(mask is not None)
+        return math_attention(q, k, v, causal=causal, mask=mask)
+
+    attention: AttentionFn = mine
+    model = load_model("tiny").model
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8))
+    torch.testing.assert_close(with_attention(model, attention)(tokens), model(tokens), rtol=0, atol=0)
+    assert masks and not any(masks)
+    cached = with_attention(apply_variants(model, parse_spec("kv_cache")), attention)
+    want = GreedyDecoder(apply_variants(model, parse_spec("kv_cache")), tokens, 4)
+    got = GreedyDecoder(cached, tokens, 4)
+    assert [got.step().tolist() for _ in range(4)] == [want.step().tolist() for _ in range(4)]
+    assert any(masks)
+
 def test_variants_must_be_frozen_dataclass_subclasses(scratch_registry):
     with pytest.raises(ValueError, match="must be a frozen dataclass"):
         @register_variant("mutable")
