@@ -140,14 +140,17 @@ def attention_cost(
     dtype_bytes: float,
     density: float | None = None,
     window: int | None = None,
+    keys_read: int | None = None,
 ) -> Cost:
     """softmax(Q Kᵀ / √D) V: two matmuls over the visible pairs; read Q, K, V, write O.
     density: the share of (query, key) pairs a sparse layout computes, when it has one;
-    window: a model's own sliding window (causal), which bounds pairs and keys read."""
+    window: a model's own sliding window (causal), which bounds pairs and keys read;
+    keys_read: the keys a sparse layout's queries read at all (a decode step's row)."""
     pairs = causal_pairs(q_len, k_len, window if causal else None) if causal else q_len * k_len
     if density is not None:
         pairs = density * q_len * k_len
-    keys_read = min(k_len, window + q_len - 1) if causal and window is not None else k_len
+    if keys_read is None:
+        keys_read = min(k_len, window + q_len - 1) if causal and window is not None else k_len
     q_and_o = 2 * batch * heads * q_len * head_dim
     k_and_v = 2 * batch * kv_heads * keys_read * head_dim
     return Cost(flops=4.0 * batch * heads * pairs * head_dim, bytes=dtype_bytes * (q_and_o + k_and_v))

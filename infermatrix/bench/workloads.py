@@ -427,7 +427,8 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadRe
     # a sparse layout is credited with the pairs it computes, not the dense count
     cost = roofline.attention_cost(case.batch, heads, kv_heads, case.prompt_len, attention_keys(case), head_dim,
                                    causal=case.causal, dtype_bytes=DTYPES[case.dtype].itemsize,
-                                   density=layout.get("attention_density"))
+                                   density=layout.get("attention_density"),
+                                   keys_read=layout.get("attention_keys_read"))
     metrics = _timing_metrics(m)
     metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
                    head_dim=head_dim, **layout)

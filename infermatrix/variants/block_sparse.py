@@ -131,14 +131,17 @@ class LayoutConfig(Variant):
                              "where none does, sdpa runs the model's window exactly through its mask)")
 
     def report_metrics(self, case) -> dict:
-        """The layout's density and a small picture of it, at the case's length."""
+        """The layout's density, the keys its queries read, and a small picture of it, at
+        the case's shape."""
         keys = case.kv_len or case.prompt_len
         layout = self.build(keys, causal=case.causal, block=self.block_for(torch.device(case.device)))
-        density = layout.density
-        if keys != case.prompt_len:  # the queries are the last rows: the share of their block pairs
-            rows = torch.arange(keys - case.prompt_len, keys) // layout.block_size
-            density = float(layout.block_mask()[:, rows].float().mean())
-        metrics = {"attention_density": density, "attention_layout": layout.grid()}
+        rows = torch.arange(keys - case.prompt_len, keys) // layout.block_size  # the queries are the last rows
+        active = layout.block_mask()[:, rows]  # (Hl, Tq, nk): the key blocks each query row reads
+        # the share of the queries' block pairs computed, and the keys any of them reads (a
+        # decode step streams only its row's blocks: the roofline's bytes)
+        density = layout.density if keys == case.prompt_len else float(active.float().mean())
+        keys_read = min(keys, int(active.any(1).sum(-1).max()) * layout.block_size)
+        metrics = {"attention_density": density, "attention_keys_read": keys_read, "attention_layout": layout.grid()}
         if self.density is not None:  # the window the density chose at this length
             metrics["layout_window"] = window_for_density(keys, layout.block_size, self.density)
         return metrics

@@ -259,6 +259,9 @@ def test_decode_shaped_attention_times_one_query_against_kv_len_keys(tmp_path):
     # the last row of a 64-token window (block 64) sees its own block: 1 of 8 key blocks
     assert sparse.metrics["attention_density"] == pytest.approx(1 / 8)
     assert sparse.metrics["attention_path"] == "block_sparse_gather"
+    # ... and streams only that block's 64 keys, which the roofline's bytes count
+    assert sparse.metrics["attention_keys_read"] == 64
+    assert sparse.metrics["bytes_moved"] == 4 * (2 * 4 * 16 + 2 * 2 * 64 * 16)
 
 
 def test_kv_len_equal_to_prompt_len_is_the_plain_case_and_below_it_is_refused():
