@@ -1,11 +1,13 @@
-"""Numerical tolerances, in one place for the tests and the developer tools.
+"""Numerical tolerances, in one place: every test of a kernel or variant against its
+reference reads them, and the developer tools check through those tests (the
+decode-config sweep runs the decode kernel's tests on the config it picks).
 
 Each table maps a dtype name to the bound both atol and rtol take in torch.testing's
 rule, |out - ref| <= atol + rtol * |ref|, where ref is computed in fp32 from the same
 (already rounded) inputs. Next to each value: how it was justified.
 
-Torch-free (tools import it before deciding whether torch is needed): a dtype is its
-name, "float16", or a torch.dtype, whose str() is "torch.float16".
+Torch-free, so reading a bound imports nothing heavy: a dtype is its name, "float16",
+or a torch.dtype, whose str() is "torch.float16".
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ INT8_LINEAR_REL_L2 = 0.02  # one layer moves its output well under 1%: 2x headro
 # (measured, KL ~2e-6 with the tests' seeds); a wrong scale (x2) or a dropped layer shows as > 50%.
 INT8_LOGITS_REL_L2 = 0.04  # 3x the measured worst
 INT8_LOGITS_KL_MEAN = 2e-5  # 10x the measured
+
 
 def dtype_name(dtype: object) -> str:
     """ "float16" for torch.float16 or "float16"."""

@@ -61,22 +61,33 @@ def case_main(socket_path: str) -> None:
     """A case process: connect to the driver, run the job it sends, send the record."""
     import dataclasses
 
-    from infermatrix.bench import timing
-    from infermatrix.bench.runner import ModelCache, run_case
-
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(socket_path)
     conn = Connection(sock.detach())
     case, ctx = pickle.loads(conn.recv_bytes())
     if case.workload in WARMED_BY_FIRST_CALL:
         ctx = dataclasses.replace(ctx, settings=dataclasses.replace(ctx.settings, warmup=0, warmup_s=0.0))
+    run_taking_turns(case, ctx, conn)
+
+
+def run_taking_turns(case, ctx, conn: Connection, env: dict | None = None) -> None:
+    """Run `case` in this process with its timer sampling only in the turns the driver
+    at the other end of `conn` grants, then send the record (with `env` added to its
+    environment, and the samples each turn took)."""
+    from infermatrix.bench import timing
+    from infermatrix.bench.runner import ModelCache, run_case
+
     turns = PipeTurns(conn)
     timing.interleave_with(turns)
     record = run_case(case, ctx, ModelCache(ctx.settings.seed))
     record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if turns.sizes:
         record.samples["round_sizes"] = list(turns.sizes)  # timer samples per turn, in order
-    conn.send({"op": "record", "record": asdict(record)})
+    record.env = {**record.env, **(env or {})}
+    try:
+        conn.send({"op": "record", "record": asdict(record)})
+    except BrokenPipeError:  # the driver is gone (the run was interrupted): nobody to tell
+        pass
 
 
 class _SideServer:

@@ -8,25 +8,27 @@ driver grants: `rounds` rounds, each giving every case one turn of `turn_s` seco
 no case always follows the same neighbour. A noisy neighbour or a clock change then
 slows every case of the round alike, and the reports pair the rounds: a speedup is
 computed from per-round medians (reports.paired), not from two medians taken minutes
-apart. Each record keeps every sample and `samples["round_sizes"]`, the samples per
-round, as an A/B run's records do.
+apart. Each record keeps every sample, `samples["round_sizes"]` (the samples per
+round, as an A/B run's records do) and `env["interleave"]`, the group's token: only
+records with the same token took their rounds together.
 
-The processes speak the A/B case protocol (bench/ab_side.PipeTurns): `ready` when
-warmed up, `turn` -> `samples`, `stop` -> `record`. A case that ends without asking
-for a turn (it failed, or has no timed samples) simply sends its record.
+The processes speak the A/B case protocol (bench/ab_side.run_taking_turns): `ready`
+when warmed up, `turn` -> `samples`, `stop` -> `record`. A case that ends without
+asking for a turn (it failed, or has no timed samples) simply sends its record; one
+that dies or hangs becomes a failed record, and the others go on with their rounds.
 """
 
 from __future__ import annotations
 
-import resource
 import signal
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, astuple, replace
+from dataclasses import astuple, replace
 from typing import Callable
 
 from infermatrix.bench.matrix import Case
-from infermatrix.bench.runner import (ModelCache, RunContext, _now, _process_context, _record, execute_case, run_case,
+from infermatrix.bench.runner import (RunContext, _now, _process_context, _record, execute_case, exit_reason,
                                       skip_reason)
 from infermatrix.reports.record import Record
 
@@ -41,32 +43,25 @@ def interleave_groups(cases: list[Case]) -> list[list[Case]]:
     return list(groups.values())
 
 
-def _turn_taker(case: Case, ctx: RunContext, conn) -> None:
+def _turn_taker(case: Case, ctx: RunContext, conn, token: dict) -> None:
     """A case's process: run it with its timer sampling only in granted turns."""
-    from infermatrix.bench import timing
-    from infermatrix.bench.ab_side import PipeTurns
+    from infermatrix.bench.ab_side import run_taking_turns
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a case process: the run reports Ctrl-C once
-    turns = PipeTurns(conn)
-    timing.interleave_with(turns)
-    record = run_case(case, ctx, ModelCache(ctx.settings.seed))
-    record.metrics["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if turns.sizes:
-        record.samples["round_sizes"] = list(turns.sizes)
-    conn.send({"op": "record", "record": asdict(record)})
-    conn.close()
+    run_taking_turns(case, ctx, conn, env={"interleave": token})
 
 
 class _Member:
     """One case of a group, in its own process."""
 
-    def __init__(self, case: Case, ctx: RunContext) -> None:
+    def __init__(self, case: Case, ctx: RunContext, token: dict) -> None:
         self.case, self.ctx = case, ctx
         self.started, self.t0 = _now(), time.perf_counter()
         self.record: Record | None = None
         mp = _process_context()
         self.conn, child = mp.Pipe()
-        self.proc = mp.Process(target=_turn_taker, args=(case, ctx, child), name=f"infermatrix case {case.case_id}")
+        self.proc = mp.Process(target=_turn_taker, args=(case, ctx, child, token),
+                               name=f"infermatrix case {case.case_id}")
         self.proc.start()
         child.close()
 
@@ -75,50 +70,61 @@ class _Member:
         """Warmed up and waiting for a turn (not yet ended)."""
         return self.record is None
 
-    def _answer(self, timeout: float) -> dict | None:
+    def _exchange(self, message: dict | None) -> dict | None:
+        """Send `message` (None: only listen); the answer, or None when the process
+        ended or did not answer within the case timeout."""
         try:
-            if self.conn.poll(timeout):
+            if message is not None:
+                self.conn.send(message)
+            if self.conn.poll(self.ctx.settings.timeout_s):
                 return self.conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # it died, perhaps while idle between its turns
             pass
         return None
 
-    def _end(self, message: dict | None, why: str) -> None:
+    def _end(self, message: dict | None, when: str) -> None:
+        """Its record: the one it sent, or a failed one saying why there is none."""
         if message is not None and message.get("op") == "record":
             self.record = Record.from_dict(message["record"])
         else:
+            hung = self.proc.is_alive()
             self.proc.kill()
+            self.proc.join(timeout=30)
+            if message is not None:
+                why = f"case process sent {message.get('op')!r} {when}, not what the turns expect"
+            elif hung:
+                why = f"timed out after {self.ctx.settings.timeout_s:g} s {when} (killed)"
+            else:
+                why = f"{exit_reason(self.proc.exitcode)} ({when})"
             self.record = _record(self.case, self.ctx, "failed", why, self.started, time.perf_counter() - self.t0)
         self.proc.join(timeout=30)
         self.conn.close()
 
     def wait_ready(self) -> None:
         """Until it has loaded and warmed up, or ended without a turn."""
-        message = self._answer(self.ctx.settings.timeout_s)
-        if message is None:
-            self._end(None, f"timed out after {self.ctx.settings.timeout_s:g} s before its first turn (killed)")
-        elif message.get("op") != "ready":  # its record: it ended without timing anything
-            self._end(message, f"case process sent {message.get('op')!r} instead of its record")
+        message = self._exchange(None)
+        if message is None or message.get("op") != "ready":  # else its record: it timed nothing
+            self._end(message, "before its first turn")
 
     def turn(self, seconds: float) -> None:
-        self.conn.send({"op": "turn", "seconds": seconds})
-        message = self._answer(self.ctx.settings.timeout_s)
+        message = self._exchange({"op": "turn", "seconds": seconds})
         if message is None or message.get("op") != "samples":
-            self._end(message, "case process ended or hung during its turn (killed)")
+            self._end(message, "during a turn")
 
     def stop(self) -> Record:
         if self.record is None:
-            self.conn.send({"op": "stop"})
-            self._end(self._answer(self.ctx.settings.timeout_s), "case process sent no record after its last turn")
+            self._end(self._exchange({"op": "stop"}), "after its last turn")
         return self.record
 
 
-def run_group(cases: list[Case], ctx: RunContext) -> list[Record]:
+def run_group(cases: list[Case], ctx: RunContext, on_start: Callable[[Case], None]) -> list[Record]:
     """The timed cases of one group, interleaved round by round; records in case order."""
+    token = {"group": uuid.uuid4().hex[:12], "rounds": ctx.settings.rounds, "turn_s": ctx.settings.turn_s}
     members = []
     try:
         for case in cases:  # one at a time: no process warms up while another is timed
-            member = _Member(case, ctx)
+            on_start(case)
+            member = _Member(case, ctx, token)
             members.append(member)
             member.wait_ready()
         for round_index in range(ctx.settings.rounds):
@@ -127,9 +133,9 @@ def run_group(cases: list[Case], ctx: RunContext) -> list[Record]:
                 if member.waiting:
                     member.turn(ctx.settings.turn_s)
         return [member.stop() for member in members]
-    finally:
+    finally:  # Ctrl-C or an error here: no case process outlives the run
         for member in members:
-            if member.proc.is_alive() and member.record is None:
+            if member.record is None and member.proc.is_alive():
                 member.proc.kill()
 
 
@@ -138,11 +144,11 @@ def execute_interleaved(cases: list[Case], ctx: RunContext, on_start: Callable[[
     rest (skipped here, untimed, alone in their group) as execute_local runs them."""
     for group in interleave_groups(cases):
         timed = [c for c in group if c.workload not in UNTIMED_WORKLOADS and skip_reason(c) is None]
+        if len(timed) < 2:
+            timed = []
         for case in group:
-            if case not in timed or len(timed) < 2:
+            if case not in timed:
                 on_start(case)
                 yield execute_case(case, ctx)
-        if len(timed) >= 2:
-            on_start(timed[0])
-            yield from run_group(timed, ctx)
-
+        if timed:
+            yield from run_group(timed, ctx, on_start)

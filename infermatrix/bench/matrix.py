@@ -50,7 +50,7 @@ import torch
 
 from infermatrix.bench.shipped import builtin_matrices
 from infermatrix.errors import UserError
-from infermatrix.reports.derived import shape_parts
+from infermatrix.reports.record import shape_parts
 from infermatrix.variants import canonical_spec, parse_spec, registered_variants
 from infermatrix.weights import DTYPES, model_config
 
@@ -100,7 +100,7 @@ class Case:
 
     @property
     def case_id(self) -> str:
-        # the shape part is the reports' shape label with '-' (reports.derived.SHAPE_TAGS)
+        # the shape part is the reports' shape label with '-' (reports.record.SHAPE_TAGS)
         shape = "-".join(shape_parts(self.to_dict(), WORKLOADS[self.workload]))
         return "/".join([self.model, self.variant, self.workload, self.dtype, self.device, shape])
 
@@ -207,13 +207,20 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
         cases.update(dict.fromkeys(expanded))
         if baseline_of is not None:
             _add_baselines(baselines, {case: baseline_of(case) for case in expanded}, where)
+    excluded: dict[Case, str] = {}  # a listed case an exclude dropped -> which exclude
     for i, rule in enumerate(_tables(data, "exclude", source)):
         match = _rule(rule, f"{source}: [[exclude]] #{i + 1}")
+        excluded.update({c: f"[[exclude]] #{i + 1}" for c in cases if match(c)})
         cases = {c: None for c in cases if not match(c)}
     for i, table in enumerate(_tables(data, "include", source)):
         cases.update(dict.fromkeys(_expand(table, f"{source}: [[include]] #{i + 1}")))
     baselines = {case: base for case, base in baselines.items() if case in cases}
-    cases.update(dict.fromkeys(baselines.values()))  # a baseline is measured even when no table lists it
+    for case, base in baselines.items():
+        if base not in cases and base in excluded:
+            raise UserError(f"{source}: {case.case_id} has the baseline {base.case_id}, which {excluded[base]} "
+                            "drops; keep the baseline in the run, or name another baseline")
+    unlisted = {base: None for base in baselines.values() if base not in cases}
+    cases.update(unlisted)  # a baseline is measured even when no table lists it
     for case in cases:  # after the excludes: a combination excluded is never refused
         spec = parse_spec(case.variant)
         config = model_config(case.model)
@@ -224,7 +231,8 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
                 if case.workload not in ("attention", "linear"):  # ops take only shapes from the model
                     variant.check_model(config)
             except ValueError as exc:
-                raise UserError(f"{source}: {case.case_id}: {exc}") from None
+                named = " (a baseline no table lists; change the table's `baseline`)" if case in unlisted else ""
+                raise UserError(f"{source}: {case.case_id}{named}: {exc}") from None
     stepped = sorted({c.workload for c in cases if c.workload in ("decode", "generate")})
     if settings.cuda_graph and stepped:
         # those workloads time each step on the host around synchronizes; a graph would be dropped
@@ -252,6 +260,9 @@ def _baseline_rule(value, where: str) -> Callable[[Case], Case] | None:
         return lambda case: dataclasses.replace(case, variant=spec)
     if isinstance(value, dict) and set(value) == {"without"}:
         axes = value["without"] if isinstance(value["without"], list) else [value["without"]]
+        if not axes:
+            raise UserError(f"{where}: baseline: without = [] removes nothing, so each case would be its own "
+                            "baseline; name an axis, e.g. {without = \"linear\"}")
         known = sorted({cls.axis for cls in registered_variants().values()})
         for axis in axes:
             if axis not in known:

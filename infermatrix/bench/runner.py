@@ -222,14 +222,16 @@ def run_case_isolated(case: Case, ctx: RunContext) -> Record:
         if proc.is_alive():
             proc.kill()
         receive.close()
-    code = proc.exitcode
+    return _record(case, ctx, "failed", exit_reason(proc.exitcode), started, time.perf_counter() - t0)
+
+
+def exit_reason(code: int | None) -> str:
+    """Why a case process ended without a record, from its exit code."""
     if code is not None and code < 0:
         name = signal.Signals(-code).name
         hint = " (out of memory?)" if name == "SIGKILL" else ""
-        reason = f"case process crashed with {name}{hint}"
-    else:
-        reason = f"case process exited with status {code} without a record"
-    return _record(case, ctx, "failed", reason, started, time.perf_counter() - t0)
+        return f"case process crashed with {name}{hint}"
+    return f"case process exited with status {code} without a record"
 
 
 def check_eval_text(matrix: Matrix, eval_text_path: str | None) -> None:

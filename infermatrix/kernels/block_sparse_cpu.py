@@ -25,11 +25,11 @@ Pure functions on tensors; nothing here knows about models or variants.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 
 import torch

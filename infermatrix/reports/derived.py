@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from infermatrix.reports.record import Record
+from infermatrix.reports.record import SHAPE_TAGS, Record, shape_parts
 
 if TYPE_CHECKING:
     from infermatrix.reports.paired import PairedRatio
@@ -28,27 +28,8 @@ PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which dep
 _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_")
 
 
-# how each shape field shows in a case id and a shape label, in the label's order: a case
-# id's shape part is its workload's fields (bench.matrix.WORKLOADS) joined by '-', a label
-# the case's nonzero fields joined by ' ' (a workload's unused fields are zero, so the two
-# read the same: b1-p512-h9-kv3-d64-causal and b1 p512 h9 kv3 d64 causal)
-SHAPE_TAGS = {"windows": "w", "batch": "b", "prompt_len": "p", "kv_len": "kvlen", "new_tokens": "n", "heads": "h",
-              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n"}
 # the fields naming what ran rather than its shape
 _CASE_IDENTITY = ("model", "variant", "workload", "dtype", "device")
-
-
-def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
-    """The tags of `fields` of a case, in that order: `causal` as causal or full, each other
-    field with a nonzero value as its tag (SHAPE_TAGS; a field without one, its name) and value."""
-    parts = []
-    for name in fields:
-        value = case.get(name)
-        if name == "causal":
-            parts.append("causal" if value else "full")
-        elif value:
-            parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
-    return parts
 
 
 def shape_label(case: Mapping, *, without: Iterable[str] = ()) -> str:
@@ -122,12 +103,17 @@ class Speedup:
 
 def _paired(record: Record, baseline: Record) -> PairedRatio | None:
     """The paired ratio baseline/record of their per-round latency medians, when both
-    carry round_sizes with the same number (>= 2) of rounds."""
+    took the same rounds of one interleaved group (env["interleave"], bench/interleave.py)
+    and so carry round_sizes with the same number (>= 2) of them. An A/B side's records
+    have rounds too, taken with the other side's: they are never paired here."""
     # imported here: ab reads this module at import, and scipy (paired) stays out of the
     # import of every module that only needs a label or a column
     from infermatrix.reports.ab import round_values
     from infermatrix.reports.paired import paired_ratio
 
+    group = (record.env or {}).get("interleave")
+    if not group or group != (baseline.env or {}).get("interleave"):
+        return None
     own, base = round_values(record, "latency_ms_p50"), round_values(baseline, "latency_ms_p50")
     if own is None or base is None or own.size != base.size or own.size < 2:
         return None

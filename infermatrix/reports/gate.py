@@ -71,12 +71,12 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 
+from infermatrix.errors import UserError
 from infermatrix.reports.compare import (
     ALIASES, CSV_METRICS, DEFAULT_SPEED_METRICS, DIRECTION, HIGHER, LOWER, NON_NUMERIC_METRICS, SAMPLE_METRICS,
     MetricChange, compare_metric, compare_runs, fmt_p, fmt_ratio, fmt_value, index_records, metric_value,
 )
 from infermatrix.reports.derived import is_speed_metric, timings_meaningful
-from infermatrix.errors import UserError
 from infermatrix.reports.record import Record
 
 if sys.version_info >= (3, 11):
@@ -262,8 +262,8 @@ def parse_rules(rules: Iterable[str | Rule]) -> list[Rule]:
     return [r if isinstance(r, Rule) else parse_rule(r) for r in rules]
 
 
-# --------------------------------------------------------------------------- evaluate
 
+# --------------------------------------------------------------------------- where rules come from
 
 
 def parse_gate_table(table, source: str) -> tuple[str, ...]:
@@ -323,6 +323,10 @@ def write_step_summary(markdown: str) -> None:
     if summary:
         with open(summary, "a", encoding="utf-8") as f:
             f.write(markdown + "\n")
+
+
+# --------------------------------------------------------------------------- evaluate
+
 
 @dataclass(frozen=True)
 class Check:

@@ -11,12 +11,33 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SCHEMA_VERSION = 1
 RECORDS_FILE = "records.jsonl"
 STATUSES = ("ok", "skipped", "failed")
+
+# how each shape field shows in a case id and a shape label, in the label's order: a case
+# id's shape part is its workload's fields (bench.matrix.WORKLOADS) joined by '-', a label
+# the case's nonzero fields joined by ' ' (a workload's unused fields are zero, so the two
+# read the same: b1-p512-h9-kv3-d64-causal and b1 p512 h9 kv3 d64 causal)
+SHAPE_TAGS = {"windows": "w", "batch": "b", "prompt_len": "p", "kv_len": "kvlen", "new_tokens": "n", "heads": "h",
+              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n"}
+
+
+def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
+    """The tags of `fields` of a case, in that order: `causal` as causal or full, each other
+    field with a nonzero value as its tag (SHAPE_TAGS; a field without one, its name) and value."""
+    parts = []
+    for name in fields:
+        value = case.get(name)
+        if name == "causal":
+            parts.append("causal" if value else "full")
+        elif value:
+            parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
+    return parts
 
 
 @dataclass

@@ -129,7 +129,7 @@ def weight_only_backend(requested: str, device: torch.device, dtype: torch.dtype
     """The path one layer takes, or a UserError naming the field and the fix.
 
     auto: CUDA -> the Triton kernel. CPU bf16/fp16 -> `_weight_int8pack_mm` (measured
-    fastest: scripts/int8_benchmark.py --paths) when in_features is a multiple of 8,
+    fastest: the linear rows of `infermatrix run int8`) when in_features is a multiple of 8,
     else `dequant`. CPU fp32 -> `dequant` (int8pack's fp32 path measured ~8x slower).
     """
     if requested == "auto":

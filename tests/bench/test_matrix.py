@@ -197,3 +197,14 @@ def test_one_case_with_two_baselines_is_refused():
     table = {"model": "tiny", "variant": ["reference", "sdpa"]}
     with pytest.raises(UserError, match="already has the baseline"):
         parse_matrix({"cases": [{**table, "baseline": "reference"}, {**table, "baseline": "sdpa"}]})
+
+
+def test_a_baseline_that_an_exclude_drops_or_no_variant_can_run_is_refused_naming_it():
+    table = {"model": "tiny", "variant": ["reference", "sdpa"], "baseline": "reference"}
+    with pytest.raises(UserError, match=r"has the baseline tiny/reference/.*which \[\[exclude\]\] #1 drops"):
+        parse_matrix({"cases": [table], "exclude": [{"variant": "reference"}]})
+    with pytest.raises(UserError, match=r"a baseline no table lists; change the table's `baseline`.*flex runs fewer"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "sdpa", "workload": "attention", "prompt_len": 1,
+                                 "kv_len": 256, "baseline": "flex(pattern=sliding,window=64)"}]})
+    with pytest.raises(UserError, match="without = \\[\\] removes nothing"):
+        parse_matrix({"cases": [{"model": "tiny", "variant": "sdpa", "baseline": {"without": []}}]})

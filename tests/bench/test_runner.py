@@ -308,3 +308,16 @@ def test_interleave_needs_isolated_cases_and_one_machine(tmp_path):
     matrix = parse_matrix({"run": {"interleave": True}, "cases": [{"model": "tiny", "variant": "sdpa"}]})
     with pytest.raises(UserError, match="cannot run on another executor"):
         run_matrix(matrix, tmp_path, log=quiet, executor=lambda cases, ctx, on_start: iter(()))
+
+
+def test_an_interleaved_case_that_dies_mid_run_fails_alone_and_the_group_keeps_its_rounds(tmp_path):
+    matrix = parse_matrix({"run": {**QUICK, "interleave": True, "rounds": 6, "turn_s": 0.1}, "cases": [
+        {"model": "tiny", "variant": ["sdpa", "sdpa+fault(kind=exit_later)", "reference"], "workload": "attention",
+         "prompt_len": 64}]})
+    records = {r.case["variant"]: r for r in run_matrix(matrix, tmp_path, log=quiet)}
+    dead = records["sdpa+fault(kind=exit_later)"]
+    assert dead.status == "failed" and "exited with status 3" in dead.reason and "during a turn" in dead.reason
+    for alive in (records["sdpa"], records["reference"]):
+        assert alive.status == "ok" and len(alive.samples["round_sizes"]) == 6
+        assert alive.env["interleave"] == records["sdpa"].env["interleave"]  # the same group's rounds
+    assert len(read_records(tmp_path)) == 3

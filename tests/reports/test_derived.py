@@ -14,11 +14,12 @@ import pytest
 from infermatrix.reports.compare import compare_runs, render_compare_text
 from infermatrix.reports.csv_report import write_csv
 from infermatrix.reports.derived import (
-    Speedup, ran, shape_label, shape_parts, speedup_details, speedups, timings_meaningful,
+    Speedup, ran, shape_label, speedup_details, speedups, timings_meaningful,
 )
 from infermatrix.reports.gate import evaluate
 from infermatrix.reports.html_report import render_html
 from infermatrix.reports.markdown_report import render_markdown
+from infermatrix.reports.record import shape_parts
 from infermatrix.reports.table import render_table
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -128,11 +129,13 @@ def test_a_named_baseline_is_the_record_a_speedup_is_a_ratio_to():
     assert flex.case_id not in speedup_details([drift_base, flex])  # a drift row has no latency to divide
 
 
-def rounds_record(variant, round_medians, *, p50):
-    """A record of an interleaved run: one round per median, three samples around it."""
+def rounds_record(variant, round_medians, *, p50, group="g1"):
+    """A record of an interleaved run: one round per median, three samples around it,
+    taken in the rounds of interleave group `group`."""
     r = rec(variant, median=p50)
     r.samples = {"latency_ms": [m * f for m in round_medians for f in (0.99, 1.0, 1.01)],
                  "round_sizes": [3] * len(round_medians)}
+    r.env = {**r.env, "interleave": {"group": group, "rounds": len(round_medians), "turn_s": 0.5}}
     return r
 
 
@@ -157,6 +160,12 @@ def test_paired_rounds_give_the_speedup_and_its_interval():
         base_one = base if len(rounds) > 1 else rounds_record("reference", base_rounds[:1], p50=100.0)
         s = speedup_details([base_one, uneven])[uneven.case_id]
         assert (s.ratio, s.ci_low, s.ci_high, s.rounds) == (pytest.approx(1.25), None, None, 0)
+    # as many rounds, but not taken together (two groups, or an A/B side's rounds): no pairing
+    for other in (rounds_record("sdpa", new_rounds, p50=80.0, group="g2"), rounds_record("sdpa", new_rounds, p50=80.0)):
+        if other.env["interleave"]["group"] == "g1":
+            del other.env["interleave"]
+        s = speedup_details([base, other])[other.case_id]
+        assert (s.ratio, s.rounds) == (pytest.approx(1.25), 0)
 
 
 

@@ -104,7 +104,6 @@ def test_attention_variants_do_not_mutate_the_base_model():
     assert base_model.output.weight.shape == (base_model.config.vocab_size, base_model.config.dim)
 
 
-
 def test_an_attention_written_to_the_seam_contract_runs_the_model_cached_and_not():
     """The README's plugin attention, `(q, k, v, *, causal, mask=None)`: the decoder
     passes mask= on every call (None without a cache, the cache's mask with one), and
@@ -129,6 +128,7 @@ def test_an_attention_written_to_the_seam_contract_runs_the_model_cached_and_not
     got = GreedyDecoder(cached, tokens, 4)
     assert [got.step().tolist() for _ in range(4)] == [want.step().tolist() for _ in range(4)]
     assert any(masks)
+
 
 def test_variants_must_be_frozen_dataclass_subclasses(scratch_registry):
     with pytest.raises(ValueError, match="must be a frozen dataclass"):
