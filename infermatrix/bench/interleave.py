@@ -58,6 +58,7 @@ class _Member:
         self.case, self.ctx = case, ctx
         self.started, self.t0 = _now(), time.perf_counter()
         self.record: Record | None = None
+        self.hung = False  # the last exchange timed out with the process alive
         mp = _process_context()
         self.conn, child = mp.Pipe()
         self.proc = mp.Process(target=_turn_taker, args=(case, ctx, child, token),
@@ -72,12 +73,14 @@ class _Member:
 
     def _exchange(self, message: dict | None) -> dict | None:
         """Send `message` (None: only listen); the answer, or None when the process
-        ended or did not answer within the case timeout."""
+        ended (`self.hung` False) or did not answer within the case timeout (True)."""
+        self.hung = False
         try:
             if message is not None:
                 self.conn.send(message)
             if self.conn.poll(self.ctx.settings.timeout_s):
                 return self.conn.recv()
+            self.hung = True
         except (EOFError, OSError):  # it died, perhaps while idle between its turns
             pass
         return None
@@ -87,12 +90,12 @@ class _Member:
         if message is not None and message.get("op") == "record":
             self.record = Record.from_dict(message["record"])
         else:
-            hung = self.proc.is_alive()
-            self.proc.kill()
-            self.proc.join(timeout=30)
+            if self.hung or message is not None:
+                self.proc.kill()
+            self.proc.join(timeout=30)  # a dead process's exit code, once it is reaped
             if message is not None:
                 why = f"case process sent {message.get('op')!r} {when}, not what the turns expect"
-            elif hung:
+            elif self.hung:
                 why = f"timed out after {self.ctx.settings.timeout_s:g} s {when} (killed)"
             else:
                 why = f"{exit_reason(self.proc.exitcode)} ({when})"

@@ -321,3 +321,13 @@ def test_an_interleaved_case_that_dies_mid_run_fails_alone_and_the_group_keeps_i
         assert alive.status == "ok" and len(alive.samples["round_sizes"]) == 6
         assert alive.env["interleave"] == records["sdpa"].env["interleave"]  # the same group's rounds
     assert len(read_records(tmp_path)) == 3
+
+
+def test_an_interleaved_case_that_hangs_is_killed_after_its_timeout(tmp_path):
+    matrix = parse_matrix({"run": {**QUICK, "interleave": True, "rounds": 2, "turn_s": 0.05, "timeout_s": 3},
+                           "cases": [{"model": "tiny", "variant": ["sdpa", "sdpa+fault(kind=hang)"],
+                                      "workload": "attention", "prompt_len": 64}]})
+    records = {r.case["variant"]: r for r in run_matrix(matrix, tmp_path, log=quiet)}
+    hung = records["sdpa+fault(kind=hang)"]
+    assert hung.status == "failed" and hung.reason == "timed out after 3 s before its first turn (killed)"
+    assert records["sdpa"].status == "ok" and len(records["sdpa"].samples["round_sizes"]) == 2
