@@ -462,6 +462,84 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# history --------------------------------------------------------------------------
+
+
+def _add_history(sub) -> None:
+    history = _subcommand(
+        sub, "history", _cmd_history, help="keep runs across commits in SQLite; show trends, find change points",
+        description="A history of runs across commits: `add` stores runs' records in a SQLite file (keyed by case "
+                    "id, git SHA, date and host; adding a run again adds nothing), `show` prints each case's "
+                    "trend, `check` fits change points per case and exits 1 when the latest level is worse than "
+                    "an earlier one by more than the threshold (a step, or a creep of small steps), and `report` "
+                    "writes an offline HTML page with a chart per case.",
+        epilog="Example: infermatrix history add results/nightly && infermatrix history check --threshold 5%",
+    )
+    actions = history.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="store the records of runs")
+    add.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or records .jsonl / results .json files)")
+    add.add_argument("--host", metavar="NAME",
+                     help="file the records under this machine name instead of the host they record (a series "
+                          "is one case on one host; hosted CI runners get a new host name every run, so name "
+                          "the runner type, e.g. --host gha-ubuntu-latest)")
+    show = actions.add_parser("show", help="print each case's metric by commit, with the change against the previous")
+    check = actions.add_parser("check", help="exit 1 when a case's latest level regressed beyond the threshold")
+    report = actions.add_parser("report", help="write an offline HTML page, a chart per case")
+    report.add_argument("--html", metavar="OUT", required=True, help="the HTML file to write")
+    for parser in (add, show, check, report):
+        parser.add_argument("--db", metavar="FILE", default=None,
+                            help="the history database (default: .infermatrix/history.sqlite in this folder)")
+    for parser in (show, check, report):
+        parser.add_argument("--case", metavar="GLOB", help="only case ids matching this glob, e.g. '*prefill*'")
+        parser.add_argument("--metric", metavar="M", default=None,
+                            help="the metric to follow (default: latency_ms_p50)")
+    for parser in (check, report):
+        parser.add_argument("--threshold", metavar="PCT", default="5%",
+                            help="a regression is a level worse than an earlier one by more than this (default 5%%)")
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from infermatrix.reports import history
+
+    db = Path(args.db) if args.db else history.DEFAULT_DB
+    threshold = history.parse_threshold(args.threshold) if args.action in ("check", "report") else None
+    conn = history.open_db(db, create=args.action == "add")
+    try:
+        if args.action == "add":
+            return _history_add(conn, args.runs, db, args.host)
+        series = history.load_series(history.stored_records(conn), history.resolve_metric(
+            args.metric or history.DEFAULT_METRIC), args.case)
+    finally:
+        conn.close()
+    if args.action == "show":
+        print(history.render_show(series))
+        return 0
+    verdicts = [history.judge(s, threshold) for s in series]
+    if args.action == "report":
+        from infermatrix.reports.history_html import write_history_html
+
+        path = write_history_html(verdicts, args.html, metric=series[0].metric, threshold=threshold,
+                                  source=str(db))
+        print(f"wrote {path}")
+        return 0
+    print(history.render_check(verdicts, threshold))
+    return 1 if any(v.regression for v in verdicts) else 0
+
+
+def _history_add(conn, runs: list[str], db: Path, host: str | None) -> int:
+    from infermatrix.reports.history import add_records
+    from infermatrix.reports.run import load_run
+
+    for run in [load_run(source) for source in runs]:  # every run readable before any is stored
+        added = add_records(conn, run.records, run.source, host)
+        if added.without_sha:
+            print(f"infermatrix: warning: {run.source}: {added.without_sha} records have no git SHA; stored by "
+                  "their date (run from a git checkout to place them by commit)")
+        print(f"{run.source}: {added.new} records added, {added.known} already stored")
+    print(f"history: {db}")
+    return 0
+
+
 # env ------------------------------------------------------------------------------
 
 
@@ -548,8 +626,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 # the command ----------------------------------------------------------------------
 
-SUBCOMMANDS = (_add_run, _add_merge, _add_report, _add_compare, _add_gate, _add_ab, _add_calibrate, _add_env,
-               _add_list)  # in the order --help lists them
+SUBCOMMANDS = (_add_run, _add_merge, _add_report, _add_compare, _add_gate, _add_ab, _add_calibrate, _add_history,
+               _add_env, _add_list)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
