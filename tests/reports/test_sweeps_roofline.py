@@ -1,7 +1,8 @@
 """The sweep and roofline charts of report.html: which cases make a sweep (and which
 field it runs along, which lines it has), where a case sits on the roofline and under
-which ceilings."""
+which ceilings, and both drawn in Chromium."""
 
+import html
 import math
 import sys
 from pathlib import Path
@@ -11,10 +12,11 @@ import pytest
 from infermatrix.reports.derived import (
     DENSITY, density_families, rooflines, shape_label, sweeps,
 )
+from infermatrix.reports.html_report import render_html, write_html
 from infermatrix.reports.record import Record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_html_report import ENV, case, drift  # noqa: E402
+from test_html_report import CHROMIUM, CHROMIUM_ARGS, ENV, HOSTILE, case, drift, parse  # noqa: E402
 
 PEAKS = ENV["peaks"]["cpu"]  # 32.9 GB/s; float32 0.163, bfloat16 0.0193 TFLOP/s
 
@@ -161,3 +163,113 @@ def test_a_roofline_per_device_and_set_of_peaks():
     assert [(r.device, r.bandwidth, len(r.points)) for r in roofs] == [("cpu", 32.9e9, 1), ("cuda", 4e12, 1)]
     bare = rooflines([timed("sdpa", env={**ENV, "peaks": {}})])
     assert bare[0].bandwidth is None and bare[0].compute == {}
+
+
+# ----------------------------------------------------------------- on the page
+
+
+def sweep_run():
+    attention = [timed(v, latency=t * (p / 256) ** 2, prompt_len=p)
+                 for p in (128, 256, 512, 1024, 2048) for v, t in (("reference", 4.0), ("sdpa", 1.0))]
+    attention += [timed(f"block_sparse(pattern=sliding,window={w})", latency=0.5 * w / 64 * p / 256,
+                        prompt_len=p, metrics={DENSITY: min(1.0, w / p)}) for p in (128, 256, 512, 1024, 2048)
+                  for w in ((64,) if p != 1024 else (64, 128, 256))]
+    decode = [timed(v, "decode", latency=20.0 + b, batch=b, prompt_len=32, new_tokens=8)
+              for b in (1, 2, 4) for v in ("reference", "sdpa")]
+    return attention + decode + [drift("reference"), drift("sdpa", kl=1e-9)]
+
+
+def test_the_page_draws_each_sweep_and_the_roofline():
+    tags = parse(render_html(sweep_run()))
+    charts = [a for t, a in tags.tags if t == "svg" and a.get("data-chart") in ("sweep", "roofline")]
+    assert [(a["data-chart"], a.get("data-along")) for a in charts] == [
+        ("sweep", "prompt_len"), ("sweep", DENSITY), ("sweep", "batch"), ("roofline", None)]
+    assert charts[0]["data-x-scale"] == "log" and charts[2]["data-x-scale"] == "linear"
+    in_roofline = [a for (t, a), svg in zip(tags.tags, tags.in_svg) if svg.get("data-chart") == "roofline"]
+    assert sum("point" in (a.get("class") or "").split() for a in in_roofline) == 15 + 2 + 6
+    assert {a["data-dtype"] for a in in_roofline if a.get("class") == "ceiling compute"} == {"float32", "bfloat16"}
+    assert sum(a.get("class") == "ceiling bandwidth" for a in in_roofline) == 1
+
+
+def test_without_sweeps_or_rooflines_the_page_says_so():
+    tags = parse(render_html([timed("reference", metrics={"achieved_tflops": None}), timed("sdpa")]))
+    nodata = {a.get("data-chart") for t, a in tags.tags if "nodata" in (a.get("class") or "").split()}
+    assert "sweep" in nodata and "roofline" not in nodata
+    tags = parse(render_html([drift("reference")]))
+    assert {"sweep", "roofline"} <= {a.get("data-chart") for t, a in tags.tags
+                                     if "nodata" in (a.get("class") or "").split()}
+
+
+def test_record_text_in_the_new_charts_is_escaped():
+    env = {**ENV, "peaks": {"cpu": {**PEAKS, "measured_at": HOSTILE, "gemm_tflops": {HOSTILE: 0.1}}}}
+    records = [timed(v, prompt_len=p, model=HOSTILE, env=env, dtype=HOSTILE) for p in (256, 512)
+               for v in ("reference", HOSTILE)]
+    page = render_html(records)
+    assert "<script>alert(1)</script>" not in page and "alert(1)</" not in page
+    assert html.escape(HOSTILE) in page
+    tags = parse(page)
+    assert any(a.get("data-chart") == "sweep" for _, a in tags.tags)
+    assert any(a.get("data-chart") == "roofline" for _, a in tags.tags)
+    assert [t for t, _ in tags.tags].count("script") == 1
+
+
+# ----------------------------------------------------------------- in a real browser
+
+
+def _overlapping(boxes):
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
+def test_in_chromium_the_sweeps_and_roofline_draw_without_errors_or_overlapping_labels(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    path = write_html(sweep_run(), tmp_path)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(10_000)
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+            page.on("request", lambda r: errors.append(f"fetch {r.url}") if not r.url.startswith("file:") else None)
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+
+            sweeps_drawn = page.locator('svg.chart[data-chart="sweep"]')
+            assert sweeps_drawn.count() == 3
+            for chart in sweeps_drawn.all():
+                chart.scroll_into_view_if_needed()
+                box = chart.bounding_box()
+                assert box and box["width"] > 300 and box["height"] > 200
+                assert box["x"] + box["width"] <= 1400  # fits the width
+                for line in chart.locator("polyline.series").all():
+                    b = line.bounding_box()
+                    assert b and (b["width"] > 10 or b["height"] > 10)
+                ticks = [t.bounding_box() for t in chart.locator("text.tick").all()]
+                assert len(ticks) >= 4 and _overlapping(ticks) == []
+            prompt = page.locator('svg.chart[data-chart="sweep"][data-along="prompt_len"]')
+            assert prompt.locator("polyline.series").count() == 3  # reference, sdpa, window=64
+            assert prompt.locator("circle.point").count() == 5 * 3 + 2  # and windows 128, 256 alone
+            density = page.locator(f'svg.chart[data-chart="sweep"][data-along="{DENSITY}"]')
+            assert density.locator("line.level").count() == 2  # reference and sdpa: dense
+
+            roof = page.locator('svg.chart[data-chart="roofline"]')
+            roof.scroll_into_view_if_needed()
+            assert roof.locator(".point").count() == 23
+            for point in roof.locator(".point").all():
+                b = point.bounding_box()
+                assert b and b["width"] > 0 and b["height"] > 0
+            labels = [t.bounding_box() for t in roof.locator("text.ceiling-label, text.tick, text.axis-label").all()]
+            assert _overlapping(labels) == []
+            svg_box = roof.bounding_box()
+            for b in labels:  # nothing drawn off the chart
+                assert svg_box["x"] <= b["x"] and b["x"] + b["width"] <= svg_box["x"] + svg_box["width"] + 1
+            title = roof.locator(".point title").first.text_content()
+            assert "FLOP/byte" in title and "/attention/" in title
+        finally:
+            browser.close()
+    assert errors == []
