@@ -16,7 +16,7 @@ from infermatrix.reports.html_report import render_html, write_html
 from infermatrix.reports.record import Record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_html_report import CHROMIUM, CHROMIUM_ARGS, ENV, HOSTILE, case, drift, parse  # noqa: E402
+from test_html_report import CHROMIUM, ENV, HOSTILE, case, chromium_page, drift, parse  # noqa: E402
 
 PEAKS = ENV["peaks"]["cpu"]  # 32.9 GB/s; float32 0.163, bfloat16 0.0193 TFLOP/s
 
@@ -224,52 +224,38 @@ def _overlapping(boxes):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 def test_in_chromium_the_sweeps_and_roofline_draw_without_errors_or_overlapping_labels(tmp_path):
-    from playwright.sync_api import sync_playwright
-
     path = write_html(sweep_run(), tmp_path)
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(10_000)
-            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            page.on("request", lambda r: errors.append(f"fetch {r.url}") if not r.url.startswith("file:") else None)
-            page.goto(path.as_uri())
-            page.wait_for_load_state("load")
+    with chromium_page(path, errors) as page:
+        sweeps_drawn = page.locator('svg.chart[data-chart="sweep"]')
+        assert sweeps_drawn.count() == 3
+        for chart in sweeps_drawn.all():
+            chart.scroll_into_view_if_needed()
+            box = chart.bounding_box()
+            assert box and box["width"] > 300 and box["height"] > 200
+            assert box["x"] + box["width"] <= 1400  # fits the width
+            for line in chart.locator("polyline.series").all():
+                b = line.bounding_box()
+                assert b and (b["width"] > 10 or b["height"] > 10)
+            ticks = [t.bounding_box() for t in chart.locator("text.tick").all()]
+            assert len(ticks) >= 4 and _overlapping(ticks) == []
+        prompt = page.locator('svg.chart[data-chart="sweep"][data-along="prompt_len"]')
+        assert prompt.locator("polyline.series").count() == 3  # reference, sdpa, window=64
+        assert prompt.locator("circle.point").count() == 5 * 3 + 2  # and windows 128, 256 alone
+        density = page.locator(f'svg.chart[data-chart="sweep"][data-along="{DENSITY}"]')
+        assert density.locator("line.level").count() == 2  # reference and sdpa: dense
 
-            sweeps_drawn = page.locator('svg.chart[data-chart="sweep"]')
-            assert sweeps_drawn.count() == 3
-            for chart in sweeps_drawn.all():
-                chart.scroll_into_view_if_needed()
-                box = chart.bounding_box()
-                assert box and box["width"] > 300 and box["height"] > 200
-                assert box["x"] + box["width"] <= 1400  # fits the width
-                for line in chart.locator("polyline.series").all():
-                    b = line.bounding_box()
-                    assert b and (b["width"] > 10 or b["height"] > 10)
-                ticks = [t.bounding_box() for t in chart.locator("text.tick").all()]
-                assert len(ticks) >= 4 and _overlapping(ticks) == []
-            prompt = page.locator('svg.chart[data-chart="sweep"][data-along="prompt_len"]')
-            assert prompt.locator("polyline.series").count() == 3  # reference, sdpa, window=64
-            assert prompt.locator("circle.point").count() == 5 * 3 + 2  # and windows 128, 256 alone
-            density = page.locator(f'svg.chart[data-chart="sweep"][data-along="{DENSITY}"]')
-            assert density.locator("line.level").count() == 2  # reference and sdpa: dense
-
-            roof = page.locator('svg.chart[data-chart="roofline"]')
-            roof.scroll_into_view_if_needed()
-            assert roof.locator(".point").count() == 23
-            for point in roof.locator(".point").all():
-                b = point.bounding_box()
-                assert b and b["width"] > 0 and b["height"] > 0
-            labels = [t.bounding_box() for t in roof.locator("text.ceiling-label, text.tick, text.axis-label").all()]
-            assert _overlapping(labels) == []
-            svg_box = roof.bounding_box()
-            for b in labels:  # nothing drawn off the chart
-                assert svg_box["x"] <= b["x"] and b["x"] + b["width"] <= svg_box["x"] + svg_box["width"] + 1
-            title = roof.locator(".point title").first.text_content()
-            assert "FLOP/byte" in title and "/attention/" in title
-        finally:
-            browser.close()
+        roof = page.locator('svg.chart[data-chart="roofline"]')
+        roof.scroll_into_view_if_needed()
+        assert roof.locator(".point").count() == 23
+        for point in roof.locator(".point").all():
+            b = point.bounding_box()
+            assert b and b["width"] > 0 and b["height"] > 0
+        labels = [t.bounding_box() for t in roof.locator("text.ceiling-label, text.tick, text.axis-label").all()]
+        assert _overlapping(labels) == []
+        svg_box = roof.bounding_box()
+        for b in labels:  # nothing drawn off the chart
+            assert svg_box["x"] <= b["x"] and b["x"] + b["width"] <= svg_box["x"] + svg_box["width"] + 1
+        title = roof.locator(".point title").first.text_content()
+        assert "FLOP/byte" in title and "/attention/" in title
     assert errors == []
