@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -64,12 +65,21 @@ def is_speed_record(record: Record) -> bool:
     return record.case.get("workload") != DRIFT and timings_meaningful(record)
 
 
-def latency_p50(record: Record) -> float | None:
-    """An ok record's latency_ms_p50 when it is a finite positive number, else None."""
-    value = (record.metrics or {}).get("latency_ms_p50")
-    if record.status != "ok" or isinstance(value, bool) or not isinstance(value, (int, float)):
+def finite_positive(value: object) -> float | None:
+    """A finite positive number as a float, else None (missing, zero, NaN, inf, bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) and value > 0 else None
+
+
+def positive_metric(record: Record, metric: str) -> float | None:
+    """An ok record's metric when it is a finite positive number, else None."""
+    return finite_positive((record.metrics or {}).get(metric)) if record.status == "ok" else None
+
+
+def latency_p50(record: Record) -> float | None:
+    """An ok record's latency_ms_p50 when it is a finite positive number, else None."""
+    return positive_metric(record, "latency_ms_p50")
 
 
 def case_key(case: Mapping, **override) -> str:
@@ -264,3 +274,286 @@ def column_value(record: Record, column: Column, speedup: Mapping[str, Speedup])
     if column.metric == BASELINE:
         return (s.baseline or "itself") if s is not None and s.named else None
     return (record.metrics or {}).get(column.metric)
+
+
+# -------------------------------------------------------------------- units of the charts
+
+_LATENCY_UNIT = {"decode": "ms per output token", "generate": "ms per generation"}
+
+
+def latency_unit(workload: str) -> str:
+    """What a workload's latency_ms_* is per: a decode's is per output token."""
+    return _LATENCY_UNIT.get(workload, "ms per call")
+
+
+def metric_label(metric: str, workload: str) -> str:
+    """A chart axis's label for a metric: its name (its unit)."""
+    if metric == "latency_ms_p50":
+        return f"latency p50 ({latency_unit(workload)})"
+    return {"tokens_per_s": "throughput (tokens/s)", "achieved_tflops": "achieved (TFLOP/s)"}.get(metric, metric)
+
+
+# -------------------------------------------------------------------- roofline
+
+
+def device_kind(device: object) -> str:
+    """The device type a case ran on (`cuda:1` -> `cuda`): the key of its env["peaks"]."""
+    return str(device or "").split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class RooflinePoint:
+    """A case on the roofline: its arithmetic intensity (flops / bytes_moved, FLOP per
+    byte) and the FLOP/s it achieved (achieved_tflops)."""
+
+    case_id: str
+    variant: str
+    dtype: str
+    intensity: float  # FLOP per byte
+    flops_per_s: float  # FLOP/s
+    pct_of_limit: float | None  # the record's share of its roofline limit, %
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """One device's measured ceilings (its env["peaks"]) and the cases that ran on it."""
+
+    device: str  # device type: cpu, cuda
+    bandwidth: float | None  # bytes/s, the measured copy bandwidth; None: no peaks recorded
+    compute: dict[str, float]  # dtype -> FLOP/s, the measured GEMM peak
+    measured_at: str
+    points: tuple[RooflinePoint, ...]
+
+    def ridge(self, dtype: str) -> float | None:
+        """The intensity (FLOP/byte) where the bandwidth roof meets the dtype's compute roof."""
+        peak = self.compute.get(dtype)
+        return peak / self.bandwidth if peak is not None and self.bandwidth else None
+
+    def attainable(self, dtype: str, intensity: float) -> float | None:
+        """The most FLOP/s the ceilings allow at an intensity: min(compute, intensity × bandwidth)."""
+        peak = self.compute.get(dtype)
+        return min(peak, intensity * self.bandwidth) if peak is not None and self.bandwidth else None
+
+
+def _peaks_of(record: Record, kind: str) -> dict:
+    peaks = ((record.env or {}).get("peaks") or {}).get(kind)
+    return peaks if isinstance(peaks, dict) else {}
+
+
+def rooflines(records: Sequence[Record]) -> list[Roofline]:
+    """A roofline per device type and measured peaks (records merged from machines with
+    other peaks get their own): the speed records (is_speed_record) that ran ok with
+    flops, bytes_moved and achieved_tflops, in record order."""
+    groups: dict[tuple[str, str], list[RooflinePoint]] = {}
+    peaks_of: dict[tuple[str, str], dict] = {}
+    for r in records:
+        flops, moved, tflops = (positive_metric(r, m) for m in ("flops", "bytes_moved", "achieved_tflops"))
+        if not is_speed_record(r) or flops is None or moved is None or tflops is None:
+            continue
+        kind = device_kind(r.case.get("device"))
+        peaks = _peaks_of(r, kind)
+        key = (kind, json.dumps(peaks, sort_keys=True, default=str))
+        peaks_of.setdefault(key, peaks)
+        groups.setdefault(key, []).append(RooflinePoint(
+            r.case_id, str(r.case.get("variant", "")), str(r.case.get("dtype", "")), flops / moved, tflops * 1e12,
+            positive_metric(r, "pct_of_limit")))
+    out = []
+    for key, points in groups.items():
+        peaks = peaks_of[key]
+        bandwidth = finite_positive(peaks.get("bandwidth_gbs"))
+        compute = {str(d): v * 1e12 for d, v in ((d, finite_positive(v)) for d, v in
+                                                 (peaks.get("gemm_tflops") or {}).items()) if v is not None}
+        out.append(Roofline(key[0], None if bandwidth is None else bandwidth * 1e9, compute,
+                            str(peaks.get("measured_at") or ""), tuple(points)))
+    return out
+
+
+# -------------------------------------------------------------------- sweeps
+
+SWEEP_FIELDS = ("prompt_len", "kv_len", "batch")  # the case fields a sweep chart runs along
+DENSITY = "attention_density"  # ...and the metric a density sweep runs along
+_SWEEP_AXIS = {"prompt_len": "prompt length (tokens)", "kv_len": "keys attended, kv_len (tokens)",
+               "batch": "batch (sequences)", DENSITY: "attention density (share of block pairs computed)"}
+
+
+def sweep_axis_label(along: str, workload: str) -> str:
+    """A sweep chart's x axis label: its name (its unit)."""
+    if along == "prompt_len" and workload == "attention":
+        return "sequence length (queries, tokens)"
+    return _SWEEP_AXIS.get(along, along)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    x: float
+    y: float
+    case_id: str
+
+
+@dataclass(frozen=True)
+class SweepSeries:
+    """A line of a sweep: a variant's cases along the swept field; in a density sweep, the
+    variants that differ in one parameter only, named with `*` for it
+    (`block_sparse(pattern=sliding,density=*)`), or a variant alone."""
+
+    name: str
+    variant: str  # the variant whose colour the line takes (a density family's first)
+    points: tuple[SweepPoint, ...]  # by x
+
+
+@dataclass(frozen=True)
+class SweepLevel:
+    """A variant of a density sweep's cases that has no density (dense attention): its
+    value, a level across the chart."""
+
+    variant: str
+    y: float
+    case_id: str
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Cases that agree on everything but the variant and one swept field (or, for
+    DENSITY, the variant's one differing parameter and so its density)."""
+
+    along: str  # a SWEEP_FIELDS field or DENSITY
+    metric: str  # the y axis
+    case: dict  # what the cases share: the first one's case without its variant and the swept field
+    series: tuple[SweepSeries, ...]
+    levels: tuple[SweepLevel, ...] = ()
+
+    @property
+    def log_x(self) -> bool:
+        """The swept values span more than 8×: a log x axis."""
+        xs = [p.x for s in self.series for p in s.points]
+        return max(xs) > 8 * min(xs)
+
+
+def _swept_value(case: Mapping, along: str) -> float | None:
+    value = case.get(along)
+    if along == "kv_len":
+        value = value or case.get("prompt_len")  # 0: as many keys as queries
+    return finite_positive(value) if isinstance(value, int) else None
+
+
+def _series_order(name: str) -> tuple:
+    return name != REFERENCE, name
+
+
+def _make_sweep(along: str, metric: str, first: Record, lines: Mapping[tuple[str, str], list[SweepPoint]],
+                levels: Sequence[SweepLevel] = ()) -> Sweep | None:
+    """A Sweep of the lines ((name, colour variant) -> points) when some line has two
+    points at different x; else None."""
+    series = tuple(SweepSeries(name, variant, tuple(sorted(points, key=lambda p: (p.x, p.y))))
+                   for (name, variant), points in sorted(lines.items(), key=lambda kv: _series_order(kv[0][0])))
+    if not any(len({p.x for p in s.points}) > 1 for s in series):
+        return None
+    case = {k: v for k, v in first.case.items() if k not in ("variant", along)}
+    return Sweep(along, metric, case, series, tuple(sorted(levels, key=lambda v: _series_order(v.variant))))
+
+
+def _field_sweeps(speed: Sequence[Record]) -> list[tuple[int, Sweep]]:
+    """Per swept field, the groups of cases equal in every other field but the variant."""
+    out = []
+    for along in SWEEP_FIELDS:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(speed):
+            if _swept_value(r.case, along) is not None:
+                groups.setdefault(case_key(r.case, variant=None, **{along: None}), []).append(i)
+        for members in groups.values():
+            rs = [speed[i] for i in members]
+            if len({_swept_value(r.case, along) for r in rs}) < 2:
+                continue
+            # throughput against batch; latency against lengths (the time to a first token)
+            batch_rate = along == "batch" and all(positive_metric(r, "tokens_per_s") for r in rs)
+            metric = "tokens_per_s" if batch_rate else "latency_ms_p50"
+            lines: dict[tuple[str, str], list[SweepPoint]] = {}
+            for r in rs:
+                y = positive_metric(r, metric)
+                if y is not None:
+                    variant = str(r.case.get("variant", ""))
+                    lines.setdefault((variant, variant), []).append(
+                        SweepPoint(_swept_value(r.case, along), y, r.case_id))
+            sweep = _make_sweep(along, metric, rs[0], lines)
+            if sweep is not None:
+                out.append((members[0], sweep))
+    return out
+
+
+_SPEC_PART = re.compile(r"([^+()]+)(?:\(([^()]*)\))?")
+
+
+def _spec_parts(variant: str) -> list[tuple[str, dict[str, str]]]:
+    """A variant spec's parts, `a(k=v)+b` -> [(a, {k: v}), (b, {})] (reports cannot import
+    the variants' parser; canonical specs list parameters in a fixed order)."""
+    parts = []
+    for match in _SPEC_PART.finditer(variant):
+        params = (item.partition("=") for item in (match.group(2) or "").split(",") if item.strip())
+        parts.append((match.group(1).strip(), {k.strip(): v.strip() for k, _, v in params}))
+    return parts
+
+
+def _spec_text(parts: Sequence[tuple[str, Mapping[str, str]]]) -> str:
+    return "+".join(name + (f"({','.join(f'{k}={v}' for k, v in params.items())})" if params else "")
+                    for name, params in parts)
+
+
+def density_families(variants: Iterable[str]) -> dict[str, str]:
+    """variant -> the line it belongs to in a density sweep: its spec with `*` for the one
+    parameter in which it differs from its siblings (variants with the same parts and every
+    other parameter equal), the largest families formed first; a variant with no sibling
+    is a line of its own."""
+    variants = list(dict.fromkeys(variants))
+    candidates: dict[str, list[str]] = {}
+    for v in variants:
+        parts = _spec_parts(v)
+        for i, (name, params) in enumerate(parts):
+            for key in params:
+                starred = [*parts[:i], (name, {**params, key: "*"}), *parts[i + 1:]]
+                candidates.setdefault(_spec_text(starred), []).append(v)
+    family: dict[str, str] = {}
+    for name, members in sorted(candidates.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        free = [v for v in members if v not in family]
+        if len(free) > 1:
+            family.update((v, name) for v in free)
+    return {v: family.get(v, v) for v in variants}
+
+
+def _density_sweeps(speed: Sequence[Record]) -> list[tuple[int, Sweep]]:
+    """Per group of cases equal in every field but the variant: latency against the
+    attention density of the variants that report one, the others as levels."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(speed):
+        groups.setdefault(case_key(r.case, variant=None), []).append(i)
+    out = []
+    for members in groups.values():
+        rs = [speed[i] for i in members if latency_p50(speed[i]) is not None]
+        sparse = [r for r in rs if positive_metric(r, DENSITY) is not None]
+        if len({positive_metric(r, DENSITY) for r in sparse}) < 2:
+            continue
+        family = density_families(str(r.case.get("variant", "")) for r in sparse)
+        first_of: dict[str, str] = {}
+        lines: dict[tuple[str, str], list[SweepPoint]] = {}
+        for r in sparse:
+            variant = str(r.case.get("variant", ""))
+            name = family[variant]
+            lines.setdefault((name, first_of.setdefault(name, variant)), []).append(
+                SweepPoint(positive_metric(r, DENSITY), latency_p50(r), r.case_id))
+        levels = [SweepLevel(str(r.case.get("variant", "")), latency_p50(r), r.case_id)
+                  for r in rs if positive_metric(r, DENSITY) is None]
+        sweep = _make_sweep(DENSITY, "latency_ms_p50", rs[0], lines, levels)
+        if sweep is not None:
+            out.append((members[0], sweep))
+    return out
+
+
+def sweeps(records: Sequence[Record]) -> list[Sweep]:
+    """The sweep charts of a run: wherever cases that agree on everything else (model,
+    workload, dtype, device, the other shape fields) differ in exactly one of prompt_len,
+    kv_len and batch, one line per variant along it (tokens/s against batch where every
+    case has it, else latency_ms_p50); and latency against attention density where
+    variants differ in one parameter. Cases where two fields vary together share no
+    group, so make none. Speed records only (is_speed_record), in record order."""
+    speed = [r for r in records if is_speed_record(r) and r.status == "ok"]
+    found = _field_sweeps(speed) + _density_sweeps(speed)
+    return [sweep for _, sweep in sorted(found, key=lambda item: item[0])]

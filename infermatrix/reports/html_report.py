@@ -22,6 +22,11 @@ Page anatomy (stable hooks for tests and scrapers):
   the front's points ``.point.pareto`` and line ``.pareto-front``; a chart
   without data is ``div.chart.nodata`` saying "no data"; a block-sparse layout
   (metric ``attention_layout``) is ``svg.chart[data-chart=layout]``;
+* ``svg.chart[data-chart=sweep]`` (``data-along``, ``data-metric``, ``data-workload``,
+  ``data-x-scale=log|linear``): a line ``polyline.series[data-series]`` per variant, its
+  points ``circle.point[data-case-id]``, dense variants of a density sweep ``line.level``;
+  ``svg.chart[data-chart=roofline][data-device]``: ceilings ``line.ceiling.bandwidth`` and
+  ``line.ceiling.compute[data-dtype]``, cases ``.point[data-case-id]``;
 * ``table#problems``: the failed and skipped cases, ``tr.problem[data-status]``.
 """
 
@@ -42,8 +47,9 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from infermatrix.reports.derived import (
-    DRIFT, REFERENCE, SPEEDUP, Column, Speedup, case_key, column_value, cpu_features_text, is_peer, is_speed_record,
-    latency_p50, pareto_front, ran, shape_label, shown_columns, speedup_details,
+    DENSITY, DRIFT, REFERENCE, SPEEDUP, Column, Roofline, Speedup, Sweep, case_key, column_value, cpu_features_text,
+    is_peer, is_speed_record, latency_p50, latency_unit, metric_label, pareto_front, ran, rooflines, shape_label,
+    shown_columns, speedup_details, sweep_axis_label, sweeps,
 )
 from infermatrix.reports.record import Record
 
@@ -103,6 +109,18 @@ def _variant_order(colors: dict[str, str]) -> dict[str, int]:
     return {v: i for i, v in enumerate(colors)}
 
 
+def _dtype_markers(records: Sequence[Record]) -> dict[str, str]:
+    """dtype -> the marker its points take in the scatter charts, in order of appearance."""
+    dtypes = list(dict.fromkeys(str(r.case.get("dtype", "")) for r in records))
+    return {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(dtypes)}
+
+
+def _marker_key(markers: dict[str, str], shown: set[str]) -> str:
+    """The caption's key of the dtype markers shown."""
+    return " ".join(f'<span class="marker-key">{_MARKER_GLYPH[m]} {_esc(d)}</span>' for d, m in markers.items()
+                    if d in shown)
+
+
 # -------------------------------------------------------------------- SVG charts
 
 
@@ -121,6 +139,14 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
             ticks.append(round(t, 12))
         t += step
     return ticks
+
+
+def _svg_open(name: str, heading: str, width: float, height: float, **attrs: str) -> str:
+    """An SVG chart's opening tag (data-chart, data-* attributes) and its title."""
+    extra = "".join(f' data-{k.replace("_", "-")}="{_esc(v)}"' for k, v in attrs.items())
+    return (f'<svg class="chart" data-chart="{_esc(name)}"{extra} width="{width:.0f}" height="{height:.0f}"'
+            f' viewBox="0 0 {width:.0f} {height:.0f}" role="img" xmlns="http://www.w3.org/2000/svg">'
+            f'<title>{_esc(heading)}</title>')
 
 
 def _no_data(name: str, heading: str, why: str = "no data", figure: str = '<figure class="figure">',
@@ -163,10 +189,7 @@ def _bar_chart(name: str, heading: str, groups: list[_Group], colors: dict[str, 
     def y_of(v: float) -> float:
         return mt + plot_h * (1 - v / y_max)
 
-    out = [f'<svg class="chart" data-chart="{_esc(name)}"'
-           + "".join(f' data-{k}="{_esc(v)}"' for k, v in attrs.items())
-           + f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"'
-           f' xmlns="http://www.w3.org/2000/svg"><title>{_esc(heading)}</title>']
+    out = [_svg_open(name, heading, width, height, **attrs)]
     for t in ticks:
         y = y_of(t)
         out.append(f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{y:.1f}" y2="{y:.1f}"/>'
@@ -271,9 +294,7 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
         d = math.log10(v) if v > 0 else zero_dec
         return mt + inset + (plot_h - 2 * inset) * (1 - (d - bottom) / (hi_dec - bottom))
 
-    out = [(f'<svg class="chart" data-chart="pareto" data-workload="{_esc(workload)}" data-metric="{metric}"'
-            f' width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img"'
-            f' xmlns="http://www.w3.org/2000/svg"><title>{_esc(heading)}</title>')]
+    out = [_svg_open("pareto", heading, width, height, workload=workload, metric=metric)]
     step = max(1, math.ceil((hi_dec - lo_dec) / 8))
     for d in range(lo_dec, hi_dec + 1, step):
         y = y_of(10.0 ** d)
@@ -311,8 +332,7 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
                        f'{_esc(p["variant"])} · {_esc(p["dtype"])}</text>')
     out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
                f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
-    legend = " ".join(f'<span class="marker-key">{_MARKER_GLYPH[m]} {_esc(d)}</span>' for d, m in markers.items()
-                      if any(p["dtype"] == d for p in points))
+    legend = _marker_key(markers, {p["dtype"] for p in points})
     over_what = "its baseline" if over != REFERENCE else "the reference of the same dtype"
     caption = (f'Each point is a (model, variant, dtype): x is its {_esc(workload)} speedup over {over_what}, '
                f'y its drift against the fp32 reference (mean over its drift cases). '
@@ -326,9 +346,6 @@ def _scatter(workload: str, metric: str, points: list[dict], colors: dict[str, s
 _MARKER_GLYPH = {"circle": "●", "square": "■", "triangle": "▲", "diamond": "◆"}
 
 # -------------------------------------------------------------------- chart data
-
-_LATENCY_UNIT = {"decode": "ms per output token", "generate": "ms per generation"}
-
 
 def _groups(records: list[Record], value, tip, order: dict[str, int], multi: dict[str, bool]) -> list[_Group]:
     """Records grouped by their case without the variant; one bar per variant."""
@@ -372,7 +389,7 @@ def _latency_charts(speed: list[Record], colors: dict[str, str]) -> Markup:
     parts = []
     for w in workloads:
         rs = [r for r in speed if r.case.get("workload") == w]
-        unit = _LATENCY_UNIT.get(w, "ms per call")
+        unit = latency_unit(w)
         groups = _groups(rs, latency_p50, lambda r: _tip(r, "p50", latency_p50(r), "{:,.3f} ms"),
                          _variant_order(colors), {**_multi(rs), "workload": False})
         parts.append(_bar_chart("latency", f"{w}: latency p50 ({unit}), lower is better", groups, colors,
@@ -472,8 +489,7 @@ def _pareto_points(records: list[Record], workload: str, metric: str, speedup: d
 
 
 def _pareto_charts(records: list[Record], colors: dict[str, str], speedup: dict[str, Speedup], over: str) -> Markup:
-    dtypes = list(dict.fromkeys(str(r.case.get("dtype", "")) for r in records))
-    markers = {d: _MARKERS[i % len(_MARKERS)] for i, d in enumerate(dtypes)}
+    markers = _dtype_markers(records)
     workloads = list(dict.fromkeys(str(r.case.get("workload")) for r in records
                                    if is_speed_record(r) and r.case_id in speedup))
     parts = []
@@ -516,6 +532,204 @@ def _layout_pictures(records: list[Record]) -> Markup:
                        f'<rect width="{size}" height="{size}" fill="none" stroke="#999"/>'
                        f'<g fill="#1f77b4">{rects}</g></svg><figcaption>{_esc(caption)}</figcaption></figure>')
     return Markup("".join(figures))
+
+
+# -------------------------------------------------------------------- roofline and sweeps
+
+
+def _decade(d: int) -> str:
+    """A log axis's tick at 10**d: 0.01, 100, 10,000; 1e-05 beyond."""
+    return f"{10.0 ** d:,g}" if -3 <= d <= 4 else f"1e{d}"
+
+
+def _si(value: float) -> str:
+    """A rate with an SI prefix, for FLOP/s ticks: 100 M, 10 G, 1 T."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= factor:
+            return f"{value / factor:g} {prefix}"
+    return f"{value:g}"
+
+
+def _spread(ys: list[float], gap: float, low: float, high: float) -> list[float]:
+    """Label positions at least `gap` apart, as near their own y as that allows, within [low, high]."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    out = list(ys)
+    for prev, i in zip([None, *order], order):
+        out[i] = max(out[i], low) if prev is None else max(out[i], out[prev] + gap)
+    for nxt, i in zip([None, *order[::-1]], order[::-1]):  # the last ones back up inside
+        out[i] = min(out[i], high) if nxt is None else min(out[i], out[nxt] - gap)
+    return out
+
+
+def _roofline_chart(roof: Roofline, markers: dict[str, str], colors: dict[str, str], several: bool) -> Markup:
+    heading = f"Roofline — {roof.device}" + (f" (peaks measured {roof.measured_at})" if several else "")
+    ml, mr, mt, mb, plot_w, plot_h = 64, 200, 14, 46, 560, 320
+    width, height = ml + plot_w + mr, mt + plot_h + mb
+    ridges = [r for r in (roof.ridge(d) for d in roof.compute) if r is not None]
+    xs = [p.intensity for p in roof.points] + ridges
+    ys = [p.flops_per_s for p in roof.points]
+    x_lo, x_hi = math.floor(math.log10(min(xs) / 1.5)), math.ceil(math.log10(max(xs) * 1.5))
+    y_lo = math.floor(math.log10(min(ys) / 1.5))
+    y_hi = max(math.ceil(math.log10(max(ys + list(roof.compute.values())) * 1.2)), y_lo + 1)
+
+    def x_of(v: float) -> float:
+        return ml + plot_w * (math.log10(v) - x_lo) / (x_hi - x_lo)
+
+    def y_of(v: float) -> float:
+        return mt + plot_h * (1 - (math.log10(v) - y_lo) / (y_hi - y_lo))
+
+    out = [_svg_open("roofline", heading, width, height, device=roof.device)]
+    for d in range(x_lo, x_hi + 1):
+        x = x_of(10.0 ** d)
+        out.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{mt}" y2="{mt + plot_h}"/>'
+                   f'<text class="tick" x="{x:.1f}" y="{mt + plot_h + 18}" text-anchor="middle">{_decade(d)}</text>')
+    for d in range(y_lo, y_hi + 1):
+        y = y_of(10.0 ** d)
+        out.append(f'<line class="grid" x1="{ml}" x2="{ml + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="tick" x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{_si(10.0 ** d)}</text>')
+    out.append(f'<text class="axis-label" x="{ml + plot_w / 2:.0f}" y="{height - 8}" text-anchor="middle">'
+               f'arithmetic intensity (FLOP per byte moved), log scale →</text>'
+               f'<text class="axis-label" transform="translate(14 {mt + plot_h / 2:.0f}) rotate(-90)"'
+               f' text-anchor="middle">achieved FLOP/s, log scale ↑</text>')
+    top, right = 10.0 ** y_hi, 10.0 ** x_hi
+    if roof.bandwidth:
+        start = max(10.0 ** x_lo, 10.0 ** y_lo / roof.bandwidth)
+        end = min(right, top / roof.bandwidth, max(ridges) if ridges else right)  # then the flat roofs
+        if end > start:
+            x1, y1, x2, y2 = x_of(start), y_of(start * roof.bandwidth), x_of(end), y_of(end * roof.bandwidth)
+            angle = math.degrees(math.atan2(y2 - y1, x2 - x1))
+            out.append(f'<line class="ceiling bandwidth" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}">'
+                       f'<title>measured copy bandwidth {roof.bandwidth / 1e9:.3g} GB/s</title></line>'
+                       f'<text class="ceiling-label" transform="translate({x1 + 0.1 * (x2 - x1):.1f}'
+                       f' {y1 + 0.1 * (y2 - y1) - 5:.1f}) rotate({angle:.1f})">'
+                       f'memory: {roof.bandwidth / 1e9:.3g} GB/s (copy)</text>')
+    peaks = sorted(roof.compute.items(), key=lambda kv: -kv[1])
+    label_ys = _spread([y_of(peak) + 4 for _, peak in peaks], 13, mt + 4, mt + plot_h)
+    for (dtype, peak), label_y in zip(peaks, label_ys):
+        y = y_of(peak)
+        x1 = x_of(max(roof.ridge(dtype) or 10.0 ** x_lo, 10.0 ** x_lo))
+        glyph = _MARKER_GLYPH[markers.get(dtype, "circle")]
+        out.append(f'<line class="ceiling compute" data-dtype="{_esc(dtype)}" x1="{x1:.1f}" x2="{ml + plot_w}"'
+                   f' y1="{y:.1f}" y2="{y:.1f}"><title>measured {_esc(dtype)} GEMM peak {peak / 1e12:.3g} TFLOP/s'
+                   f'</title></line><text class="ceiling-label" x="{ml + plot_w + 6}" y="{label_y:.1f}">{glyph} '
+                   f'{_esc(dtype)} GEMM {peak / 1e12:.3g} TFLOP/s</text>')
+    for p in roof.points:
+        tip = (f"{p.case_id}: {p.intensity:.3g} FLOP/byte, {_si(p.flops_per_s)}FLOP/s"
+               + (f", {p.pct_of_limit:.0f}% of its limit" if p.pct_of_limit is not None else ""))
+        attrs = (f' data-case-id="{_esc(p.case_id)}" data-variant="{_esc(p.variant)}" data-dtype="{_esc(p.dtype)}"'
+                 f' data-x="{p.intensity!r}" data-y="{p.flops_per_s!r}"')
+        out.append(_marker(markers.get(p.dtype, "circle"), x_of(p.intensity), y_of(p.flops_per_s), "point",
+                           colors.get(p.variant, _REFERENCE_COLOR), attrs, tip))
+    out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
+               f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
+    ceilings = ("The diagonal is the measured copy bandwidth, each flat line a dtype's measured GEMM peak; "
+                "a case cannot rise above the lower of the two at its intensity. " if roof.compute and roof.bandwidth
+                else f"No peaks were recorded for {_esc(roof.device)}: points only. ")
+    caption = (f"Each point is a case, coloured by variant: x its FLOPs over the bytes it must move, y its FLOPs "
+               f"over its median time (the roofline's counts; decode per output token). {ceilings}"
+               f"Drift cases and cases timed in the Triton interpreter are left out. Markers: "
+               f"{_marker_key(markers, {p.dtype for p in roof.points})}")
+    return Markup(f'<figure class="figure"><figcaption>{_esc(heading)}</figcaption>'
+                  f'<div class="scroll">{"".join(out)}</div><p class="caption">{caption}</p></figure>')
+
+
+def _roofline_charts(records: list[Record], colors: dict[str, str]) -> Markup:
+    roofs = rooflines(records)
+    if not roofs:
+        return _no_data("roofline", "Roofline", "no data: no speed case with FLOPs, bytes and achieved FLOP/s")
+    markers = _dtype_markers(records)
+    several = len({roof.device for roof in roofs}) < len(roofs)
+    return Markup("".join(_roofline_chart(roof, markers, colors, several) for roof in roofs))
+
+
+def _x_text(along: str, value: float) -> str:
+    return f"{100 * value:.3g}%" if along == DENSITY else f"{value:,.6g}"
+
+
+def _sweep_chart(sweep: Sweep, colors: dict[str, str]) -> Markup:
+    workload = str(sweep.case.get("workload", ""))
+    x_label, y_label = sweep_axis_label(sweep.along, workload), metric_label(sweep.metric, workload)
+    heading = f"{workload}: {y_label.split(' (')[0]} against {x_label.split(' (')[0]}"
+    fixed = " · ".join(str(x) for x in (sweep.case.get("model"), sweep.case.get("dtype"), sweep.case.get("device"),
+                                        shape_label(sweep.case)) if x)
+    ml, mr, mt, mb, plot_w, plot_h = 76, 24, 14, 46, 460, 230
+    width, height = ml + plot_w + mr, mt + plot_h + mb
+    xs = sorted({p.x for s in sweep.series for p in s.points})
+    ys = [p.y for s in sweep.series for p in s.points] + [level.y for level in sweep.levels]
+    scale_x = (lambda v: math.log10(v)) if sweep.log_x else (lambda v: v)
+    x_lo, x_hi = scale_x(xs[0]), scale_x(xs[-1])
+    pad = 0.05 * (x_hi - x_lo)
+    x_lo, x_hi = x_lo - pad, x_hi + pad
+    log_y = max(ys) > 8 * min(ys)
+    if log_y:
+        y_lo, y_hi = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+        steps = (1, 2, 5) if y_hi - y_lo <= 2 else (1,)
+        y_ticks = [m * 10.0 ** d for d in range(y_lo, y_hi + 1) for m in steps if m * 10.0 ** d <= 10.0 ** y_hi]
+    else:
+        step = _nice_step(max(ys))
+        y_lo, y_hi = 0.0, step * math.ceil(max(ys) * 1.05 / step)
+        y_ticks = _ticks(0.0, y_hi)
+
+    def x_of(v: float) -> float:
+        return ml + plot_w * (scale_x(v) - x_lo) / (x_hi - x_lo)
+
+    def y_of(v: float) -> float:
+        frac = (math.log10(v) - y_lo) / (y_hi - y_lo) if log_y else (v - y_lo) / (y_hi - y_lo)
+        return mt + plot_h * (1 - frac)
+
+    out = [_svg_open("sweep", heading, width, height, along=sweep.along, metric=sweep.metric, workload=workload,
+                     x_scale="log" if sweep.log_x else "linear", y_scale="log" if log_y else "linear")]
+    for t in y_ticks:
+        y = y_of(t)
+        out.append(f'<line class="grid" x1="{ml}" x2="{ml + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="tick" x="{ml - 6}" y="{y + 4:.1f}" text-anchor="end">{_esc(_short(t))}</text>')
+    last = -math.inf
+    for v in xs:  # a tick at each swept value, thinned where they crowd
+        x = x_of(v)
+        if x - last < 40:
+            continue
+        last = x
+        out.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="{mt}" y2="{mt + plot_h}"/>'
+                   f'<text class="tick" x="{x:.1f}" y="{mt + plot_h + 18}" text-anchor="middle">'
+                   f'{_esc(_x_text(sweep.along, v))}</text>')
+    out.append(f'<text class="axis-label" x="{ml + plot_w / 2:.0f}" y="{height - 8}" text-anchor="middle">'
+               f'{_esc(x_label)}{", log scale" if sweep.log_x else ""} →</text>'
+               f'<text class="axis-label" transform="translate(14 {mt + plot_h / 2:.0f}) rotate(-90)"'
+               f' text-anchor="middle">{_esc(y_label)}{", log scale" if log_y else ""}</text>')
+    for level in sweep.levels:
+        y = y_of(level.y)
+        out.append(f'<line class="level" data-variant="{_esc(level.variant)}" x1="{ml}" x2="{ml + plot_w}"'
+                   f' y1="{y:.1f}" y2="{y:.1f}" stroke="{colors.get(level.variant, _REFERENCE_COLOR)}">'
+                   f'<title>{_esc(level.variant)} — {_esc(level.case_id)}: {level.y:,.4g} (no density: dense)'
+                   f'</title></line>')
+    for s in sweep.series:
+        color = colors.get(s.variant, _REFERENCE_COLOR)
+        if len(s.points) > 1:
+            pts = " ".join(f"{x_of(p.x):.1f},{y_of(p.y):.1f}" for p in s.points)
+            out.append(f'<polyline class="series" data-series="{_esc(s.name)}" points="{pts}" stroke="{color}"/>')
+        for p in s.points:
+            out.append(f'<circle class="point" data-series="{_esc(s.name)}" data-case-id="{_esc(p.case_id)}"'
+                       f' data-x="{p.x!r}" data-y="{p.y!r}" cx="{x_of(p.x):.1f}" cy="{y_of(p.y):.1f}" r="4"'
+                       f' fill="{color}"><title>{_esc(s.name)} — {_esc(p.case_id)}: {p.y:,.4g} ({_esc(y_label)})'
+                       f' at {_esc(_x_text(sweep.along, p.x))}</title></circle>')
+    out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
+               f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
+    legend = "".join(f'<span data-series="{_esc(s.name)}"><i style="background:'
+                     f'{colors.get(s.variant, _REFERENCE_COLOR)}"></i>{_esc(s.name)}</span>' for s in sweep.series)
+    legend += "".join(f'<span data-variant="{_esc(v.variant)}"><i class="level" style="border-color:'
+                      f'{colors.get(v.variant, _REFERENCE_COLOR)}"></i>{_esc(v.variant)} (dense)</span>'
+                      for v in sweep.levels)
+    return Markup(f'<figure class="figure sweep"><figcaption>{_esc(heading)}</figcaption>'
+                  f'<p class="caption">{_esc(fixed)}</p><div class="scroll">{"".join(out)}</div>'
+                  f'<div class="legend sweep-legend">{legend}</div></figure>')
+
+
+def _sweep_charts(records: list[Record], colors: dict[str, str]) -> Markup:
+    found = sweeps(records)
+    if not found:
+        return _no_data("sweep", "Sweeps", "no sweep: no cases differ in exactly one of prompt_len, kv_len, batch "
+                                           "or attention density")
+    return Markup("".join(_sweep_chart(sweep, colors) for sweep in found))
 
 
 # -------------------------------------------------------------------- table
@@ -736,7 +950,8 @@ def render_html(records: list[Record], *, title: str = "infermatrix run", env: d
         legend=list(colors.items()), over=over,
         charts={"latency": _latency_charts(speed, colors), "tokens": _token_charts(speed, colors),
                 "speedup": _speedup_chart(speed, colors, speedup, over), "limit": _limit_chart(speed, colors),
-                "pareto": _pareto_charts(records, colors, speedup, over), "layouts": _layout_pictures(records)},
+                "pareto": _pareto_charts(records, colors, speedup, over), "layouts": _layout_pictures(records),
+                "sweeps": _sweep_charts(records, colors), "roofline": _roofline_charts(records, colors)},
         problems=_problems(records))
 
 

@@ -2,6 +2,7 @@ import base64
 import hashlib
 import html
 import math
+from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -272,6 +273,28 @@ def test_env_shows_what_the_cpu_can_do():
 # ----------------------------------------------------------------- in a real browser
 
 
+@contextmanager
+def chromium_page(path: Path, errors: list[str]):
+    """The page at `path` in headless Chromium, 1400 px wide, loaded; console and page
+    errors, and any request that is not for the file itself or a data: URL, go to `errors`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(10_000)
+            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+            page.on("request", lambda r: None if r.url.startswith(("file:", "data:")) else errors.append(
+                f"fetch {r.url}"))
+            page.goto(path.as_uri())
+            page.wait_for_load_state("load")
+            yield page
+        finally:
+            browser.close()
+
+
 def _column(page, col):
     return page.eval_on_selector_all(
         "#results tbody tr", f"rows => rows.map(r => r.querySelector('td[data-col=\"{col}\"]')"
@@ -280,77 +303,65 @@ def _column(page, col):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 def test_in_chromium_sort_filter_and_charts(tmp_path):
-    from playwright.sync_api import sync_playwright
-
     records = default_like()
     path = write_html(records, tmp_path)
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(10_000)
-            page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            page.goto(path.as_uri())
-            page.wait_for_load_state("load")
-            assert errors == []
+    with chromium_page(path, errors) as page:
+        assert errors == []
 
-            # sort: numeric ascending, then descending; cases without a latency stay last
-            header = page.locator('#results th[data-col="latency_ms_p50"]')
-            header.click()
-            values = _column(page, "latency_ms_p50")
-            numbers = [float(v) for v in values if v]
-            assert len(numbers) == 11 and numbers == sorted(numbers)
-            assert values[:len(numbers)] == [v for v in values if v]  # blanks after numbers
-            assert numbers[0] == 1.06 and numbers[-1] == 1240.0  # numeric, not text, order
-            assert header.get_attribute("aria-sort") == "ascending"
-            header.click()
-            values = _column(page, "latency_ms_p50")
-            numbers = [float(v) for v in values if v]
-            assert numbers == sorted(numbers, reverse=True) and values[:len(numbers)] == [v for v in values if v]
-            assert header.get_attribute("aria-sort") == "descending"
-            page.locator('#results th[data-col="variant"]').click()
-            variants = _column(page, "variant")
-            assert variants == sorted(variants)
+        # sort: numeric ascending, then descending; cases without a latency stay last
+        header = page.locator('#results th[data-col="latency_ms_p50"]')
+        header.click()
+        values = _column(page, "latency_ms_p50")
+        numbers = [float(v) for v in values if v]
+        assert len(numbers) == 11 and numbers == sorted(numbers)
+        assert values[:len(numbers)] == [v for v in values if v]  # blanks after numbers
+        assert numbers[0] == 1.06 and numbers[-1] == 1240.0  # numeric, not text, order
+        assert header.get_attribute("aria-sort") == "ascending"
+        header.click()
+        values = _column(page, "latency_ms_p50")
+        numbers = [float(v) for v in values if v]
+        assert numbers == sorted(numbers, reverse=True) and values[:len(numbers)] == [v for v in values if v]
+        assert header.get_attribute("aria-sort") == "descending"
+        page.locator('#results th[data-col="variant"]').click()
+        variants = _column(page, "variant")
+        assert variants == sorted(variants)
 
-            # filter: only matching rows stay visible
-            rows = page.locator("#results tbody tr")
-            assert rows.count() == len(records)
-            page.fill("#filter", "sdpa")
-            visible = [r for r in rows.all() if r.is_visible()]
-            assert len(visible) == 7 and all(r.get_attribute("data-variant") == "sdpa" for r in visible)
-            page.fill("#filter", "sdpa bfloat16")
-            visible = [r for r in rows.all() if r.is_visible()]
-            assert {(r.get_attribute("data-workload")) for r in visible} == {"prefill", "drift"}
-            assert page.locator("#row-count").inner_text() == f"2 of {len(records)} cases"
-            page.fill("#filter", "")
-            page.select_option("#filter-workload", "decode")
-            visible = [r for r in rows.all() if r.is_visible()]
-            assert len(visible) == 2 and all(r.get_attribute("data-workload") == "decode" for r in visible)
-            page.select_option("#filter-workload", "")
-            assert sum(r.is_visible() for r in rows.all()) == len(records)
+        # filter: only matching rows stay visible
+        rows = page.locator("#results tbody tr")
+        assert rows.count() == len(records)
+        page.fill("#filter", "sdpa")
+        visible = [r for r in rows.all() if r.is_visible()]
+        assert len(visible) == 7 and all(r.get_attribute("data-variant") == "sdpa" for r in visible)
+        page.fill("#filter", "sdpa bfloat16")
+        visible = [r for r in rows.all() if r.is_visible()]
+        assert {(r.get_attribute("data-workload")) for r in visible} == {"prefill", "drift"}
+        assert page.locator("#row-count").inner_text() == f"2 of {len(records)} cases"
+        page.fill("#filter", "")
+        page.select_option("#filter-workload", "decode")
+        visible = [r for r in rows.all() if r.is_visible()]
+        assert len(visible) == 2 and all(r.get_attribute("data-workload") == "decode" for r in visible)
+        page.select_option("#filter-workload", "")
+        assert sum(r.is_visible() for r in rows.all()) == len(records)
 
-            # charts drew: bars and points with a size
-            for name in ("latency", "tokens", "speedup", "limit"):
-                chart = page.locator(f'svg.chart[data-chart="{name}"]').first
-                box = chart.bounding_box()
-                assert box and box["width"] > 100 and box["height"] > 100, name
-                bar = chart.locator("rect.bar").first
-                bar_box = bar.bounding_box()
-                assert bar_box and bar_box["width"] > 0 and bar_box["height"] > 0, name
-            scatter = page.locator('svg.chart[data-chart="pareto"][data-metric="kl"]').first
-            assert scatter.is_visible()
-            assert scatter.locator(".point").count() == 4  # reference and sdpa in two dtypes
-            assert scatter.locator(".point.pareto").count() >= 2
-            for point in scatter.locator(".point").all():
-                b = point.bounding_box()
-                assert b and b["width"] > 0 and b["height"] > 0
-            page.select_option("#pareto-metric", "ppl")
-            assert not scatter.is_visible()
-            assert page.locator('svg.chart[data-chart="pareto"][data-metric="ppl"]').first.is_visible()
-        finally:
-            browser.close()
+        # charts drew: bars and points with a size
+        for name in ("latency", "tokens", "speedup", "limit"):
+            chart = page.locator(f'svg.chart[data-chart="{name}"]').first
+            box = chart.bounding_box()
+            assert box and box["width"] > 100 and box["height"] > 100, name
+            bar = chart.locator("rect.bar").first
+            bar_box = bar.bounding_box()
+            assert bar_box and bar_box["width"] > 0 and bar_box["height"] > 0, name
+        scatter = page.locator('svg.chart[data-chart="pareto"][data-metric="kl"]').first
+        assert scatter.is_visible()
+        assert scatter.locator(".point").count() == 4  # reference and sdpa in two dtypes
+        assert scatter.locator(".point.pareto").count() >= 2
+        for point in scatter.locator(".point").all():
+            b = point.bounding_box()
+            assert b and b["width"] > 0 and b["height"] > 0
+        page.select_option("#pareto-metric", "ppl")
+        assert not scatter.is_visible()
+        assert page.locator('svg.chart[data-chart="pareto"][data-metric="ppl"]').first.is_visible()
     assert errors == []
 
 
