@@ -320,8 +320,10 @@ class _CaseRunner:
 def merge_turns(records: list[Record]) -> Record:
     """One record of a side's turns at a case: every sample kept, in order, with the turn
     sizes; the latency statistics recomputed over all of them, the throughputs derived
-    from the latency scaled to the merged median; a failed or skipped turn is the record.
-    Figures that do not depend on the samples (FLOPs, bytes, drift) are the first turn's."""
+    from the latency scaled to the merged median, the energy from all turns' joules; a
+    failed or skipped turn is the record. Figures that do not depend on the samples
+    (FLOPs, bytes, drift) are the first turn's."""
+    from infermatrix.bench.energy import ENERGY_DROPPED, ENERGY_METRICS, merge_energy
     from infermatrix.bench.stats import summarize
     from infermatrix.reports.compare import SAMPLE_METRICS, latency_samples
 
@@ -347,6 +349,9 @@ def merge_turns(records: list[Record]) -> Record:
                 m.update(tpot_ms_p90=stats.p90, tpot_ms_p99=stats.p99)
     if records[0].case.get("workload") == "prefill" and "ttft_ms_p50" in m:
         m["ttft_ms_p50"] = m["latency_ms_p50"]  # a prefill's TTFT is its latency
+    for key in (*ENERGY_METRICS, ENERGY_DROPPED):  # the joules of all turns, over all their calls
+        m.pop(key, None)
+    m.update(merge_energy([r.metrics for r in records]))
     m["runs"] = sum(int(r.metrics.get("runs", 0)) for r in records)
     m["warmup_runs"] = sum(int(r.metrics.get("warmup_runs", 0)) for r in records)
     m["turns"] = len(records)

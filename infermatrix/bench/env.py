@@ -1,4 +1,5 @@
-"""The environment a run measured on: versions, machine, device, threads, git SHA."""
+"""The environment a run measured on: versions, machine, device, threads, git SHA, and
+which energy counters a case can read (or why none)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import platform
 import subprocess
 
 import torch
+
+from infermatrix.bench.energy import describe_machine
 
 _PACKAGES = ("infermatrix", "torch", "triton", "bitsandbytes", "numpy", "gguf", "tokenizers")
 
@@ -100,6 +103,7 @@ def capture_env() -> dict:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cuda_available": torch.cuda.is_available(),
         "gpu": _gpu(),
+        "energy": describe_machine(),  # per device type: the counters read, or why there are none
         "git_sha": _git_sha(),
         "versions": {name: _version(name) for name in _PACKAGES},
     }

@@ -18,6 +18,10 @@ controller with `interleave_with`; measure() then warms up as configured and, in
 of its own stopping rule, samples in turns the controller grants (the A/B driver
 alternates the two sides' turns) until it is told to stop. The samples of all turns
 form the TimerResult, as usual, and the controller is told each turn's samples.
+
+A timed region around the sampling (`around_timed`, say an energy meter's window):
+entered after warm-up, around the whole sampling loop, or around each turn's sampling
+when taking turns; never around warm-up, graph capture or the wait for a turn.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -203,7 +207,8 @@ def _sampler(fn: Callable[[], object], device: torch.device, config: TimerConfig
 
 
 def measure(fn: Callable[[], object], *, device: torch.device | str, config: TimerConfig | None = None,
-            fn_returns_ms: bool = False) -> TimerResult:
+            fn_returns_ms: bool = False,
+            around_timed: Callable[[], AbstractContextManager[object]] | None = None) -> TimerResult:
     """Time fn() until the stopping rule holds.
 
     With fn_returns_ms=True, fn() times itself and returns its elapsed milliseconds (say a
@@ -215,6 +220,10 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
     within target_ci_rel of the median, else with "max_runs" or "max_time". Checking
     after each sample is optional stopping, which costs a little coverage; the CI is
     a stopping guide, not a promise.
+
+    around_timed: a context manager factory entered around the sampling loop (each turn's,
+    when taking turns), after warm-up: whatever it reads covers exactly the timed calls
+    and the loop's own work between them (an L2 flush, the synchronizes).
     """
     config = config or TimerConfig()
     device = torch.device(device)
@@ -242,8 +251,9 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
         spent_s = time.perf_counter() - t_start
 
         sample = _sampler(fn if fn_returns_ms else call, device, config, fn_returns_ms)
+        region = around_timed or nullcontext
         if _turns is not None:
-            turns, samples = _take_turns(sample), []
+            turns, samples = _take_turns(sample, region), []
             for turn in turns:
                 samples += turn
             return TimerResult(samples_ms=samples, warmup_runs=warmed, stopped_by="turns",
@@ -252,39 +262,43 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, config: Tim
         next_check = first_check
         samples: list[float] = []
         ordered: list[float] = []  # sorted copy for O(1) median and CI look-ups
-        while True:
-            ms, cost_s = sample()
-            samples.append(ms)
-            bisect.insort(ordered, ms)
-            spent_s += cost_s
-            n = len(samples)
-            out_of_time = spent_s >= config.max_time_s
-            if n >= next_check or (n >= first_check and (n >= config.max_runs or out_of_time)):
-                if _ci_is_tight(ordered, config.target_ci_rel):
-                    stopped_by = "ci"
+        with region():
+            while True:
+                ms, cost_s = sample()
+                samples.append(ms)
+                bisect.insort(ordered, ms)
+                spent_s += cost_s
+                n = len(samples)
+                out_of_time = spent_s >= config.max_time_s
+                if n >= next_check or (n >= first_check and (n >= config.max_runs or out_of_time)):
+                    if _ci_is_tight(ordered, config.target_ci_rel):
+                        stopped_by = "ci"
+                        break
+                    next_check = n + (1 if n < _CHECK_EVERY_SAMPLE_UP_TO else n // 32)
+                if n >= config.max_runs:
+                    stopped_by = "max_runs"
                     break
-                next_check = n + (1 if n < _CHECK_EVERY_SAMPLE_UP_TO else n // 32)
-            if n >= config.max_runs:
-                stopped_by = "max_runs"
-                break
-            if out_of_time:
-                stopped_by = "max_time"
-                break
+                if out_of_time:
+                    stopped_by = "max_time"
+                    break
     return TimerResult(samples_ms=samples, warmup_runs=warmed, stopped_by=stopped_by, summary=summarize(samples))
 
 
-def _take_turns(sample: Callable[[], tuple[float, float]]) -> list[list[float]]:
+def _take_turns(sample: Callable[[], tuple[float, float]],
+                region: Callable[[], AbstractContextManager[object]]) -> list[list[float]]:
     """Sample in the turns the installed controller grants: each turn at least one
-    sample, then on until its seconds are spent. Returns the samples of each turn."""
+    sample, then on until its seconds are spent, inside `region`. Returns the samples
+    of each turn."""
     global _turns
     turns, _turns = _turns, None  # one measurement per controller
     taken: list[list[float]] = []
     while (budget_s := turns.wait_turn()) is not None:
         spent_s, turn = 0.0, []
-        while not turn or spent_s < budget_s:
-            ms, cost_s = sample()
-            turn.append(ms)
-            spent_s += cost_s
+        with region():
+            while not turn or spent_s < budget_s:
+                ms, cost_s = sample()
+                turn.append(ms)
+                spent_s += cost_s
         turns.end_turn(turn)
         taken.append(turn)
     if not taken:

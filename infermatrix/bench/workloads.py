@@ -26,6 +26,15 @@ Op workloads (no model weights; the model gives default shapes):
   Linear the variant's linear axis may swap -> TFLOP/s and GB/s.
 
 Every timing is also reported against the machine's measured peaks (roofline.py).
+
+Energy (energy.py), when the device has a readable counter, is read around the whole
+sampling loop of each timed workload, never around warm-up: energy_j is joules per timed
+call (prefill, encode and the ops: one forward or op call; decode and generate: one
+whole generation, its prefill step included: a counter cannot be read around single
+steps), energy_j_per_token the loop's joules over the tokens its calls processed
+(prefill: batch * prompt_len per call; decode and generate: batch * new_tokens per
+generation, all the tokens the generation produced, the first by its prefill; encode:
+the real tokens; the ops have none), avg_power_w over the loop's wall time.
 """
 
 from __future__ import annotations
@@ -39,14 +48,14 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn as nn
 
-from infermatrix.bench import roofline
+from infermatrix.bench import energy, roofline
 from infermatrix.bench.drift import (drift_metrics, greedy_match_length, hidden_state_drift,
                                      model_logits, require_fp32_reference, window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
 from infermatrix.bench.matrix import attention_keys, attention_shape, linear_shape
 from infermatrix.bench.stats import summarize
 from infermatrix.bench.text import load_text, sentences, text_sha256
-from infermatrix.bench.timing import TimerConfig, measure, time_once
+from infermatrix.bench.timing import TimerConfig, TimerResult, measure, time_once
 from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
 from infermatrix.generate import GreedyDecoder, generate_greedy
@@ -64,17 +73,23 @@ WorkloadResult = tuple[dict[str, float | int | str | bool | None], dict[str, lis
 DRIFT_PROMPT_TOKENS = 32  # greedy-agreement prompts: the first tokens of each eval window
 
 
-def measure_for_case(fn, case: Case, ctx: RunContext, *, fn_returns_ms: bool = False):
-    """measure() with the run's settings; CUDA memory peaks are reset first, so they
-    cover the timed calls, not loading."""
+def measure_for_case(fn, case: Case, ctx: RunContext, *, tokens_per_call: int | None,
+                     fn_returns_ms: bool = False) -> tuple[TimerResult, dict]:
+    """measure() with the run's settings, and the energy metrics of its sampling loop
+    (energy.EnergyMeter.metrics: {} when the device has no readable counter; the run's
+    env["energy"] says why). tokens_per_call: the tokens one timed call processes (None
+    for the ops). CUDA memory peaks are reset first, so they cover the timed calls, not
+    loading."""
     s, device = ctx.settings, torch.device(case.device)
     cuda = device.type == "cuda"  # the L2 flush and CUDA graphs exist only there
     config = TimerConfig(warmup_runs=s.warmup, warmup_s=s.warmup_s, min_runs=s.min_runs, max_runs=s.max_runs,
                          target_ci_rel=s.target_ci, max_time_s=s.max_time_s, l2_flush=s.l2_flush and cuda,
                          cuda_graph=s.cuda_graph and cuda and not fn_returns_ms)  # a graph cannot time itself
+    meter = energy.meter_for(device)
     if cuda:  # the runner reads the peaks when the workload returns
         torch.cuda.reset_peak_memory_stats(device)
-    return measure(fn, device=device, config=config, fn_returns_ms=fn_returns_ms)
+    m = measure(fn, device=device, config=config, fn_returns_ms=fn_returns_ms, around_timed=meter.window)
+    return m, meter.metrics(len(m.samples_ms), tokens_per_call)
 
 
 _CUT_TOKENS = 16  # the last tokens of a cut text may differ from the whole text's (a word cut in two)
@@ -149,7 +164,8 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResu
     model, loaded = _model(case, models)
     tokens = prompt_tokens(loaded, case, ctx)  # (B, T)
     first_call_ms = time_once(lambda: model(tokens), torch.device(case.device))  # cold: compile, lazy init
-    m = measure_for_case(lambda: model(tokens), case, ctx)
+    m, energy_metrics = measure_for_case(lambda: model(tokens), case, ctx,
+                                         tokens_per_call=case.batch * case.prompt_len)
     metrics = _timing_metrics(m)
     metrics["first_call_ms"] = first_call_ms
     median_s = m.summary.median / 1e3
@@ -160,6 +176,7 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResu
                                  weight_bytes=model.weight_bytes, kv_cache=False, table_is_head=table_is_head(model))
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes, kv_cache_bytes=0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
+    metrics.update(energy_metrics)
     return metrics, {"latency_ms": m.samples_ms}
 
 
@@ -192,7 +209,9 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
         return sum(times) if end_to_end else sum(times[1:])
 
     first_call_ms = generation()  # cold: compilation and lazy initialisation land here, not in the samples
-    m = measure_for_case(generation, case, ctx, fn_returns_ms=True)
+    # the counter covers whole generations: every token they produce, the prefill's included
+    m, energy_metrics = measure_for_case(generation, case, ctx, tokens_per_call=case.batch * case.new_tokens,
+                                         fn_returns_ms=True)
     kept = runs[-len(m.samples_ms):]  # drop the cold and warm-up generations
     ttft = [t[0] for t in kept]
     steps = [x for t in kept for x in t[1:]]  # pooled over positions: a recompute step grows with context
@@ -217,6 +236,7 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
                    kv_cache_bytes=cache.nbytes if cache is not None else 0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
+    metrics.update(energy_metrics)
     return metrics, {"generation_ms": m.samples_ms, "tpot_ms": steps, "ttft_ms": ttft}
 
 
@@ -327,10 +347,10 @@ def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResul
     model, loaded = _model(case, models)
     tokens, seam_mask, lengths = encode_batch(loaded, case, ctx)  # (B, T), (B, T) or None
     first_call_ms = time_once(lambda: model(tokens, seam_mask), torch.device(case.device))  # compile, lazy init
-    m = measure_for_case(lambda: model(tokens, seam_mask), case, ctx)
+    real = sum(lengths)
+    m, energy_metrics = measure_for_case(lambda: model(tokens, seam_mask), case, ctx, tokens_per_call=real)
     metrics = _timing_metrics(m)
     median_s = m.summary.median / 1e3
-    real = sum(lengths)
     metrics.update(first_call_ms=first_call_ms, sequences_per_s=case.batch / median_s, tokens_per_s=real / median_s,
                    real_tokens=real, padded_tokens=tokens.numel())
     streamed = sum(storage_bytes(part) for part in (model.layers, model.embed_norm, model.final_norm) if part)
@@ -338,6 +358,7 @@ def run_encode(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResul
                                 dtype_bytes=DTYPES[case.dtype].itemsize, streamed_bytes=streamed)
     metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
+    metrics.update(energy_metrics)
     return metrics, {"latency_ms": m.samples_ms}
 
 
@@ -420,7 +441,7 @@ def _attention_op(case: Case, ctx: RunContext) -> Callable[[], object]:
 
 def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     heads, kv_heads, head_dim = attention_shape(case)
-    m = measure_for_case(_attention_op(case, ctx), case, ctx)
+    m, energy_metrics = measure_for_case(_attention_op(case, ctx), case, ctx, tokens_per_call=None)
     layout = {}
     for variant in parse_spec(case.variant):  # e.g. a sparse layout's density and picture, for the reports
         layout.update(variant.report_metrics(case))
@@ -432,6 +453,7 @@ def run_attention(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadRe
     metrics = _timing_metrics(m)
     metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), heads=heads, kv_heads=kv_heads,
                    head_dim=head_dim, **layout)
+    metrics.update(energy_metrics)
     return metrics, {"latency_ms": m.samples_ms}
 
 
@@ -452,12 +474,12 @@ def _linear_op(case: Case, ctx: RunContext) -> tuple[Callable[[], object], int]:
 def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
     m_dim, k_dim, n_dim = linear_shape(case)
     op, weight_bytes = _linear_op(case, ctx)
-    m = measure_for_case(op, case, ctx)
+    m, energy_metrics = measure_for_case(op, case, ctx, tokens_per_call=None)
     cost = roofline.linear_cost(m_dim, k_dim, n_dim, act_bytes=DTYPES[case.dtype].itemsize,
                                 weight_bytes_per_elem=weight_bytes / (k_dim * n_dim))
     metrics = _timing_metrics(m)
     metrics.update(_roofline(cost, m.summary.median / 1e3, case, ctx), m=m_dim, k=k_dim, n=n_dim,
-                   weight_bytes=weight_bytes)
+                   weight_bytes=weight_bytes, **energy_metrics)
     return metrics, {"latency_ms": m.samples_ms}
 
 

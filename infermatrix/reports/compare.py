@@ -61,8 +61,10 @@ CSV_METRICS: tuple[str, ...] = (
     # encoders: the encode workload and hidden-state drift
     "sequences_per_s", "real_tokens", "padded_tokens", "hidden_cosine_mean", "hidden_cosine_min", "hidden_sqnr_db",
     "hidden_rel_l2", "mlm_top1_agree_pct", "mlm_kl_mean",
+    # energy of the timed loop (bench/energy.py), when the device has a readable counter
+    "energy_j", "energy_j_per_token", "avg_power_w", "energy_window_s", "energy_dropped",
 )
-NON_NUMERIC_METRICS = frozenset({"stopped_by", "bound"})
+NON_NUMERIC_METRICS = frozenset({"stopped_by", "bound", "energy_dropped"})
 ALIASES = {"top1_agree": "top1_agree_pct"}
 
 # Which way is better. Metrics absent here (counts, the case's FLOPs and bytes, the
@@ -80,6 +82,7 @@ DIRECTION: dict[str, str] = {
     "top1_agree_pct": HIGHER, "sqnr_db": HIGHER, "greedy_match_len": HIGHER,
     "sequences_per_s": HIGHER, "hidden_cosine_mean": HIGHER, "hidden_cosine_min": HIGHER, "hidden_sqnr_db": HIGHER,
     "hidden_rel_l2": LOWER, "mlm_top1_agree_pct": HIGHER, "mlm_kl_mean": LOWER,
+    "energy_j": LOWER, "energy_j_per_token": LOWER,
 }
 
 # speed metric -> (which raw samples, whether the metric is inversely proportional to them)

@@ -25,8 +25,10 @@ DRIFT = "drift"  # the accuracy workload: no timings
 # block_sparse_triton, block_sparse_gather, dense_masked, flex, triton_flash, triton_decode;
 # linear: int8pack, dequant, triton, int_mm, torchao, and for int8_llm int8 or fp32_fallback
 PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which deployed stack ran
-# metrics that are a timing (or derived from one): meaningless for an interpreted record
-_SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_")
+# metrics that are a timing (or derived from one, energy included): meaningless for an
+# interpreted record
+_SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_", "energy_j",
+                   "avg_power_w")
 
 
 # the fields naming what ran rather than its shape
@@ -207,6 +209,24 @@ def cpu_features_text(env: dict) -> str:
     return " · ".join(p for p in parts if p) or "not recorded"
 
 
+def energy_text(env: dict) -> str:
+    """Which energy counters a run read, per device type, or why none (env["energy"],
+    bench/energy.py): `cpu rapl (intel-rapl:0 (package-0)) · cuda none: <why>`. Without
+    a counter the energy columns are absent, and this says why."""
+    found = env.get("energy")
+    if not isinstance(found, dict) or not found:
+        return "not recorded"
+    parts = []
+    for kind, counters in found.items():
+        if not isinstance(counters, dict):
+            continue
+        if counters.get("source"):
+            parts.append(f"{kind} {counters['source']} ({', '.join(counters.get('counters') or [])})")
+        else:
+            parts.append(f"{kind} none: {counters.get('why') or 'unknown'}")
+    return " · ".join(parts) or "not recorded"
+
+
 @dataclass(frozen=True)
 class Column:
     """A column of the summary tables (terminal, Markdown, HTML): a record metric, or one
@@ -237,13 +257,15 @@ SPEEDUP = "speedup"  # Speedup.ratio
 BASELINE = "baseline"  # what sets a named baseline apart (Speedup.baseline)
 
 # The summary tables' metric columns, in order. The optional ones (always=False) show
-# only when some record has them: encoders' sequences/s and hidden-state drift; the
-# baseline when some record names one (Record.baseline_id).
+# only when some record has them: encoders' sequences/s and hidden-state drift, energy
+# per token (only where a counter was readable); the baseline when some record names
+# one (Record.baseline_id).
 METRIC_COLUMNS: tuple[Column, ...] = (
     Column("latency_ms_p50", "ms p50", "ms_p50", "{:,.2f}"),
     Column("latency_ms_ci_rel", "CI ±", "ci±", "{:.1%}"),
     Column("tokens_per_s", "tok/s", "tok/s", "{:,.1f}"),
     Column("sequences_per_s", "seq/s", "seq/s", "{:,.1f}", always=False),
+    Column("energy_j_per_token", "J/token", "J/tok", "{:.3g}", always=False),
     Column("pct_of_limit", "% limit", "%limit", "{:.0f}%"),
     Column(SPEEDUP, "× base", "×base", "{:.2f}×"),
     Column(BASELINE, "baseline", "baseline", "{}", always=False, numeric=False),

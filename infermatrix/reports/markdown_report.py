@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infermatrix.reports.derived import (
-    column_value, cpu_features_text, ran, shape_label, shown_columns, speedup_details,
+    column_value, cpu_features_text, energy_text, ran, shape_label, shown_columns, speedup_details,
 )
 from infermatrix.reports.record import Record
 
@@ -25,6 +25,8 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
     env = next((r.env for r in records if r.env), None)
     if env:  # a figure means little without the CPU: bf16/int8 speed differs by ISA
         lines += [f"CPU: {_md(env.get('cpu') or 'unknown')} · {_md(cpu_features_text(env))}", ""]
+    if env and env.get("energy"):  # why the energy columns are there, or absent
+        lines += [f"Energy counters: {_md(energy_text(env))}", ""]
     if ok:
         speedup = speedup_details(records)
         columns = shown_columns(ok, speedup)

@@ -231,3 +231,22 @@ def test_the_page_names_the_baseline_in_cells_and_captions():
     assert "over reference" not in page and "× reference latency" not in page
     plain = render_html([rec("reference", median=100.0), rec("sdpa", median=50.0)])
     assert "Speedup over the reference variant (same case)" in plain and 'data-col="baseline"' not in plain
+
+
+def test_energy_per_token_shows_only_when_measured_and_the_summary_says_which_counters():
+    measured = rec("sdpa", metrics={"energy_j": 0.5, "energy_j_per_token": 0.0039, "avg_power_w": 40.0})
+    measured.env = {"energy": {"cpu": {"source": "rapl", "counters": ["intel-rapl:0 (package-0)"]},
+                               "cuda": {"source": None, "why": "cuda:0: no readable NVML counter"}}}
+    md = render_markdown([measured])
+    assert [r["J/token"] for r in markdown_rows(md)] == ["0.0039"]
+    assert ("Energy counters: cpu rapl (intel-rapl:0 (package-0)) · cuda none: cuda:0: no readable NVML counter"
+            in md)
+    plain = rec("sdpa")
+    plain.env = {"energy": {"cpu": {"source": None, "why": "no readable RAPL counter: /sys/class/powercap does "
+                                                            "not exist"}}}
+    md = render_markdown([plain])
+    assert "J/token" not in md and "Energy counters: cpu none: no readable RAPL counter" in md
+    # lower is better, and a gate rule may name it
+    result = evaluate([rec("sdpa", metrics={"energy_j_per_token": 1.0})],
+                      [rec("sdpa", metrics={"energy_j_per_token": 1.2})], ["energy_j_per_token:+10%"])
+    assert not result.passed and "energy_j_per_token" in result.failures[0]
