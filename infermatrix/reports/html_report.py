@@ -48,7 +48,7 @@ from markupsafe import Markup
 
 from infermatrix.reports.derived import (
     DENSITY, DRIFT, REFERENCE, SPEEDUP, Column, Roofline, Speedup, Sweep, case_key, column_value, cpu_features_text,
-    is_peer, is_speed_record, latency_p50, latency_unit, metric_label, pareto_front, ran, rooflines, shape_label,
+    energy_text, is_peer, is_speed_record, latency_p50, latency_unit, metric_label, pareto_front, ran, rooflines, shape_label,
     shown_columns, speedup_details, sweep_axis_label, sweeps,
 )
 from infermatrix.reports.record import Record
@@ -891,7 +891,8 @@ def _env_section(records: list[Record], env: dict) -> dict | None:
     return {
         "before_sha": [("Python", env.get("python")), ("torch", versions.get("torch")),
                        ("Platform", env.get("platform")), ("CPU", cpu), ("CPU features", cpu_features_text(env)),
-                       ("GPU", _gpu_text(env.get("gpu"))), ("Threads", " · ".join(t for t in threads if t))],
+                       ("GPU", _gpu_text(env.get("gpu"))), ("Threads", " · ".join(t for t in threads if t)),
+                       ("Energy counters", energy_text(env) if env.get("energy") else None)],
         "sha": str(env.get("git_sha") or ""),
         "shas": sorted({str(r.env.get("git_sha")) for r in records if r.env.get("git_sha")}),
         "eval_text": ({"path": eval_text.get("path", ""), "sha256": eval_text.get("sha256", "")}

@@ -259,7 +259,6 @@ def test_env_header_shows_versions_and_peaks():
     assert "NVIDIA H200 · 128 GiB · sm 9.0" in page
 
 
-
 def test_env_shows_what_the_cpu_can_do():
     flags = {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx512_bf16": True, "amx_tile": False,
              "amx_int8": False, "amx_bf16": False}
@@ -268,6 +267,14 @@ def test_env_shows_what_the_cpu_can_do():
     assert f"<dt>CPU features</dt><dd>{text}</dd>" in page
     older = render_html(default_like())  # records from before the fields existed
     assert "<dt>CPU features</dt><dd>not recorded</dd>" in older
+    assert "Energy counters" not in older  # a run from before energy was read says nothing of it
+
+
+def test_env_says_which_energy_counters_were_read_or_why_none():
+    energy = {"cpu": {"source": None, "why": "no readable RAPL counter: /sys/class/powercap does not exist"}}
+    page = render_html(default_like(), env={**ENV, "energy": energy})
+    assert ("<dt>Energy counters</dt><dd>cpu none: no readable RAPL counter: /sys/class/powercap does not "
+            "exist</dd>") in page
 
 
 # ----------------------------------------------------------------- in a real browser
