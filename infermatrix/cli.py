@@ -527,10 +527,13 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _history_add(conn, runs: list[str], db: Path, host: str | None) -> int:
-    from infermatrix.reports.history import add_records
+    from infermatrix.reports.history import add_records, check_dated
     from infermatrix.reports.run import load_run
 
-    for run in [load_run(source) for source in runs]:  # every run readable before any is stored
+    loaded = [load_run(source) for source in runs]
+    for run in loaded:  # every run readable and dated before any is stored
+        check_dated(run.records, run.source)
+    for run in loaded:
         added = add_records(conn, run.records, run.source, host)
         if added.without_sha:
             print(f"infermatrix: warning: {run.source}: {added.without_sha} records have no git SHA; stored by "

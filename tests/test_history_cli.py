@@ -134,3 +134,15 @@ def test_host_names_one_machine_whose_runs_report_other_hosts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{CASE} @ gha  (latency_ms_p50, 2 commits)" in out
     assert f"{CASE} @ runner-0  (latency_ms_p50, 1 commit)" in out
+
+
+def test_an_undated_record_in_any_run_refuses_the_whole_add(tmp_path, capsys):
+    good = write_run(tmp_path / "good", "a" * 40, 1, 10.0)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    append_record(bad / "records.jsonl", Record(case_id=CASE, case={"workload": "prefill"}, status="ok",
+                                                metrics={"latency_ms_p50": 10.0}, env={"git_sha": "b" * 40}))
+    db = tmp_path / "h.sqlite"
+    assert main(["history", "add", good, str(bad), "--db", str(db)]) == 2
+    assert "has no started_at" in capsys.readouterr().err
+    assert not db.exists() or count_rows(str(db)) == 0  # the good run was not stored alone

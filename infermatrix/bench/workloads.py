@@ -89,7 +89,12 @@ def measure_for_case(fn, case: Case, ctx: RunContext, *, tokens_per_call: int | 
     if cuda:  # the runner reads the peaks when the workload returns
         torch.cuda.reset_peak_memory_stats(device)
     m = measure(fn, device=device, config=config, fn_returns_ms=fn_returns_ms, around_timed=meter.window)
-    return m, meter.metrics(len(m.samples_ms), tokens_per_call)
+    used = meter.metrics(len(m.samples_ms), tokens_per_call)
+    if config.l2_flush and tokens_per_call is None and "energy_j" in used:
+        # an op's call lasts microseconds, and the 256 MiB flush before each one is inside
+        # the counter's window: its joules would be mostly the flush's
+        used = {energy.ENERGY_DROPPED: "the energy window includes an L2 flush per op call (l2_flush = true)"}
+    return m, used
 
 
 _CUT_TOKENS = 16  # the last tokens of a cut text may differ from the whole text's (a word cut in two)

@@ -351,11 +351,6 @@ class Roofline:
         peak = self.compute.get(dtype)
         return peak / self.bandwidth if peak is not None and self.bandwidth else None
 
-    def attainable(self, dtype: str, intensity: float) -> float | None:
-        """The most FLOP/s the ceilings allow at an intensity: min(compute, intensity × bandwidth)."""
-        peak = self.compute.get(dtype)
-        return min(peak, intensity * self.bandwidth) if peak is not None and self.bandwidth else None
-
 
 def _peaks_of(record: Record, kind: str) -> dict:
     peaks = ((record.env or {}).get("peaks") or {}).get(kind)
@@ -523,18 +518,23 @@ def _spec_text(parts: Sequence[tuple[str, Mapping[str, str]]]) -> str:
 def density_families(variants: Iterable[str]) -> dict[str, str]:
     """variant -> the line it belongs to in a density sweep: its spec with `*` for the one
     parameter in which it differs from its siblings (variants with the same parts and every
-    other parameter equal), the largest families formed first; a variant with no sibling
-    is a line of its own."""
+    other parameter equal), the largest families formed first but a differing pattern
+    last; a variant with no sibling is a line of its own."""
     variants = list(dict.fromkeys(variants))
     candidates: dict[str, list[str]] = {}
+    starred_key: dict[str, str] = {}
     for v in variants:
         parts = _spec_parts(v)
         for i, (name, params) in enumerate(parts):
             for key in params:
-                starred = [*parts[:i], (name, {**params, key: "*"}), *parts[i + 1:]]
-                candidates.setdefault(_spec_text(starred), []).append(v)
+                starred = _spec_text([*parts[:i], (name, {**params, key: "*"}), *parts[i + 1:]])
+                candidates.setdefault(starred, []).append(v)
+                starred_key[starred] = key
     family: dict[str, str] = {}
-    for name, members in sorted(candidates.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+    # a line runs along a size (density, window, ...), never across patterns: pattern
+    # families are formed last, from what is left
+    order = sorted(candidates.items(), key=lambda kv: (starred_key[kv[0]] == "pattern", -len(kv[1]), kv[0]))
+    for name, members in order:
         free = [v for v in members if v not in family]
         if len(free) > 1:
             family.update((v, name) for v in free)

@@ -132,18 +132,24 @@ class Added:
     without_sha: int = 0  # records stored under their date alone
 
 
+def check_dated(records: list[Record], source: str) -> None:
+    """Refuse records without a date: they have no place in a history."""
+    for r in records:
+        if not r.started_at:
+            raise UserError(f"{source}: record {r.case_id} has no started_at, so it has no place in a history; "
+                            "add runs written by `infermatrix run`, which dates every record")
+
+
 def add_records(conn: sqlite3.Connection, records: list[Record], source: str, host: str | None = None) -> Added:
     """Store records; one already stored (same case, SHA, date and host) is not added again.
     `host` files them under that machine name instead of their env's host (hosted CI
     runners get a new host name every run). A record without a date cannot be placed in
     a history and is refused."""
+    check_dated(records, source)
     added = Added()
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with conn:
         for r in records:
-            if not r.started_at:
-                raise UserError(f"{source}: record {r.case_id} has no started_at, so it has no place in a history; "
-                                "add runs written by `infermatrix run`, which dates every record")
             sha = str(r.env.get("git_sha") or "")
             added.without_sha += not sha
             cursor = conn.execute("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -398,3 +398,31 @@ def test_a_real_gpus_counter_gives_a_plausible_power():
             torch.cuda.synchronize()
     metrics = meter.metrics(calls=1)
     assert 20 < metrics["avg_power_w"] < 2000, metrics
+
+
+def test_an_op_timed_with_an_l2_flush_per_call_drops_its_energy(monkeypatch):
+    """On CUDA with l2_flush the counter's window holds a 256 MiB flush before every op
+    call, far longer than the op: such an op's joules are dropped, with the reason."""
+    from infermatrix.bench import workloads
+    from infermatrix.bench.runner import RunContext
+    from infermatrix.bench.timing import TimerResult
+    from infermatrix.bench.matrix import Case, RunSettings
+
+    state = {"calls": 0}
+    monkeypatch.setattr(energy, "meter_for", lambda device: EnergyMeter(counting_source(state)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: None)
+
+    def fake_measure(fn, *, device, config, fn_returns_ms, around_timed):
+        with around_timed():
+            for _ in range(4):
+                state["calls"] += 1
+        return TimerResult(samples_ms=[1.0] * 4, warmup_runs=0, stopped_by="max_runs", summary=None)
+
+    monkeypatch.setattr(workloads, "measure", fake_measure)
+    case = Case(model="tiny", variant="sdpa", workload="attention", device="cuda")
+    for flush, tokens in ((True, None), (False, None), (True, 8)):
+        ctx = RunContext(RunSettings(l2_flush=flush), {}, None, {}, {})
+        _, metrics = workloads.measure_for_case(lambda: None, case, ctx, tokens_per_call=tokens)
+        dropped = flush and tokens is None
+        assert ("energy_j" in metrics) is not dropped
+        assert ("L2 flush" in metrics.get("energy_dropped", "")) is dropped
