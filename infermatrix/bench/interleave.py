@@ -58,7 +58,6 @@ class _Member:
         self.case, self.ctx = case, ctx
         self.started, self.t0 = _now(), time.perf_counter()
         self.record: Record | None = None
-        self.hung = False  # the last exchange timed out with the process alive
         mp = _process_context()
         self.conn, child = mp.Pipe()
         self.proc = mp.Process(target=_turn_taker, args=(case, ctx, child, token),
@@ -71,31 +70,31 @@ class _Member:
         """Warmed up and waiting for a turn (not yet ended)."""
         return self.record is None
 
-    def _exchange(self, message: dict | None) -> dict | None:
-        """Send `message` (None: only listen); the answer, or None when the process
-        ended (`self.hung` False) or did not answer within the case timeout (True)."""
-        self.hung = False
+    def _exchange(self, message: dict | None) -> tuple[dict | None, bool]:
+        """Send `message` (None: only listen). Returns (the answer, hung): the answer is
+        None when the process ended (hung False) or did not answer within the case
+        timeout (hung True)."""
         try:
             if message is not None:
                 self.conn.send(message)
             if self.conn.poll(self.ctx.settings.timeout_s):
-                return self.conn.recv()
-            self.hung = True
+                return self.conn.recv(), False
+            return None, True
         except (EOFError, OSError):  # it died, perhaps while idle between its turns
-            pass
-        return None
+            return None, False
 
-    def _end(self, message: dict | None, when: str) -> None:
+    def _end(self, answer: tuple[dict | None, bool], when: str) -> None:
         """Its record: the one it sent, or a failed one saying why there is none."""
+        message, hung = answer
         if message is not None and message.get("op") == "record":
             self.record = Record.from_dict(message["record"])
         else:
-            if self.hung or message is not None:
+            if hung or message is not None:
                 self.proc.kill()
             self.proc.join(timeout=30)  # a dead process's exit code, once it is reaped
             if message is not None:
                 why = f"case process sent {message.get('op')!r} {when}, not what the turns expect"
-            elif self.hung:
+            elif hung:
                 why = f"timed out after {self.ctx.settings.timeout_s:g} s {when} (killed)"
             else:
                 why = f"{exit_reason(self.proc.exitcode)} ({when})"
@@ -105,14 +104,14 @@ class _Member:
 
     def wait_ready(self) -> None:
         """Until it has loaded and warmed up, or ended without a turn."""
-        message = self._exchange(None)
-        if message is None or message.get("op") != "ready":  # else its record: it timed nothing
-            self._end(message, "before its first turn")
+        answer = self._exchange(None)
+        if answer[0] is None or answer[0].get("op") != "ready":  # else its record: it timed nothing
+            self._end(answer, "before its first turn")
 
     def turn(self, seconds: float) -> None:
-        message = self._exchange({"op": "turn", "seconds": seconds})
-        if message is None or message.get("op") != "samples":
-            self._end(message, "during a turn")
+        answer = self._exchange({"op": "turn", "seconds": seconds})
+        if answer[0] is None or answer[0].get("op") != "samples":
+            self._end(answer, "during a turn")
 
     def stop(self) -> Record:
         if self.record is None:
