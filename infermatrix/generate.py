@@ -3,7 +3,8 @@ decode, generate and drift workloads time, and the oracle the tests compare with
 
 The model is a seam user: it is called with tokens, their positions and, when a
 cache variant set its cache seam, the KV cache `model.new_cache` builds; nothing here
-knows which variant ran.
+knows which variant ran. A decoding variant's `model.speculation` builds its own
+decoder (infermatrix.speculative), which emits one or more tokens per step.
 """
 
 from __future__ import annotations
@@ -49,11 +50,24 @@ class GreedyDecoder:
         return self.last
 
 
+def new_decoder(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
+                pad: torch.Tensor | None = None, cache=None):
+    """The model's decoder: its decoding variant's (speculative: each step() returns 1 or
+    more tokens (B, n)), else GreedyDecoder (one token per step)."""
+    speculation = getattr(model, "speculation", None)  # a peer model has no such seam
+    if speculation is not None:
+        return speculation.decoder(model, prompt, max_new_tokens, pad, cache)
+    return GreedyDecoder(model, prompt, max_new_tokens, pad, cache)
+
+
 @torch.no_grad()
 def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
                     pad: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy decoding (cached when the model has a KV cache). prompt (B, T) -> (B, N)."""
-    decoder = GreedyDecoder(model, prompt, max_new_tokens, pad)
-    for _ in range(max_new_tokens):
+    """Greedy decoding (cached when the model has a KV cache). prompt (B, T) -> (B, N).
+    A speculative decoder verifies one sequence at a time: its rows are decoded one by one."""
+    if getattr(model, "speculation", None) is not None and prompt.shape[0] > 1 and pad is None:
+        return torch.cat([generate_greedy(model, row[None], max_new_tokens) for row in prompt])  # (B, N)
+    decoder = new_decoder(model, prompt, max_new_tokens, pad)
+    while decoder.tokens.shape[1] < prompt.shape[1] + max_new_tokens:
         decoder.step()
     return decoder.tokens[:, prompt.shape[1]:]  # (B, N)

@@ -400,6 +400,9 @@ class Transformer(nn.Module):
         # seam 2: a cache variant (kv_cache) sets how this model builds its KV cache,
         # factory(model, batch, max_len, pad) -> cache; None: every step recomputes
         self.cache_factory: Callable[..., KVCacheProtocol] | None = None
+        # a decoding variant (speculative decoding) sets how generation drafts and verifies
+        # tokens: an infermatrix.speculative.Speculation; None: one token per forward
+        self.speculation = None
 
     def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCacheProtocol | None:
         """A KV cache for `batch` sequences of up to `max_len` positions (`pad` (B,):
@@ -411,8 +414,11 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         input_pos: torch.Tensor | None = None,
         cache: KVCacheProtocol | None = None,
+        exit_layer: int | None = None,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). input_pos (T,) are the tokens' positions."""
+        """tokens (B, T) -> logits (B, T, vocab). input_pos (T,) are the tokens' positions.
+        exit_layer: run only the first exit_layer blocks before the final norm and head
+        (an early-exit draft; the cache's later layers are left as they were)."""
         B, T = tokens.shape
         if input_pos is None:
             if T > self.config.max_seq_len:
@@ -434,7 +440,7 @@ class Transformer(nn.Module):
         mask = cache.mask(input_pos) if cache is not None else None  # (B|1, 1, T, Tk) or None
         if cache is None and cfg.sliding_window is not None and T > cfg.sliding_window:
             mask = causal_mask(T, T, tokens.device, cfg.sliding_window)[None, None]  # (1, 1, T, T)
-        for block in self.layers:
+        for block in self.layers[:exit_layer]:
             x = block(x, cos, sin, self.attention, input_pos, cache, mask)  # (B, T, C)
         return self.output(self.norm(x))  # (B, T, vocab)
 

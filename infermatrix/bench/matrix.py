@@ -52,7 +52,7 @@ from infermatrix.bench.shipped import builtin_matrices
 from infermatrix.errors import UserError
 from infermatrix.reports.record import shape_parts
 from infermatrix.variants import canonical_spec, parse_spec, registered_variants
-from infermatrix.weights import DTYPES, model_config
+from infermatrix.weights import DTYPES, RANDOM_PRESETS, model_config, model_tokenizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,8 +62,8 @@ else:  # pragma: no cover
 # workload -> the shape fields it uses (beyond model, variant, dtype, device)
 WORKLOADS: dict[str, tuple[str, ...]] = {
     "prefill": ("batch", "prompt_len"),
-    "decode": ("batch", "prompt_len", "new_tokens"),
-    "generate": ("batch", "prompt_len", "new_tokens"),
+    "decode": ("batch", "prompt_len", "new_tokens", "task"),
+    "generate": ("batch", "prompt_len", "new_tokens", "task"),
     "drift": ("windows", "prompt_len", "new_tokens"),
     "attention": ("batch", "prompt_len", "kv_len", "heads", "kv_heads", "head_dim", "causal"),
     "linear": ("batch", "prompt_len", "in_features", "out_features"),
@@ -97,6 +97,8 @@ class Case:
     causal: bool = True  # attention
     in_features: int = 0  # linear: K; 0 = the model's dim
     out_features: int = 0  # linear: N; 0 = the model's MLP hidden size
+    task: str = "continue"  # decode/generate prompts: "continue" real text, or "edit" (an instruction to fix
+    # the typos of a real-text passage: output that copies much of its prompt; needs a tokenizer)
 
     @property
     def case_id(self) -> str:
@@ -148,6 +150,8 @@ class Matrix:
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
+TASKS = ("continue", "edit")  # Case.task
+TASK_FIELDS = ("task",)  # string fields a workload may not use, reset to their default then
 _SETTING_FIELDS = {f.name: f for f in fields(RunSettings)}
 
 
@@ -230,6 +234,8 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
                 variant.check_shape(case)
                 if case.workload not in ("attention", "linear"):  # ops take only shapes from the model
                     variant.check_model(config)
+                if hasattr(variant, "check_draft"):
+                    _check_draft(variant, case, config)
             except ValueError as exc:
                 named = " (a baseline no table lists; change the table's `baseline`)" if case in unlisted else ""
                 raise UserError(f"{source}: {case.case_id}{named}: {exc}") from None
@@ -244,6 +250,22 @@ def parse_matrix(data: dict, source: str = "<matrix>", overrides: dict | None = 
 
     return Matrix(tuple(cases), settings, source, gate_rules=parse_gate_table(data.get("gate", {}), source),
                   baselines={case.case_id: base.case_id for case, base in baselines.items()})
+
+
+def _check_draft(variant, case: Case, config) -> None:
+    """A draft-model variant's draft against the case's model: the same vocabulary (sizes,
+    and the tokenizers' id-to-token maps when the models have them), enough positions."""
+    draft = model_config(variant.model)  # a UserError naming the model when it cannot be found
+    same = None
+    if variant.model != case.model:
+        target_tok, draft_tok = model_tokenizer(case.model), model_tokenizer(variant.model)
+        if target_tok is not None or draft_tok is not None:
+            same = target_tok is not None and draft_tok is not None and \
+                target_tok.get_vocab(with_added_tokens=True) == draft_tok.get_vocab(with_added_tokens=True)
+    positions = case.prompt_len + case.new_tokens
+    variant.check_draft(config, draft, same, positions)
+    if variant.dtype and variant.dtype not in DTYPES:
+        raise ValueError(f"draft dtype {variant.dtype!r} is not one of {', '.join(DTYPES)}")
 
 
 def _baseline_rule(value, where: str) -> Callable[[Case], Case] | None:
@@ -349,7 +371,7 @@ def _normalize(case: Case) -> Case:
     if case.workload == "drift" and model_config(case.model).kind == "encoder":
         used = tuple(name for name in used if name != "new_tokens")  # an encoder generates no tokens
     reset = {name: (0 if f.type == "int" else f.default) for name, f in _CASE_FIELDS.items()
-             if name not in used and f.type in ("int", "bool")}
+             if name not in used and (f.type in ("int", "bool") or name in TASK_FIELDS)}
     if case.kv_len == case.prompt_len:
         reset["kv_len"] = 0  # as many keys as queries, the default: one case, one id
     return dataclasses.replace(case, **reset)
@@ -370,6 +392,10 @@ def _check_shape(case: Case, where: str) -> None:
     if case.workload == "encode" and case.prompt_len > cfg.max_seq_len:
         raise UserError(f"{where}: prompt_len {case.prompt_len} exceeds {case.model}'s {cfg.max_seq_len} positions; "
                         "lower prompt_len")
+    if case.task == "edit" and model_config(case.model).kind == "decoder" and case.model in RANDOM_PRESETS:
+        raise UserError(f"{where}: task = \"edit\" asks the model to fix a real-text passage, which needs its "
+                        f"tokenizer, and {case.model} is a random-weight preset without one; use task = "
+                        "\"continue\", or a model with a tokenizer")
     if case.workload in ("decode", "generate") and case.new_tokens < 2:
         raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
     if case.workload in ("prefill", "decode", "generate", "drift"):
@@ -443,6 +469,8 @@ def _check_value(name: str, value, where: str):
             model_config(value)  # checks presets, files and folders without loading weights
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
+    if name == "task" and value not in TASKS:
+        raise UserError(f"{where}: {_unknown('task', value, list(TASKS))}")
     if name == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise UserError(f"{where}: unknown device {value!r}; valid: cpu, cuda, cuda:N")
     if name == "variant":

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
@@ -58,9 +58,10 @@ from infermatrix.bench.text import load_text, sentences, text_sha256
 from infermatrix.bench.timing import TimerConfig, TimerResult, measure, time_once
 from infermatrix.encoder import Encoder
 from infermatrix.errors import UserError
-from infermatrix.generate import GreedyDecoder, generate_greedy
+from infermatrix.generate import generate_greedy, new_decoder
 from infermatrix.memory import storage_bytes
 from infermatrix.model import Transformer, math_attention
+from infermatrix.speculative import SpeculationStats
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
 
@@ -129,14 +130,51 @@ def token_ids(loaded: LoadedModel, count: int, eval_text_path: str | None, seed:
 
 
 def prompt_tokens(loaded: LoadedModel, case: Case, ctx: RunContext) -> torch.Tensor:
-    """(batch, prompt_len) prompt of consecutive text windows, on the case's device."""
+    """(batch, prompt_len) prompts on the case's device: consecutive text windows, or with
+    task = "edit" each row an instruction to fix the typos of its own text passage."""
+    if case.task == "edit":
+        return edit_prompts(loaded, case.batch, case.prompt_len, ctx.eval_text_path).to(case.device)
     ids = token_ids(loaded, case.batch * case.prompt_len, ctx.eval_text_path, ctx.settings.seed)
     return ids.view(case.batch, case.prompt_len).to(case.device)  # (B, T)
 
 
+EDIT_INSTRUCTION = "Fix the typos in this text and return the corrected text:"
+MIN_EDIT_PASSAGE = 16  # tokens of text the edit prompt holds at least
+
+
+def edit_prompts(loaded: LoadedModel, batch: int, prompt_len: int, eval_text_path: str | None) -> torch.Tensor:
+    """(batch, prompt_len) prompts asking the model to fix the typos of consecutive eval-text
+    passages, each filling the prompt. A good answer copies most of the passage: the
+    workload where drafting from the context pays. In the chat format when the tokenizer
+    has ChatML's tokens (SmolLM2, Qwen), else as plain text."""
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UserError('task = "edit" needs a model with a tokenizer: its prompt is an instruction over real text')
+    chat = tok.token_to_id("<|im_start|>") is not None
+    head = tok.encode(f"<|im_start|>user\n{EDIT_INSTRUCTION}\n\n" if chat else f"{EDIT_INSTRUCTION}\n\n").ids
+    tail = tok.encode("<|im_end|>\n<|im_start|>assistant\n" if chat else "\n\nCorrected text:\n").ids
+    room = prompt_len - len(head) - len(tail)
+    if room < MIN_EDIT_PASSAGE:
+        raise UserError(f"prompt_len {prompt_len} leaves {room} tokens of text beside the edit instruction; "
+                        f"raise prompt_len to at least {prompt_len - room + MIN_EDIT_PASSAGE}")
+    passages = _text_ids(tok, eval_text_path, batch * room)
+    rows = [head + list(passages[i * room:(i + 1) * room]) + tail for i in range(batch)]
+    return torch.tensor(rows)  # (B, T)
+
+
 def _model(case: Case, models: ModelCache) -> tuple[Transformer, LoadedModel]:
+    """The case's model with its variants applied; a draft-model variant's draft is loaded
+    here (in its own dtype, or the case's) with a KV cache, and bound to it."""
     loaded = models.get(case.model, case.dtype, case.device)
-    return apply_variants(loaded.model, parse_spec(case.variant)), loaded
+    model = apply_variants(loaded.model, parse_spec(case.variant))
+    speculation = getattr(model, "speculation", None)
+    if speculation is not None and speculation.drafter is None:
+        draft = models.get(speculation.draft_model, speculation.draft_dtype or case.dtype, case.device).model
+        model.speculation = speculation.with_draft(apply_variants(draft, parse_spec(DRAFT_SPEC)))
+    return model, loaded
+
+
+DRAFT_SPEC = "kv_cache+sdpa"  # how a draft model decodes
 
 
 def table_is_head(model) -> bool | None:
@@ -185,12 +223,25 @@ def run_prefill(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResu
     return metrics, {"latency_ms": m.samples_ms}
 
 
+@dataclass
+class GenerationSteps:
+    """One greedy generation, each step timed on the host between synchronizes: step 0
+    is the prefill, the rest decode steps; a speculative step may emit several tokens."""
+
+    ms: list[float]
+    tokens: list[int]  # emitted by each step
+    speculation: SpeculationStats | None  # a speculative decoder's counts
+
+
 def generation_step_times(model: Transformer, prompt: torch.Tensor, new_tokens: int, cache,
-                          device: torch.device) -> list[float]:
-    """One greedy generation, each step timed on the host between synchronizes (ms):
-    step 0 is the prefill, the rest decode steps."""
-    decoder = GreedyDecoder(model, prompt, new_tokens, cache=cache)
-    return [time_once(decoder.step, device) for _ in range(new_tokens)]
+                          device: torch.device) -> GenerationSteps:
+    decoder = new_decoder(model, prompt, new_tokens, cache=cache)
+    ms, emitted = [], []
+    while decoder.tokens.shape[1] < prompt.shape[1] + new_tokens:
+        before = decoder.tokens.shape[1]
+        ms.append(time_once(decoder.step, device))
+        emitted.append(decoder.tokens.shape[1] - before)
+    return GenerationSteps(ms, emitted, getattr(decoder, "stats", None))
 
 
 def _static_cache(model: Transformer, case: Case):
@@ -205,21 +256,23 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     model, loaded = _model(case, models)
     device = torch.device(case.device)
     prompt = prompt_tokens(loaded, case, ctx)  # (B, T)
-    runs: list[list[float]] = []  # step times of every call, warm-up included
+    runs: list[GenerationSteps] = []  # every call's steps, warm-up included
     cache = _static_cache(model, case)
 
     def generation() -> float:
-        times = generation_step_times(model, prompt, case.new_tokens, cache, device)
-        runs.append(times)
-        return sum(times) if end_to_end else sum(times[1:])
+        run = generation_step_times(model, prompt, case.new_tokens, cache, device)
+        runs.append(run)
+        return sum(run.ms) if end_to_end else sum(run.ms[1:])
 
     first_call_ms = generation()  # cold: compilation and lazy initialisation land here, not in the samples
     # the counter covers whole generations: every token they produce, the prefill's included
     m, energy_metrics = measure_for_case(generation, case, ctx, tokens_per_call=case.batch * case.new_tokens,
                                          fn_returns_ms=True)
     kept = runs[-len(m.samples_ms):]  # drop the cold and warm-up generations
-    ttft = [t[0] for t in kept]
-    steps = [x for t in kept for x in t[1:]]  # pooled over positions: a recompute step grows with context
+    ttft = [run.ms[0] for run in kept]
+    # per output token, pooled over positions (a recompute step grows with context); a
+    # speculative step's time is shared by the tokens it emitted
+    steps = [ms / n for run in kept for ms, n in zip(run.ms[1:], run.tokens[1:])]
     tpot = summarize(steps)
     median_s = m.summary.median / 1e3
     if end_to_end:
@@ -232,17 +285,37 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     metrics["ttft_ms_p50"] = statistics.median(ttft)
     cfg, dtype_bytes = model.config, DTYPES[case.dtype].itemsize
     metrics["first_call_ms"] = first_call_ms
-    weights = dict(weight_bytes=model.weight_bytes, table_is_head=table_is_head(model), kv_cache=cache is not None)
-    cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=dtype_bytes, **weights) \
-        if end_to_end else roofline.Cost(0.0, 0.0)
-    for i in range(1, case.new_tokens):  # decode step i sees prompt_len + i tokens
-        cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
-                                                **weights)
-    metrics.update(_roofline(cost, median_s, case, ctx), weight_bytes=model.weight_bytes,
-                   kv_cache_bytes=cache.nbytes if cache is not None else 0,
+    if kept[0].speculation is not None:
+        # no roofline: the limit modelled is one forward per token, which speculation escapes
+        metrics.update(speculation_metrics(kept, end_to_end))
+    else:
+        weights = dict(weight_bytes=model.weight_bytes, table_is_head=table_is_head(model),
+                       kv_cache=cache is not None)
+        cost = roofline.prefill_cost(cfg, case.batch, case.prompt_len, dtype_bytes=dtype_bytes, **weights) \
+            if end_to_end else roofline.Cost(0.0, 0.0)
+        for i in range(1, case.new_tokens):  # decode step i sees prompt_len + i tokens
+            cost = cost + roofline.decode_step_cost(cfg, case.batch, case.prompt_len + i, dtype_bytes=dtype_bytes,
+                                                    **weights)
+        metrics.update(_roofline(cost, median_s, case, ctx))
+    metrics.update(weight_bytes=model.weight_bytes, kv_cache_bytes=cache.nbytes if cache is not None else 0,
                    weight_bytes_dense=loaded.model.weight_bytes)  # before a quantizing variant
     metrics.update(energy_metrics)
     return metrics, {"generation_ms": m.samples_ms, "tpot_ms": steps, "ttft_ms": ttft}
+
+
+def speculation_metrics(runs: list[GenerationSteps], end_to_end: bool) -> dict:
+    """A speculative decoder's counts over the timed generations: the share of drafted
+    tokens the model accepted, tokens per verifying forward, and the share of the timed
+    steps' wall time spent drafting (the prefill step's, with end_to_end)."""
+    drafted = sum(run.speculation.drafted for run in runs)
+    accepted = sum(run.speculation.accepted for run in runs)
+    emitted = sum(run.speculation.emitted for run in runs)
+    forwards = sum(run.speculation.forwards for run in runs)
+    timed_ms = sum(sum(run.ms if end_to_end else run.ms[1:]) for run in runs)
+    return {"acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_forward": emitted / forwards if forwards else 0.0,
+            "draft_time_share": sum(run.speculation.draft_s for run in runs) * 1e3 / timed_ms,
+            "drafted_tokens": drafted / len(runs), "target_forwards": forwards / len(runs)}
 
 
 def run_decode(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:

@@ -27,7 +27,7 @@ from infermatrix.model import AttentionFn, Transformer
 # Axes in the order variants are applied: the weights' layout first, then their
 # precision, the graph last. A `peer` (a whole model users deploy, such as Hugging
 # Face transformers) replaces the model alone.
-AXES = ("fusion", "linear", "attention", "cache", "graph", "peer")
+AXES = ("fusion", "linear", "attention", "cache", "decoding", "graph", "peer")
 ENTRY_POINT_GROUP = "infermatrix.variants"
 # Variant.model_kinds of a variant that runs on decoders and encoders alike
 ANY_MODEL = frozenset({"decoder", "encoder"})
