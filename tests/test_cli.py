@@ -72,7 +72,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, matrix, message):
 
 def test_unknown_axis_is_refused():
     out = cli("list", "--axis", "sideways")
-    assert out.returncode == 2 and "unknown axis 'sideways'; valid: fusion, linear, attention, cache, graph, peer" in out.stderr
+    assert out.returncode == 2 and "unknown axis 'sideways'; valid: fusion, linear, attention, cache, decoding, graph, peer" in out.stderr
 
 
 def test_env_prints_environment_and_peaks():

@@ -63,6 +63,8 @@ CSV_METRICS: tuple[str, ...] = (
     "hidden_rel_l2", "mlm_top1_agree_pct", "mlm_kl_mean",
     # energy of the timed loop (bench/energy.py), when the device has a readable counter
     "energy_j", "energy_j_per_token", "avg_power_w", "energy_window_s", "energy_dropped",
+    # speculative decoding (the decoding axis), per timed generation
+    "acceptance_rate", "tokens_per_forward", "draft_time_share", "drafted_tokens", "target_forwards",
 )
 NON_NUMERIC_METRICS = frozenset({"stopped_by", "bound", "energy_dropped"})
 ALIASES = {"top1_agree": "top1_agree_pct"}
@@ -83,6 +85,7 @@ DIRECTION: dict[str, str] = {
     "sequences_per_s": HIGHER, "hidden_cosine_mean": HIGHER, "hidden_cosine_min": HIGHER, "hidden_sqnr_db": HIGHER,
     "hidden_rel_l2": LOWER, "mlm_top1_agree_pct": HIGHER, "mlm_kl_mean": LOWER,
     "energy_j": LOWER, "energy_j_per_token": LOWER,
+    "acceptance_rate": HIGHER, "tokens_per_forward": HIGHER, "draft_time_share": LOWER,
 }
 
 # speed metric -> (which raw samples, whether the metric is inversely proportional to them)

@@ -257,7 +257,8 @@ SPEEDUP = "speedup"  # Speedup.ratio
 BASELINE = "baseline"  # what sets a named baseline apart (Speedup.baseline)
 
 # The summary tables' metric columns, in order. The optional ones (always=False) show
-# only when some record has them: encoders' sequences/s and hidden-state drift, energy
+# only when some record has them: encoders' sequences/s and hidden-state drift, speculative
+# decoding's acceptance and tokens per forward, energy
 # per token (only where a counter was readable); the baseline when some record names
 # one (Record.baseline_id).
 METRIC_COLUMNS: tuple[Column, ...] = (
@@ -265,6 +266,8 @@ METRIC_COLUMNS: tuple[Column, ...] = (
     Column("latency_ms_ci_rel", "CI ±", "ci±", "{:.1%}"),
     Column("tokens_per_s", "tok/s", "tok/s", "{:,.1f}"),
     Column("sequences_per_s", "seq/s", "seq/s", "{:,.1f}", always=False),
+    Column("acceptance_rate", "accepted", "accept", "{:.0%}", always=False),  # speculative decoding
+    Column("tokens_per_forward", "tok/forward", "tok/fwd", "{:.2f}", always=False),
     Column("energy_j_per_token", "J/token", "J/tok", "{:.3g}", always=False),
     Column("pct_of_limit", "% limit", "%limit", "{:.0f}%"),
     Column(SPEEDUP, "× base", "×base", "{:.2f}×"),

@@ -24,17 +24,23 @@ STATUSES = ("ok", "skipped", "failed")
 # the case's nonzero fields joined by ' ' (a workload's unused fields are zero, so the two
 # read the same: b1-p512-h9-kv3-d64-causal and b1 p512 h9 kv3 d64 causal)
 SHAPE_TAGS = {"windows": "w", "batch": "b", "prompt_len": "p", "kv_len": "kvlen", "new_tokens": "n", "heads": "h",
-              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n"}
+              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n", "task": ""}
+# text fields, shown by value only when not their default (so ids made before they existed hold)
+SHAPE_TEXT_DEFAULTS = {"task": "continue"}
 
 
 def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
     """The tags of `fields` of a case, in that order: `causal` as causal or full, each other
-    field with a nonzero value as its tag (SHAPE_TAGS; a field without one, its name) and value."""
+    field with a nonzero value as its tag (SHAPE_TAGS; a field without one, its name) and value,
+    a text field's value unless it is the default (SHAPE_TEXT_DEFAULTS)."""
     parts = []
     for name in fields:
         value = case.get(name)
         if name == "causal":
             parts.append("causal" if value else "full")
+        elif name in SHAPE_TEXT_DEFAULTS:
+            if value and value != SHAPE_TEXT_DEFAULTS[name]:
+                parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
         elif value:
             parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
     return parts

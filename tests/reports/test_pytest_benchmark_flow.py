@@ -125,16 +125,16 @@ def test_a_benchmarked_generation_is_what_the_generate_workload_times(monkeypatc
     """One sample of `infermatrix run`'s generate: all new_tokens steps (the prefill
     included) on a static cache made once, outside the timed call."""
     built = []
-    real_decoder = workloads.GreedyDecoder
+    real_decoder = workloads.new_decoder
 
-    def recording_decoder(model, prompt, new_tokens, cache=None):
+    def recording_decoder(model, prompt, new_tokens, pad=None, cache=None):
         built.append(cache)
-        decoder = real_decoder(model, prompt, new_tokens, cache=cache)
+        decoder = real_decoder(model, prompt, new_tokens, pad, cache)
         real_step = decoder.step
         decoder.step = lambda: built.append("step") or real_step()
         return decoder
 
-    monkeypatch.setattr(workloads, "GreedyDecoder", recording_decoder)
+    monkeypatch.setattr(workloads, "new_decoder", recording_decoder)
     case = benchmark_case(Case(**DECODE_CASE))
     ctx = RunContext(RunSettings(), {})
     fn, tokens = benchmark_callable(case, ctx, ModelCache())

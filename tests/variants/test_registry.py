@@ -81,7 +81,7 @@ def test_bad_specs_name_the_problem(toy_variants, spec, message):
 
 
 def test_registering_on_an_unknown_axis_fails(scratch_registry):
-    with pytest.raises(ValueError, match="axis 'sideways'; valid axes: fusion, linear, attention, cache, graph, peer"):
+    with pytest.raises(ValueError, match="axis 'sideways'; valid axes: fusion, linear, attention, cache, decoding, graph, peer"):
         @register_variant("bad")
         @dataclass(frozen=True)
         class Bad(Variant):
