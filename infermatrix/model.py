@@ -344,9 +344,12 @@ class Attention(nn.Module):
             qkv = self.wqkv(x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H+2Hkv, T, D)
             qk, v = qkv.split([H + Hkv, Hkv], dim=1)  # (B, H+Hkv, T, D), (B, Hkv, T, D)
             q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=1)  # (B, H, T, D), (B, Hkv, T, D)
-        if cache is not None:
-            k, v = cache.update(self.layer, input_pos, k, v)  # (B, Hkv, Tk, D), Tk >= T
-        out = attention(q, k, v, causal=True, mask=mask)  # (B, H, T, D)
+        if cache is not None and hasattr(cache, "attend"):  # a paged cache: each sequence over its own blocks
+            out = cache.attend(self.layer, q, k, v, attention)  # (B, H, T, D)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, input_pos, k, v)  # (B, Hkv, Tk, D), Tk >= T
+            out = attention(q, k, v, causal=True, mask=mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.wo(out)  # (B, T, C)
 
@@ -400,6 +403,9 @@ class Transformer(nn.Module):
         # seam 2: a cache variant (kv_cache) sets how this model builds its KV cache,
         # factory(model, batch, max_len, pad) -> cache; None: every step recomputes
         self.cache_factory: Callable[..., KVCacheProtocol] | None = None
+        # a paged cache variant sets how a served stream's block pool is built,
+        # factory(model, num_blocks) -> PagedKVCache (infermatrix.variants.paged_kv_cache)
+        self.paged_cache_factory: Callable[..., object] | None = None
         # a decoding variant (speculative decoding) sets how generation drafts and verifies
         # tokens: an infermatrix.speculative.Speculation; None: one token per forward
         self.speculation = None
@@ -415,10 +421,14 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,
         cache: KVCacheProtocol | None = None,
         exit_layer: int | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). input_pos (T,) are the tokens' positions.
         exit_layer: run only the first exit_layer blocks before the final norm and head
-        (an early-exit draft; the cache's later layers are left as they were)."""
+        (an early-exit draft; the cache's later layers are left as they were).
+        logits_at (N,): only these positions' logits, (B, N, vocab) (a served batch needs
+        each sequence's last; the head over every prompt token would cost a fifth of a
+        small model's FLOPs)."""
         B, T = tokens.shape
         if input_pos is None:
             if T > self.config.max_seq_len:
@@ -442,7 +452,9 @@ class Transformer(nn.Module):
             mask = causal_mask(T, T, tokens.device, cfg.sliding_window)[None, None]  # (1, 1, T, T)
         for block in self.layers[:exit_layer]:
             x = block(x, cos, sin, self.attention, input_pos, cache, mask)  # (B, T, C)
-        return self.output(self.norm(x))  # (B, T, vocab)
+        if logits_at is not None:
+            x = x[:, logits_at]  # (B, N, C)
+        return self.output(self.norm(x))  # (B, T|N, vocab)
 
     @property
     def weight_bytes(self) -> int:

@@ -68,11 +68,13 @@ WORKLOADS: dict[str, tuple[str, ...]] = {
     "attention": ("batch", "prompt_len", "kv_len", "heads", "kv_heads", "head_dim", "causal"),
     "linear": ("batch", "prompt_len", "in_features", "out_features"),
     "encode": ("batch", "prompt_len"),
+    "serve": ("batch", "prompt_len", "new_tokens", "requests", "rate", "concurrency", "duration_s", "lengths",
+              "slo_ttft_ms", "slo_itl_ms", "slo_pct", "batching", "token_budget", "kv_blocks"),
 }
 # the workloads each model kind (ModelConfig.kind, EncoderConfig.kind) runs; op workloads
 # take only shapes from the model
 MODEL_WORKLOADS: dict[str, tuple[str, ...]] = {
-    "decoder": ("prefill", "decode", "generate", "drift", "attention", "linear"),
+    "decoder": ("prefill", "decode", "generate", "drift", "attention", "linear", "serve"),
     "encoder": ("encode", "drift", "attention", "linear"),
 }
 
@@ -99,6 +101,19 @@ class Case:
     out_features: int = 0  # linear: N; 0 = the model's MLP hidden size
     task: str = "continue"  # decode/generate prompts: "continue" real text, or "edit" (an instruction to fix
     # the typos of a real-text passage: output that copies much of its prompt; needs a tokenizer)
+    # serve (a request stream; batch: the most requests running at once, prompt_len and new_tokens
+    # the mean prompt and output lengths):
+    requests: int = 64  # requests in the stream
+    rate: float = 0.0  # open loop: Poisson arrivals, requests/s
+    concurrency: int = 0  # closed loop (no rate): clients, each sending its next request when one ends
+    duration_s: float = 0.0  # no arrivals after this many seconds; 0 = none
+    lengths: str = "uniform"  # prompt and output lengths: "uniform" in [mean/2, 3·mean/2], or "fixed"
+    slo_ttft_ms: float = 0.0  # the SLO: time to first token (0 = not judged) ...
+    slo_itl_ms: float = 0.0  # ... and a request's mean inter-token latency (0 = not judged) ...
+    slo_pct: int = 90  # ... met by at least this share of requests (percent)
+    batching: str = "continuous"  # or "static": a batch admitted only when the last one has ended
+    token_budget: int = 256  # most tokens one step feeds (decodes first, then prefill chunks)
+    kv_blocks: int = 0  # the paged cache's pool; 0 = room for `batch` requests of the longest length
 
     @property
     def case_id(self) -> str:
@@ -150,8 +165,8 @@ class Matrix:
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
-TASKS = ("continue", "edit")  # Case.task
-TASK_FIELDS = ("task",)  # string fields a workload may not use, reset to their default then
+# the values of the text fields (each a choice), reset to their default where a workload does not use them
+TEXT_CHOICES = {"task": ("continue", "edit"), "lengths": ("uniform", "fixed"), "batching": ("continuous", "static")}
 _SETTING_FIELDS = {f.name: f for f in fields(RunSettings)}
 
 
@@ -357,6 +372,8 @@ def _expand(table: dict, where: str) -> list[Case]:
         if not values:
             raise UserError(f"{where}: {name} is an empty list")
         axes[name] = [_check_value(name, v, where) for v in values]
+    if "serve" in axes["workload"]:
+        _check_serve_table(table, axes, where)
     cases: dict[Case, None] = {}
     for combo in itertools.product(*axes.values()):
         case = _normalize(Case(**dict(zip(axes, combo))))
@@ -365,13 +382,63 @@ def _expand(table: dict, where: str) -> list[Case]:
     return list(cases)
 
 
+def _check_serve_table(table: dict, axes: dict, where: str) -> None:
+    if "rate" in table and any(rate <= 0 for rate in axes["rate"]):
+        raise UserError(f"{where}: rate must be above 0 requests/s; for a closed loop leave rate out and set "
+                        "concurrency")
+    slo = any(axes["slo_ttft_ms"]) or any(axes["slo_itl_ms"])
+    if slo and len(set(axes["rate"])) < 2:
+        raise UserError(f"{where}: an SLO (slo_ttft_ms, slo_itl_ms) is judged along a rate sweep, to find the "
+                        "highest rate that meets it; give rate two or more values, e.g. rate = [0.5, 1, 2, 4]")
+
+
+def length_range(mean: int, lengths: str) -> tuple[int, int]:
+    """The shortest and longest of a serve case's prompt or output lengths around `mean`."""
+    return (max(1, mean // 2), mean + mean // 2) if lengths == "uniform" else (mean, mean)
+
+
+def serve_pool(case: Case, block: int) -> tuple[int, int]:
+    """(blocks the longest request needs, blocks of the pool): the pool is kv_blocks, or
+    room for `batch` requests of the longest length."""
+    longest = length_range(case.prompt_len, case.lengths)[1] + length_range(case.new_tokens, case.lengths)[1] - 1
+    need = -(-longest // block)
+    return need, case.kv_blocks or need * case.batch
+
+
+def _check_serve_case(case: Case, cfg, where: str) -> None:
+    if (case.rate > 0) == (case.concurrency > 0):
+        raise UserError(f"{where}: serve takes rate (an open loop, requests/s) or concurrency (a closed loop of "
+                        "clients), one of them")
+    paged = next((v for v in parse_spec(case.variant) if v.name == "paged_kv_cache"), None)
+    if paged is None:
+        static = next((v.name for v in parse_spec(case.variant) if v.axis == "cache"), None)
+        why = (f"{static} is a static cache, one buffer per batch row at its longest length, which a stream of "
+               "requests arriving and ending cannot share; " if static else "")
+        raise UserError(f"{where}: {case.variant} on serve: {why}serve batches continuously over a paged KV cache; "
+                        "use paged_kv_cache (e.g. paged_kv_cache+sdpa)")
+    prompt_max, out_max = length_range(case.prompt_len, case.lengths)[1], length_range(case.new_tokens, case.lengths)[1]
+    if prompt_max + out_max > cfg.max_seq_len:
+        raise UserError(f"{where}: the longest request ({prompt_max} prompt + {out_max} output tokens) exceeds "
+                        f"{case.model}'s context of {cfg.max_seq_len}; lower prompt_len or new_tokens")
+    need, pool = serve_pool(case, paged.block)
+    if pool < need:
+        raise UserError(f"{where}: kv_blocks = {pool} blocks of {paged.block} positions cannot hold the longest "
+                        f"request ({prompt_max} + {out_max} tokens, {need} blocks); raise kv_blocks to at least "
+                        f"{need}, or leave it 0")
+    if case.token_budget < 1 or case.requests < 1:
+        raise UserError(f"{where}: serve needs token_budget and requests of at least 1")
+
+
 def _normalize(case: Case) -> Case:
     """Zero the size fields this case's workload does not use (and reset `causal`)."""
     used = WORKLOADS[case.workload]
     if case.workload == "drift" and model_config(case.model).kind == "encoder":
         used = tuple(name for name in used if name != "new_tokens")  # an encoder generates no tokens
-    reset = {name: (0 if f.type == "int" else f.default) for name, f in _CASE_FIELDS.items()
-             if name not in used and (f.type in ("int", "bool") or name in TASK_FIELDS)}
+    reset = {name: (0 if f.type == "int" else 0.0 if f.type == "float" else f.default)
+             for name, f in _CASE_FIELDS.items()
+             if name not in used and (f.type in ("int", "float", "bool") or name in TEXT_CHOICES)}
+    if case.workload == "serve" and not (case.slo_ttft_ms or case.slo_itl_ms):
+        reset["slo_pct"] = 0  # no SLO: no share of it to meet
     if case.kv_len == case.prompt_len:
         reset["kv_len"] = 0  # as many keys as queries, the default: one case, one id
     return dataclasses.replace(case, **reset)
@@ -396,6 +463,8 @@ def _check_shape(case: Case, where: str) -> None:
         raise UserError(f"{where}: task = \"edit\" asks the model to fix a real-text passage, which needs its "
                         f"tokenizer, and {case.model} is a random-weight preset without one; use task = "
                         "\"continue\", or a model with a tokenizer")
+    if case.workload == "serve":
+        _check_serve_case(case, cfg, where)
     if case.workload in ("decode", "generate") and case.new_tokens < 2:
         raise UserError(f"{where}: {case.workload} needs new_tokens >= 2 (one prefill token, then decode steps)")
     if case.workload in ("prefill", "decode", "generate", "drift"):
@@ -452,6 +521,10 @@ def _check_value(name: str, value, where: str):
         if not isinstance(value, bool):
             raise UserError(f"{where}: {name} must be true or false, got {value!r}")
         return value
+    if kind == "float":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise UserError(f"{where}: {name} must be a number >= 0, got {value!r}")
+        return float(value)
     if kind == "int":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{where}: {name} must be a positive integer, got {value!r}")
@@ -469,8 +542,8 @@ def _check_value(name: str, value, where: str):
             model_config(value)  # checks presets, files and folders without loading weights
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None
-    if name == "task" and value not in TASKS:
-        raise UserError(f"{where}: {_unknown('task', value, list(TASKS))}")
+    if name in TEXT_CHOICES and value not in TEXT_CHOICES[name]:
+        raise UserError(f"{where}: {_unknown(name, value, list(TEXT_CHOICES[name]))}")
     if name == "device" and not re.fullmatch(r"cpu|cuda(:\d+)?", value):
         raise UserError(f"{where}: unknown device {value!r}; valid: cpu, cuda, cuda:N")
     if name == "variant":

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -52,7 +53,7 @@ from infermatrix.bench import energy, roofline
 from infermatrix.bench.drift import (drift_metrics, greedy_match_length, hidden_state_drift,
                                      model_logits, require_fp32_reference, window_tokens)
 from infermatrix.bench.logits_cache import cached_tensors, reference_logits
-from infermatrix.bench.matrix import attention_keys, attention_shape, linear_shape
+from infermatrix.bench.matrix import attention_keys, attention_shape, length_range, linear_shape, serve_pool
 from infermatrix.bench.stats import summarize
 from infermatrix.bench.text import load_text, sentences, text_sha256
 from infermatrix.bench.timing import TimerConfig, TimerResult, measure, time_once
@@ -61,6 +62,7 @@ from infermatrix.errors import UserError
 from infermatrix.generate import generate_greedy, new_decoder
 from infermatrix.memory import storage_bytes
 from infermatrix.model import Transformer, math_attention
+from infermatrix.serving import SLO, ClosedLoop, OpenLoop, Request, Scheduler, WallClock, serve_stream, stream_metrics
 from infermatrix.speculative import SpeculationStats
 from infermatrix.variants import apply_variants, parse_spec
 from infermatrix.weights import DTYPES, LoadedModel, load_model, model_fingerprint
@@ -561,6 +563,56 @@ def run_linear(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResul
     return metrics, {"latency_ms": m.samples_ms}
 
 
+# ---------------------------------------------------------------- serving
+
+
+def serve_requests(loaded: LoadedModel, case: Case, ctx: RunContext) -> list[Request]:
+    """The stream's requests: prompt and output lengths drawn (seeded) from the case's
+    distribution, each prompt the next window of the eval text (seeded ids without a
+    tokenizer)."""
+    rng = np.random.default_rng(ctx.settings.seed)
+    prompts = rng.integers(*np.add(length_range(case.prompt_len, case.lengths), (0, 1)), size=case.requests)
+    outputs = rng.integers(*np.add(length_range(case.new_tokens, case.lengths), (0, 1)), size=case.requests)
+    ids = token_ids(loaded, int(prompts.sum()), ctx.eval_text_path, ctx.settings.seed).tolist()
+    starts = np.cumsum(prompts) - prompts
+    return [Request(i, ids[a:a + int(n)], int(m)) for i, (a, n, m) in enumerate(zip(starts, prompts, outputs))]
+
+
+def run_serve(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
+    """A request stream through the continuous-batching scheduler, on the wall clock.
+    One short request is served first, untimed (lazy initialisation, first calls)."""
+    model, loaded = _model(case, models)
+    block = next(v.block for v in parse_spec(case.variant) if v.name == "paged_kv_cache")
+    _, pool = serve_pool(case, block)
+    cache = model.paged_cache_factory(model, pool)
+
+    def scheduler() -> Scheduler:
+        return Scheduler(model, cache, max_running=case.batch, token_budget=case.token_budget,
+                         batching=case.batching)
+
+    warm = Request(-1, token_ids(loaded, 8, ctx.eval_text_path, ctx.settings.seed).tolist(), 2)
+    serve_stream(scheduler(), ClosedLoop([warm], 1), WallClock())
+    cache.peak_used = 0
+    requests = serve_requests(loaded, case, ctx)
+    duration = case.duration_s or None
+    load = OpenLoop(requests, case.rate, ctx.settings.seed, duration) if case.rate else \
+        ClosedLoop(requests, case.concurrency, duration)
+    served = scheduler()
+    meter = energy.meter_for(torch.device(case.device))
+    with meter.window():
+        done = serve_stream(served, load, WallClock())
+    try:
+        metrics, samples = stream_metrics(done, SLO(case.slo_ttft_ms, case.slo_itl_ms, case.slo_pct))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    metrics.update(offered_rate=case.rate, requests_sent=len(requests) if case.rate else case.requests,
+                   peak_kv_blocks=cache.peak_used, kv_blocks=pool, kv_cache_bytes=cache.nbytes,
+                   mean_step_tokens=served.step_tokens / served.steps, weight_bytes=model.weight_bytes,
+                   weight_bytes_dense=loaded.model.weight_bytes)
+    metrics.update(meter.metrics(1, sum(len(r.output) for r in done)))
+    return metrics, samples
+
+
 def benchmark_case(case: Case) -> Case:
     """The case pytest-benchmark times for `case`. It times one whole call, and decode's
     figures are per output token with the prefill left out, which a whole call cannot
@@ -602,4 +654,5 @@ WORKLOAD_FNS: dict[str, Callable[[Case, RunContext, ModelCache], WorkloadResult]
     "attention": run_attention,
     "linear": run_linear,
     "encode": run_encode,
+    "serve": run_serve,
 }

@@ -24,9 +24,12 @@ STATUSES = ("ok", "skipped", "failed")
 # the case's nonzero fields joined by ' ' (a workload's unused fields are zero, so the two
 # read the same: b1-p512-h9-kv3-d64-causal and b1 p512 h9 kv3 d64 causal)
 SHAPE_TAGS = {"windows": "w", "batch": "b", "prompt_len": "p", "kv_len": "kvlen", "new_tokens": "n", "heads": "h",
-              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n", "task": ""}
+              "kv_heads": "kv", "head_dim": "d", "causal": "", "in_features": "k", "out_features": "n", "task": "",
+              "requests": "q", "rate": "rate", "concurrency": "c", "duration_s": "dur", "lengths": "",
+              "slo_ttft_ms": "ttft", "slo_itl_ms": "itl", "slo_pct": "slo", "batching": "",
+              "token_budget": "tb", "kv_blocks": "blocks"}
 # text fields, shown by value only when not their default (so ids made before they existed hold)
-SHAPE_TEXT_DEFAULTS = {"task": "continue"}
+SHAPE_TEXT_DEFAULTS = {"task": "continue", "lengths": "uniform", "batching": "continuous"}
 
 
 def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
@@ -42,7 +45,8 @@ def shape_parts(case: Mapping, fields: Iterable[str]) -> list[str]:
             if value and value != SHAPE_TEXT_DEFAULTS[name]:
                 parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
         elif value:
-            parts.append(f"{SHAPE_TAGS.get(name, name)}{value}")
+            parts.append(f"{SHAPE_TAGS.get(name, name)}{value:g}" if isinstance(value, float)
+                         else f"{SHAPE_TAGS.get(name, name)}{value}")
     return parts
 
 

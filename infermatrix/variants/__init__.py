@@ -11,7 +11,7 @@ from infermatrix.variants import compiled, kv_cache, reference, sdpa, triton_att
 from infermatrix.variants import block_sparse, flex  # noqa: F401  (block-sparse attention)
 from infermatrix.variants import int8  # noqa: F401  (int8 linear layers)
 from infermatrix.variants import fused, packed, peers  # noqa: F401  (decode at the limit; peers as rows)
-from infermatrix.variants import speculative  # noqa: F401  (the decoding axis)
+from infermatrix.variants import paged_kv_cache, speculative  # noqa: F401  (serving; the decoding axis)
 from infermatrix.model import AttentionFn
 from infermatrix.variants.base import (
     ANY_MODEL,

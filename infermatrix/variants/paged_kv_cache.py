@@ -1,0 +1,185 @@
+"""`paged_kv_cache(block=16)`: the KV cache of a served stream (vLLM's design).
+
+Each layer keeps one pool of fixed-size blocks, keys and values of shape (num_blocks,
+KV heads, block, head dim); each sequence owns a block table, the pool blocks that
+hold its positions in order (position p lives in block table[p // block], slot
+p % block). Blocks are taken from one free list when a sequence grows and returned
+when it ends or is preempted, so a stream of requests of different lengths shares
+the pool without reserving each one's longest length.
+
+A forward runs a served step: the tokens of several sequences (a prefill chunk, or
+one decode token each) flattened into one row, (1, T), so every linear layer runs
+once over all of them. `plan()` says which sequence each token belongs to; the
+model then calls `attend()` in place of update + attention: the step's keys and
+values are written to their slots, and each sequence's queries attend over its own
+blocks through the attention seam (queries last, causal). On the CPU the blocks are
+gathered and the seam (SDPA, the math) runs per sequence. With the `triton` attention
+on CUDA the decode tokens of a step (one query per sequence) go to one Triton kernel
+that reads keys and values through the block tables; prefill chunks take the gather
+path. Records name the path (`attention_path`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+
+from infermatrix.model import AttentionFn, Transformer
+from infermatrix.variants.base import Variant, note_path, register_variant, shared_copy
+
+
+class Segment(NamedTuple):
+    """One sequence's tokens in a served step: positions [start, start + length)."""
+
+    seq: int
+    start: int
+    length: int
+
+
+class PagedKVCache:
+    def __init__(self, n_layers: int, num_blocks: int, block: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device, decode_kernel: bool = False):
+        self.num_blocks, self.block, self.decode_kernel = num_blocks, block, decode_kernel
+        shape = (num_blocks, n_kv_heads, block, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]  # per layer
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.device = torch.device(device)
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids are taken first
+        self.tables: dict[int, list[int]] = {}  # sequence -> its blocks, in position order
+        self.peak_used = 0
+        self._segments: list[Segment] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_for(self, positions: int) -> int:
+        return -(-positions // self.block)
+
+    def grow(self, seq: int, positions: int) -> bool:
+        """Give `seq` blocks for `positions` positions; False, taking none, when the pool
+        has too few free blocks."""
+        table = self.tables.setdefault(seq, [])
+        wanted = self.blocks_for(positions) - len(table)
+        if wanted > len(self._free):
+            return False
+        table.extend(self._free.pop() for _ in range(max(wanted, 0)))
+        self.peak_used = max(self.peak_used, self.used)
+        return True
+
+    def release(self, seq: int) -> None:
+        """Return `seq`'s blocks to the pool (it ended, or was preempted)."""
+        self._free.extend(reversed(self.tables.pop(seq, [])))
+
+    def plan(self, segments: list[tuple[int, int, int]]) -> None:
+        """The sequences of the next forward, in the order of its tokens, as Segments or
+        (seq, start, length) tuples; each must hold blocks for its positions (grow)."""
+        self._segments = segments = [Segment(*s) for s in segments]
+        blocks, slots = [], []
+        self._reads = []  # per segment: (block ids, slots) of positions [0, start + length)
+        for s in segments:
+            table = torch.tensor(self.tables[s.seq], device=self.device)
+            pos = torch.arange(s.start + s.length, device=self.device)
+            self._reads.append((table[pos // self.block], pos % self.block))
+            blocks.append(self._reads[-1][0][s.start:])
+            slots.append(self._reads[-1][1][s.start:])
+        self._write = (torch.cat(blocks), torch.cat(slots))  # (T,) each
+
+    def mask(self, input_pos: torch.Tensor) -> None:
+        return None  # attend() keeps each sequence to its own blocks, causally
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attention: AttentionFn) -> torch.Tensor:
+        """q (1, H, T, D), k, v (1, Hkv, T, D) of the planned tokens -> (1, H, T, D)."""
+        blocks, slots = self._write
+        self.k[layer][blocks, :, slots] = k[0].transpose(0, 1)  # (T, Hkv, D) into their slots
+        self.v[layer][blocks, :, slots] = v[0].transpose(0, 1)
+        out = torch.empty_like(q)
+        segments = self._segments
+        starts = list(itertools.accumulate((s.length for s in segments), initial=0))  # each one's first token
+        by_kernel = {i for i, s in enumerate(segments) if s.length == 1} if self.decode_kernel else set()
+        if by_kernel:
+            self._attend_decode_kernel(layer, q, out, sorted(by_kernel), starts)
+        for i, s in enumerate(segments):
+            if i not in by_kernel:
+                blocks, slots = self._reads[i]
+                keys = self.k[layer][blocks, :, slots].transpose(0, 1)[None]  # (1, Hkv, L, D)
+                values = self.v[layer][blocks, :, slots].transpose(0, 1)[None]
+                rows = slice(starts[i], starts[i] + s.length)
+                out[:, :, rows] = attention(q[:, :, rows], keys, values, causal=True)  # (1, H, length, D)
+        if layer == 0:
+            if by_kernel:
+                note_path("attention", "paged_triton_decode")
+            if len(by_kernel) < len(segments):
+                note_path("attention", "paged_gather")
+        return out
+
+    def _attend_decode_kernel(self, layer: int, q: torch.Tensor, out: torch.Tensor, chosen: list[int],
+                              starts: list[int]) -> None:
+        """The one-token segments `chosen` in one kernel call, through their block tables."""
+        # imported on use: kernels are reached through the variant that needs them
+        from infermatrix.kernels.paged_attention_triton import paged_decode_attention
+
+        segments = [self._segments[i] for i in chosen]
+        rows = torch.tensor([starts[i] for i in chosen], device=self.device)  # (N,)
+        width = max(len(self.tables[s.seq]) for s in segments)
+        tables = torch.tensor([self.tables[s.seq] + [0] * (width - len(self.tables[s.seq])) for s in segments],
+                              dtype=torch.int32, device=self.device)  # (N, width)
+        lens = torch.tensor([s.start + 1 for s in segments], dtype=torch.int32, device=self.device)  # (N,)
+        queries = q[0].index_select(1, rows).transpose(0, 1)  # (N, H, D): one query per sequence
+        found = paged_decode_attention(queries, self.k[layer], self.v[layer], tables, lens)  # (N, H, D)
+        out[0].index_copy_(1, rows, found.transpose(0, 1))  # into (H, T, D)
+
+
+def new_paged_cache(model: Transformer, num_blocks: int, block: int, decode_kernel: bool) -> PagedKVCache:
+    """A pool of `num_blocks` blocks per layer, in the model's dtype and device."""
+    cfg = model.config
+    weight = model.tok_embeddings.weight
+    return PagedKVCache(cfg.n_layers, num_blocks, block, cfg.n_kv_heads, cfg.head_dim, weight.dtype, weight.device,
+                        decode_kernel)
+
+
+@register_variant("paged_kv_cache")
+@dataclass(frozen=True)
+class PagedKV(Variant):
+    axis = "cache"
+    kind_refusal = "an encoder reads its whole input in one pass; there is no decoding to cache"
+    description = ("paged KV cache: one pool of fixed-size blocks, a block table per sequence (the serve "
+                   "workload's continuous batching)")
+    block: int = 16  # positions per block
+
+    def __post_init__(self) -> None:
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"block={self.block}: give a power of two of at least 16 (the decode kernel's tile)")
+
+    def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
+        if workload != "serve":
+            raise ValueError(f"paged_kv_cache serves a stream of requests (the serve workload); for {workload} "
+                             "use kv_cache")
+        clash = next((v.name for v in spec if v.axis in ("graph", "decoding", "peer")), None)
+        if clash:
+            raise ValueError(f"paged_kv_cache with {clash}: a served step's shape changes every step and the "
+                             f"scheduler runs its own loop; drop {clash}")
+
+    def check_model(self, config) -> None:
+        super().check_model(config)
+        if config.sliding_window is not None:
+            raise ValueError("paged_kv_cache attends over every position of a sequence; a model with a sliding "
+                             f"window ({config.sliding_window}) would attend further than it was trained to")
+
+    def apply(self, model: Transformer) -> Transformer:
+        from infermatrix.variants.triton_attention import TritonAttention
+
+        paged = shared_copy(model)  # the base model keeps its own cache seams
+        paged.cache_factory = None  # a static cache has no place in a served stream
+        kernel = isinstance(model.attention, TritonAttention) and model.tok_embeddings.weight.is_cuda
+        paged.paged_cache_factory = partial(new_paged_cache, block=self.block, decode_kernel=kernel)
+        return paged
