@@ -64,7 +64,12 @@ def new_decoder(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
 def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: int,
                     pad: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy decoding (cached when the model has a KV cache). prompt (B, T) -> (B, N).
-    A speculative decoder verifies one sequence at a time: its rows are decoded one by one."""
+    A speculative decoder verifies one sequence at a time: its rows are decoded one by one.
+    A paged cache serves the rows as one stream of requests (infermatrix.serving)."""
+    if getattr(model, "paged_cache_factory", None) is not None and pad is None:
+        from infermatrix.serving import serve_greedy  # a paged cache decodes through the stream scheduler
+
+        return serve_greedy(model, prompt, max_new_tokens)
     if getattr(model, "speculation", None) is not None and prompt.shape[0] > 1 and pad is None:
         return torch.cat([generate_greedy(model, row[None], max_new_tokens) for row in prompt])  # (B, N)
     decoder = new_decoder(model, prompt, max_new_tokens, pad)

@@ -269,6 +269,18 @@ def serve_stream(scheduler: Scheduler, load: Load, clock: Clock,
             on_step()
 
 
+@torch.no_grad()
+def serve_greedy(model: Transformer, prompts: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of each row of prompts (B, T) as a request of one stream, all
+    running at once (the drift workload's greedy agreement of a paged model) -> (B, N)."""
+    requests = [Request(i, row.tolist(), max_new_tokens) for i, row in enumerate(prompts)]
+    per_request = -(-(prompts.shape[1] + max_new_tokens) // 16)  # blocks hold 16 positions or more
+    cache = model.paged_cache_factory(model, len(requests) * per_request)
+    scheduler = Scheduler(model, cache, max_running=len(requests), token_budget=prompts.numel() + len(requests))
+    done = serve_stream(scheduler, ClosedLoop(requests, len(requests)), FakeClock(0.0))
+    return torch.tensor([r.output for r in sorted(done, key=lambda r: r.id)], device=prompts.device)  # (B, N)
+
+
 def percentiles(values: Iterable[float], prefix: str) -> dict[str, float]:
     """{prefix_p50, _p90, _p99} of `values` (linear interpolation); {} when empty."""
     data = np.asarray(list(values), dtype=float)

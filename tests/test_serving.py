@@ -138,3 +138,11 @@ def test_the_pool_hands_out_and_takes_back_blocks(tiny):
     assert cache.used == 2 and cache.grow(2, 1) and cache.tables[2] == [0]
     with pytest.raises(ValueError, match="give the pool more blocks"):
         Scheduler(paged, cache, max_running=2, token_budget=8).submit(Request(9, list(range(60)), 10))
+
+
+def test_generate_greedy_serves_a_paged_model_s_rows_as_one_stream(tiny):
+    """The drift workload's greedy agreement of a paged model runs through the scheduler."""
+    prompts = torch.randint(0, TINY.vocab_size, (3, 20), generator=torch.Generator().manual_seed(5))
+    plain = generate_greedy(apply_variants(tiny, parse_spec("kv_cache+sdpa")), prompts, 10)
+    assert torch.equal(generate_greedy(apply_variants(tiny, parse_spec("paged_kv_cache(block=32)+sdpa")), prompts, 10),
+                       plain)

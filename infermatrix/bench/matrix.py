@@ -103,16 +103,16 @@ class Case:
     # the typos of a real-text passage: output that copies much of its prompt; needs a tokenizer)
     # serve (a request stream; batch: the most requests running at once, prompt_len and new_tokens
     # the mean prompt and output lengths):
-    requests: int = 64  # requests in the stream
+    requests: int = 0  # requests in the stream; 0 = SERVE_DEFAULTS
     rate: float = 0.0  # open loop: Poisson arrivals, requests/s
     concurrency: int = 0  # closed loop (no rate): clients, each sending its next request when one ends
     duration_s: float = 0.0  # no arrivals after this many seconds; 0 = none
     lengths: str = "uniform"  # prompt and output lengths: "uniform" in [mean/2, 3·mean/2], or "fixed"
     slo_ttft_ms: float = 0.0  # the SLO: time to first token (0 = not judged) ...
     slo_itl_ms: float = 0.0  # ... and a request's mean inter-token latency (0 = not judged) ...
-    slo_pct: int = 90  # ... met by at least this share of requests (percent)
+    slo_pct: int = 0  # ... met by at least this share of requests (percent); 0 = SERVE_DEFAULTS
     batching: str = "continuous"  # or "static": a batch admitted only when the last one has ended
-    token_budget: int = 256  # most tokens one step feeds (decodes first, then prefill chunks)
+    token_budget: int = 0  # most tokens one step feeds (decodes first, then prefill chunks); 0 = SERVE_DEFAULTS
     kv_blocks: int = 0  # the paged cache's pool; 0 = room for `batch` requests of the longest length
 
     @property
@@ -165,6 +165,8 @@ class Matrix:
 
 
 _CASE_FIELDS = {f.name: f for f in fields(Case)}
+# a serve case's size fields left 0
+SERVE_DEFAULTS = {"requests": 64, "token_budget": 256, "slo_pct": 90}
 # the values of the text fields (each a choice), reset to their default where a workload does not use them
 TEXT_CHOICES = {"task": ("continue", "edit"), "lengths": ("uniform", "fixed"), "batching": ("continuous", "static")}
 _SETTING_FIELDS = {f.name: f for f in fields(RunSettings)}
@@ -437,8 +439,10 @@ def _normalize(case: Case) -> Case:
     reset = {name: (0 if f.type == "int" else 0.0 if f.type == "float" else f.default)
              for name, f in _CASE_FIELDS.items()
              if name not in used and (f.type in ("int", "float", "bool") or name in TEXT_CHOICES)}
-    if case.workload == "serve" and not (case.slo_ttft_ms or case.slo_itl_ms):
-        reset["slo_pct"] = 0  # no SLO: no share of it to meet
+    if case.workload == "serve":
+        reset.update({name: value for name, value in SERVE_DEFAULTS.items() if not getattr(case, name)})
+        if not (case.slo_ttft_ms or case.slo_itl_ms):
+            reset["slo_pct"] = 0  # no SLO: no share of it to meet
     if case.kv_len == case.prompt_len:
         reset["kv_len"] = 0  # as many keys as queries, the default: one case, one id
     return dataclasses.replace(case, **reset)

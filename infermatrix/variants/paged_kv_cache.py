@@ -161,9 +161,9 @@ class PagedKV(Variant):
             raise ValueError(f"block={self.block}: give a power of two of at least 16 (the decode kernel's tile)")
 
     def check_case(self, workload: str, device: torch.device, spec: tuple) -> None:
-        if workload != "serve":
-            raise ValueError(f"paged_kv_cache serves a stream of requests (the serve workload); for {workload} "
-                             "use kv_cache")
+        if workload not in ("serve", "drift"):
+            raise ValueError(f"paged_kv_cache serves a stream of requests (the serve workload; drift's greedy "
+                             f"tokens are served too); for {workload} use kv_cache")
         clash = next((v.name for v in spec if v.axis in ("graph", "decoding", "peer")), None)
         if clash:
             raise ValueError(f"paged_kv_cache with {clash}: a served step's shape changes every step and the "

@@ -58,7 +58,7 @@ def cli(*args):
     ('rate = 2.0\nconcurrency = 2', "one of them"),
     ('concurrency = 2\nbatching = "dynamic"', "unknown batching 'dynamic'"),
     ('concurrency = 2\nvariant = "paged_kv_cache(block=12)+sdpa"', "block=12: give a power of two"),
-    ('workload = "decode"', "paged_kv_cache serves a stream of requests (the serve workload)"),
+    ('workload = "decode"', "paged_kv_cache serves a stream of requests (the serve workload"),
 ])
 def test_bad_serve_input_is_one_line_and_exit_2(tmp_path, table, message):
     lines = {"model": '"tiny"', "workload": '"serve"', "variant": '"paged_kv_cache+sdpa"', "prompt_len": "64",
