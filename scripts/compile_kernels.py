@@ -34,7 +34,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from infermatrix.kernels import attention_triton, block_sparse_triton, decode_attention_triton  # noqa: E402
-from infermatrix.kernels import int8_matmul_triton  # noqa: E402
+from infermatrix.kernels import int8_matmul_triton, paged_attention_triton  # noqa: E402
 
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per program (opt-in maximum)
 FLOAT_ARGS = {"qk_scale"}
@@ -87,6 +87,20 @@ def cases(shared_limit: int) -> list[tuple[str, object, dict, dict, dict]]:
         out.append((f"decode combine {dtype}", decode._combine_kernel,
                      {"PartOut": "*fp32", "PartLse": "*fp32", "Out": f"*{dtype}"},
                      dict(GROUP=4, BLOCK_G=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16), dict(num_warps=4)))
+    paged = paged_attention_triton._paged_decode_kernel
+    for dtype, head_dim, block_size, group, split, fuse in (
+            ("bf16", 128, 16, 4, True, True), ("fp16", 128, 16, 4, True, True),  # blocks of 16: 4 per tile
+            ("bf16", 128, 64, 4, False, False),  # a block holds the whole tile
+            ("bf16", 256, 16, 8, True, True), ("fp32", 80, 32, 1, True, False)):
+        ptrs = {n: f"*{dtype}" for n in ("Q", "KPool", "VPool", "Out")} | {
+            "BlockTables": "*i32", "SeqLens": "*i32", "PartOut": "*fp32", "PartLse": "*fp32", "Counters": "*i32"}
+        default = decode_attention_triton.DEFAULT_CONFIG
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        const = dict(GROUP=group, BLOCK_H=max(16, group), HEAD_DIM=head_dim, BLOCK_D=block_d,
+                     BLOCK_N=default.block_n, BLOCK_SIZE=block_size, DOT_PRECISION="tf32", SPLIT=split,
+                     FUSE_COMBINE=fuse, BLOCK_G=group, BLOCK_S=16)
+        out.append((f"paged decode {dtype} D{head_dim} block {block_size} G{group} split={split} fused={fuse}",
+                    paged, ptrs, const, dict(num_warps=default.num_warps, num_stages=default.num_stages)))
     sparse = block_sparse_triton._block_sparse_kernel
     for dtype, block, head_dim in (("bf16", 128, 128), ("bf16", 256, 128), ("fp16", 64, 64)):
         ptrs = {n: f"*{dtype}" for n in ("Q", "K", "V", "Out")} | {"KvNum": "*i32", "KvIdx": "*i32"}

@@ -22,6 +22,7 @@ REPRESENTATIVES = "|".join([
     r"decode combine fp16",
     r"block-sparse bf16 block 256",  # the biggest block-sparse tile
     r"int8 matmul bf16 M=1$",
+    r"paged decode bf16 D128 block 16 G4 split=True fused=True",  # the default split and merge, 4 blocks a tile
 ])
 
 
@@ -33,4 +34,4 @@ def test_representative_kernels_compile_for_sm90_within_shared_memory():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     compiled = [line for line in done.stdout.splitlines()[2:] if line.strip()]
-    assert len(compiled) == 6, done.stdout  # one line per representative
+    assert len(compiled) == 7, done.stdout  # one line per representative
