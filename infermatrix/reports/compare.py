@@ -65,6 +65,12 @@ CSV_METRICS: tuple[str, ...] = (
     "energy_j", "energy_j_per_token", "avg_power_w", "energy_window_s", "energy_dropped",
     # speculative decoding (the decoding axis), per timed generation
     "acceptance_rate", "tokens_per_forward", "draft_time_share", "drafted_tokens", "target_forwards",
+    # serving (the serve workload): per-request TTFT and end-to-end latency, every inter-token
+    # gap, completed requests/s, goodput under the SLO and the share of requests meeting it,
+    # the scheduler's preemptions and KV blocks, the stream's wall time and offered rate
+    "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p90", "e2e_ms_p99",
+    "request_throughput", "goodput_rps", "slo_attainment", "meets_slo", "preemptions", "peak_kv_blocks", "kv_blocks",
+    "requests_completed", "stream_s", "offered_rate",
 )
 NON_NUMERIC_METRICS = frozenset({"stopped_by", "bound", "energy_dropped"})
 ALIASES = {"top1_agree": "top1_agree_pct"}
@@ -86,6 +92,10 @@ DIRECTION: dict[str, str] = {
     "hidden_rel_l2": LOWER, "mlm_top1_agree_pct": HIGHER, "mlm_kl_mean": LOWER,
     "energy_j": LOWER, "energy_j_per_token": LOWER,
     "acceptance_rate": HIGHER, "tokens_per_forward": HIGHER, "draft_time_share": LOWER,
+    "ttft_ms_p90": LOWER, "ttft_ms_p99": LOWER, "itl_ms_p50": LOWER, "itl_ms_p90": LOWER, "itl_ms_p99": LOWER,
+    "e2e_ms_p50": LOWER, "e2e_ms_p90": LOWER, "e2e_ms_p99": LOWER,
+    "request_throughput": HIGHER, "goodput_rps": HIGHER, "slo_attainment": HIGHER, "meets_slo": HIGHER,
+    "preemptions": LOWER, "peak_kv_blocks": LOWER,
 }
 
 # speed metric -> (which raw samples, whether the metric is inversely proportional to them)

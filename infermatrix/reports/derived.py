@@ -28,26 +28,55 @@ PATH_METRICS = ("attention_path", "linear_path", "peer_path")  # peer: which dep
 # metrics that are a timing (or derived from one, energy included): meaningless for an
 # interpreted record
 _SPEED_PREFIXES = ("latency_ms", "ttft_ms", "tpot_ms", "first_call_ms", "achieved_", "pct_of_", "energy_j",
-                   "avg_power_w")
+                   "avg_power_w", "itl_ms", "e2e_ms")
+# ...and the serve workload's figures that come from its clock: throughput, goodput,
+# whether requests met the SLO, and the KV blocks and preemptions a stream's overlap took
+_SPEED_NAMES = ("tokens_per_s", "sequences_per_s", "request_throughput", "goodput_rps", "slo_attainment", "meets_slo",
+                "stream_s", "preemptions", "peak_kv_blocks")
 
 
 # the fields naming what ran rather than its shape
 _CASE_IDENTITY = ("model", "variant", "workload", "dtype", "device")
 
 
+# a serve case's load and SLO fields: the load shows in its shape label after the other
+# fields (`2req/s`, `8clients`, `static-batching`), the SLO does not (the Serving section
+# and serve_slo_text state it); a field that has a tag in SHAPE_TAGS shows as tagged instead
+_SERVE_LOAD = ("rate", "concurrency", "batching")
+_SERVE_SLO = ("slo_ttft_ms", "slo_itl_ms", "slo_pct")
+
+
 def shape_label(case: Mapping, *, without: Iterable[str] = ()) -> str:
     """A case's shape for a table cell or a chart: `b1 p128 n6`, `w2 p128 n6`,
-    `b1 p512 h9 kv3 d64 causal`, `b2 p16 k64 n256`. Every nonzero integer field shows, a
+    `b1 p512 h9 kv3 d64 causal`, `b2 p16 k64 n256`, a serve case's `p256 n64 requests64
+    2req/s` (its load last, its SLO left out). Every nonzero integer field shows, a
     field this module has no tag for under its own name after the known ones; causal or
     full only for the attention workload. `without`: fields to leave out."""
+    skip = set(without) | (set() if case.get("workload") == "attention" else {"causal"})
+    skip |= {name for name in (*_SERVE_LOAD, *_SERVE_SLO) if name not in SHAPE_TAGS}
     extra = sorted(k for k, v in case.items() if k not in SHAPE_TAGS and k not in _CASE_IDENTITY
                    and isinstance(v, int) and not isinstance(v, bool))
-    skip = set(without) | (set() if case.get("workload") == "attention" else {"causal"})
-    return " ".join(shape_parts(case, [name for name in [*SHAPE_TAGS, *extra] if name not in skip]))
+    parts = shape_parts(case, [name for name in [*SHAPE_TAGS, *extra] if name not in skip])
+    return " ".join(parts + _load_parts(case, set(without)))
+
+
+def _load_parts(case: Mapping, without: set[str]) -> list[str]:
+    """A serve case's load, for its shape label: the offered rate of an open loop, the
+    clients of a closed one, a batching other than continuous."""
+    shown = [name for name in _SERVE_LOAD if name not in SHAPE_TAGS and name not in without]
+    rate, clients, batching = case.get("rate"), case.get("concurrency"), case.get("batching")
+    parts = []
+    if "rate" in shown and finite_positive(rate) is not None:
+        parts.append(f"{rate:g}req/s")
+    if "concurrency" in shown and finite_positive(clients) is not None:
+        parts.append(f"{clients:g}clients")
+    if "batching" in shown and batching and batching != CONTINUOUS:
+        parts.append(f"{batching}-batching")
+    return parts
 
 
 def is_speed_metric(metric: str) -> bool:
-    return metric in ("tokens_per_s", "sequences_per_s") or metric.startswith(_SPEED_PREFIXES)
+    return metric in _SPEED_NAMES or metric.startswith(_SPEED_PREFIXES)
 
 
 def is_peer(record: Record) -> bool:
@@ -258,7 +287,7 @@ BASELINE = "baseline"  # what sets a named baseline apart (Speedup.baseline)
 
 # The summary tables' metric columns, in order. The optional ones (always=False) show
 # only when some record has them: encoders' sequences/s and hidden-state drift, speculative
-# decoding's acceptance and tokens per forward, energy
+# decoding's acceptance and tokens per forward, serving's tail latencies and goodput, energy
 # per token (only where a counter was readable); the baseline when some record names
 # one (Record.baseline_id).
 METRIC_COLUMNS: tuple[Column, ...] = (
@@ -268,6 +297,10 @@ METRIC_COLUMNS: tuple[Column, ...] = (
     Column("sequences_per_s", "seq/s", "seq/s", "{:,.1f}", always=False),
     Column("acceptance_rate", "accepted", "accept", "{:.0%}", always=False),  # speculative decoding
     Column("tokens_per_forward", "tok/forward", "tok/fwd", "{:.2f}", always=False),
+    Column("ttft_ms_p99", "TTFT p99", "ttft_p99", "{:,.1f}", always=False),  # serving: ms, per request
+    Column("itl_ms_p99", "ITL p99", "itl_p99", "{:,.1f}", always=False),  # ms, over every inter-token gap
+    Column("goodput_rps", "goodput/s", "goodput/s", "{:,.2f}", always=False),  # requests/s meeting the SLO
+    Column("slo_attainment", "SLO met", "slo_met", "{:.0%}", always=False),  # share of requests meeting it
     Column("energy_j_per_token", "J/token", "J/tok", "{:.3g}", always=False),
     Column("pct_of_limit", "% limit", "%limit", "{:.0f}%"),
     Column(SPEEDUP, "× base", "×base", "{:.2f}×"),
@@ -315,7 +348,9 @@ def metric_label(metric: str, workload: str) -> str:
     """A chart axis's label for a metric: its name (its unit)."""
     if metric == "latency_ms_p50":
         return f"latency p50 ({latency_unit(workload)})"
-    return {"tokens_per_s": "throughput (tokens/s)", "achieved_tflops": "achieved (TFLOP/s)"}.get(metric, metric)
+    return {"tokens_per_s": "throughput (tokens/s)", "achieved_tflops": "achieved (TFLOP/s)",
+            "ttft_ms_p99": "p99 TTFT (ms)", "itl_ms_p99": "p99 inter-token latency (ms)",
+            "goodput_rps": "goodput (requests/s)"}.get(metric, metric)
 
 
 # -------------------------------------------------------------------- roofline
@@ -393,7 +428,8 @@ def rooflines(records: Sequence[Record]) -> list[Roofline]:
 SWEEP_FIELDS = ("prompt_len", "kv_len", "batch")  # the case fields a sweep chart runs along
 DENSITY = "attention_density"  # ...and the metric a density sweep runs along
 _SWEEP_AXIS = {"prompt_len": "prompt length (tokens)", "kv_len": "keys attended, kv_len (tokens)",
-               "batch": "batch (sequences)", DENSITY: "attention density (share of block pairs computed)"}
+               "batch": "batch (sequences)", DENSITY: "attention density (share of block pairs computed)",
+               "rate": "offered load (requests/s)"}
 
 
 def sweep_axis_label(along: str, workload: str) -> str:
@@ -578,7 +614,191 @@ def sweeps(records: Sequence[Record]) -> list[Sweep]:
     kv_len and batch, one line per variant along it (tokens/s against batch where every
     case has it, else latency_ms_p50); and latency against attention density where
     variants differ in one parameter. Cases where two fields vary together share no
-    group, so make none. Speed records only (is_speed_record), in record order."""
-    speed = [r for r in records if is_speed_record(r) and r.status == "ok"]
+    group, so make none. Speed records only (is_speed_record), in record order. Serve
+    cases make none: their curves run along the offered rate (serving_curves)."""
+    speed = [r for r in records if is_speed_record(r) and r.status == "ok" and not is_serve_record(r)]
     found = _field_sweeps(speed) + _density_sweeps(speed)
     return [sweep for _, sweep in sorted(found, key=lambda item: item[0])]
+
+
+# -------------------------------------------------------------------- serving
+
+SERVE = "serve"  # the workload: a scheduler under a stream of requests
+CONTINUOUS = "continuous"  # the batching a serve line's name leaves unsaid
+_SERVE_APART = ("variant", "batching", "rate")  # what sets the points of a serving group apart
+
+
+def is_serve_record(record: Record) -> bool:
+    return record.case.get("workload") == SERVE
+
+
+def serve_line_name(case: Mapping) -> str:
+    """A serving curve's name: its variant, and its batching when not continuous
+    (`sdpa+paged_kv_cache (static batching)`, the baseline on the same scheduler)."""
+    variant, batching = str(case.get("variant", "")), str(case.get("batching") or CONTINUOUS)
+    return variant if batching == CONTINUOUS else f"{variant} ({batching} batching)"
+
+
+def serve_slo_text(case: Mapping) -> str:
+    """A serve case's SLO in words: `TTFT ≤ 2,000 ms and mean inter-token latency ≤ 200 ms
+    for at least 90% of requests`; `none given` without a bound."""
+    ttft, itl, pct = (finite_positive(case.get(k)) for k in _SERVE_SLO)
+    bounds = ([f"TTFT ≤ {ttft:,.6g} ms"] if ttft is not None else []) + (
+        [f"mean inter-token latency ≤ {itl:,.6g} ms"] if itl is not None else [])
+    if not bounds:
+        return "none given"
+    return " and ".join(bounds) + (f" for at least {pct:g}% of requests" if pct is not None else "")
+
+
+def _number(value: object) -> float | None:
+    """A finite number as a float (zero included: a goodput of 0 is a figure), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _verdict(value: object) -> bool | None:
+    """meets_slo as a bool (1.0 or True: met); None when the record has no verdict."""
+    if isinstance(value, bool):
+        return value
+    number = _number(value)
+    return None if number is None else number != 0
+
+
+@dataclass(frozen=True)
+class ServePoint:
+    """A serve case at one offered rate: its tail latencies, goodput and SLO verdict
+    (None: no SLO given, or a metric the record lacks)."""
+
+    rate: float  # offered load, requests/s (the case's rate)
+    ttft_ms_p99: float | None
+    itl_ms_p99: float | None
+    goodput_rps: float | None  # requests/s that met both bounds of the SLO
+    tokens_per_s: float | None
+    meets_slo: bool | None  # None: the record has no verdict (no SLO was given)
+    case_id: str
+
+
+@dataclass(frozen=True)
+class ServeLine:
+    """A curve of a serving group: one variant under one batching, its points by rate."""
+
+    name: str  # serve_line_name: the variant, `(static batching)` for the static baseline
+    variant: str  # the variant whose colour the line takes
+    batching: str
+    points: tuple[ServePoint, ...]  # by rate
+    best: ServePoint | None  # the highest-rate point that meets the SLO; None when none does
+
+    @property
+    def max_rate(self) -> float | None:
+        """The highest offered rate (requests/s) at which the line met the SLO."""
+        return None if self.best is None else self.best.rate
+
+    @property
+    def goodput_at_max_rate(self) -> float | None:
+        return None if self.best is None else self.best.goodput_rps
+
+    @property
+    def judged(self) -> bool:
+        """Some point has an SLO verdict (meets_slo)."""
+        return any(p.meets_slo is not None for p in self.points)
+
+    @property
+    def missed(self) -> frozenset[str]:
+        """The case ids of the points that miss the SLO."""
+        return frozenset(p.case_id for p in self.points if p.meets_slo is False)
+
+
+@dataclass(frozen=True)
+class ServeCurves:
+    """Serve cases that agree on everything but the variant, the batching and the offered
+    rate: latency, goodput and the SLO against the rate, a line per (variant, batching)."""
+
+    case: dict  # what the cases share: the first one's case without variant, batching and rate
+    lines: tuple[ServeLine, ...]  # the reference first, then by name
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        return tuple(sorted({p.rate for line in self.lines for p in line.points}))
+
+    @property
+    def slo_ttft_ms(self) -> float | None:
+        return finite_positive(self.case.get("slo_ttft_ms"))
+
+    @property
+    def slo_itl_ms(self) -> float | None:
+        return finite_positive(self.case.get("slo_itl_ms"))
+
+    @property
+    def slo_pct(self) -> float | None:
+        return finite_positive(self.case.get("slo_pct"))
+
+    @property
+    def label(self) -> str:
+        """What the group's cases share, for a heading: model · dtype · device · shape."""
+        return " · ".join(str(x) for x in (self.case.get("model"), self.case.get("dtype"), self.case.get("device"),
+                                           shape_label(self.case)) if x)
+
+    def sweep(self, metric: str) -> Sweep:
+        """One of the point's metrics (ttft_ms_p99, itl_ms_p99, goodput_rps, tokens_per_s)
+        against the rate, as a sweep chart's lines (a point without it left out)."""
+        series = tuple(SweepSeries(line.name, line.variant, tuple(
+            SweepPoint(p.rate, getattr(p, metric), p.case_id) for p in line.points if getattr(p, metric) is not None))
+            for line in self.lines)
+        return Sweep("rate", metric, self.case, tuple(s for s in series if s.points))
+
+
+def _serve_line(name: str, variant: str, batching: str, by_rate: Mapping[float, Record]) -> ServeLine:
+    points = []
+    for rate in sorted(by_rate):
+        m = by_rate[rate].metrics or {}
+        points.append(ServePoint(rate, finite_positive(m.get("ttft_ms_p99")), finite_positive(m.get("itl_ms_p99")),
+                                 _number(m.get("goodput_rps")), finite_positive(m.get("tokens_per_s")),
+                                 _verdict(m.get("meets_slo")), by_rate[rate].case_id))
+    best = next((p for p in reversed(points) if p.meets_slo), None)
+    return ServeLine(name, variant, batching, tuple(points), best)
+
+
+def serving_curves(records: Sequence[Record]) -> list[ServeCurves]:
+    """The rate sweeps of the serve workload: groups of ok serve records (is_serve_record;
+    timed outside the Triton interpreter) with an open-loop rate > 0 that agree on every case
+    field but variant, batching and rate, taking at least two rates; a line per (variant,
+    batching), its points by rate (a case run twice: the later record), and per line the
+    highest rate whose point meets the SLO (only points with meets_slo count). Closed-loop
+    cases (rate 0) make none. In record order of each group's first case."""
+    groups: dict[str, dict[tuple[str, str], dict[float, Record]]] = {}
+    first: dict[str, Record] = {}
+    for r in records:
+        rate = finite_positive(r.case.get("rate"))
+        if r.status != "ok" or not is_serve_record(r) or not is_speed_record(r) or rate is None:
+            continue
+        key = case_key(r.case, **{name: None for name in _SERVE_APART})
+        first.setdefault(key, r)
+        line = (str(r.case.get("variant", "")), str(r.case.get("batching") or CONTINUOUS))
+        groups.setdefault(key, {}).setdefault(line, {})[rate] = r
+    out = []
+    for key, lines in groups.items():
+        if len({rate for by_rate in lines.values() for rate in by_rate}) < 2:
+            continue
+        made = [_serve_line(serve_line_name({"variant": v, "batching": b}), v, b, by_rate)
+                for (v, b), by_rate in lines.items()]
+        case = {k: v for k, v in first[key].case.items() if k not in _SERVE_APART}
+        out.append(ServeCurves(case, tuple(sorted(made, key=lambda line: _series_order(line.name)))))
+    return out
+
+
+# the serving table (summary.md, report.html): a row per line, at its highest rate meeting the SLO
+SERVE_TABLE_HEADERS = ("line", "highest rate meeting the SLO (req/s)", "goodput there (req/s)",
+                       "p99 TTFT there (ms)", "p99 ITL there (ms)")
+
+
+def serve_table_row(line: ServeLine) -> list[str]:
+    """A line's cells under SERVE_TABLE_HEADERS: the highest rate meeting the SLO (`4
+    (highest run)` when that is the line's last rate, so it might take more; `none` when
+    no rate did; `no SLO verdict` without meets_slo), and its figures there."""
+    best = line.best
+    if best is None:
+        return [line.name, "none" if line.judged else "no SLO verdict", "", "", ""]
+    rate = f"{best.rate:g}" + (" (highest run)" if best is line.points[-1] else "")
+    return [line.name, rate, *("" if v is None else f"{v:,.{d}f}" for v, d in
+                               ((best.goodput_rps, 2), (best.ttft_ms_p99, 1), (best.itl_ms_p99, 1)))]

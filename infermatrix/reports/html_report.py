@@ -27,6 +27,12 @@ Page anatomy (stable hooks for tests and scrapers):
   points ``circle.point[data-case-id]``, dense variants of a density sweep ``line.level``;
   ``svg.chart[data-chart=roofline][data-device]``: ceilings ``line.ceiling.bandwidth`` and
   ``line.ceiling.compute[data-dtype]``, cases ``.point[data-case-id]``;
+* ``#serving``: per rate sweep of the serve workload a ``div.serve-group``, its charts
+  ``svg.chart[data-chart=serve]`` (``data-metric=ttft_ms_p99|itl_ms_p99|goodput_rps``,
+  ``data-along=rate``) drawn as the sweeps are, points missing the SLO ``circle.point.missed``
+  (hollow), a static-batching line ``polyline.series.dashed``, the SLO's bound ``line.slo``
+  and the offered load ``polyline.offered``; its table ``table.serve-table``, rows
+  ``tr[data-line][data-max-rate]``;
 * ``table#problems``: the failed and skipped cases, ``tr.problem[data-status]``.
 """
 
@@ -47,9 +53,10 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from infermatrix.reports.derived import (
-    DENSITY, DRIFT, REFERENCE, SPEEDUP, Column, Roofline, Speedup, Sweep, case_key, column_value, cpu_features_text,
-    energy_text, is_peer, is_speed_record, latency_p50, latency_unit, metric_label, pareto_front, ran, rooflines, shape_label,
-    shown_columns, speedup_details, sweep_axis_label, sweeps,
+    CONTINUOUS, DENSITY, DRIFT, REFERENCE, SERVE_TABLE_HEADERS, SPEEDUP, Column, Roofline, Speedup, Sweep, case_key,
+    column_value, cpu_features_text, energy_text, is_peer, is_serve_record, is_speed_record,
+    latency_p50, latency_unit, metric_label, pareto_front, ran, rooflines, serve_slo_text, serve_table_row,
+    serving_curves, shape_label, shown_columns, speedup_details, sweep_axis_label, sweeps,
 )
 from infermatrix.reports.record import Record
 
@@ -82,6 +89,8 @@ def _short(value: float) -> str:
         return "0"
     if abs(value) >= 1e5 or abs(value) < 1e-3:
         return f"{value:.0e}"
+    if value == int(value):  # 10,000, not 1e+04
+        return f"{int(value):,}"
     return f"{value:,.4g}"
 
 
@@ -646,7 +655,14 @@ def _x_text(along: str, value: float) -> str:
     return f"{100 * value:.3g}%" if along == DENSITY else f"{value:,.6g}"
 
 
-def _sweep_chart(sweep: Sweep, colors: dict[str, str]) -> Markup:
+def _sweep_chart(sweep: Sweep, colors: dict[str, str], *, chart: str = "sweep",
+                 hollow: frozenset[str] = frozenset(), dashed: frozenset[str] = frozenset(),
+                 bound: tuple[float, str] | None = None, diagonal: bool = False) -> Markup:
+    """A sweep's lines against its swept field. For the serving charts: `chart` names it
+    (data-chart), points whose case id is in `hollow` are drawn hollow (missing the SLO),
+    series named in `dashed` dashed (a static-batching baseline), `bound` (y, label) is a
+    dashed level across the chart (the SLO's bound) and `diagonal` draws y = x (the offered
+    load, over a goodput)."""
     workload = str(sweep.case.get("workload", ""))
     x_label, y_label = sweep_axis_label(sweep.along, workload), metric_label(sweep.metric, workload)
     heading = f"{workload}: {y_label.split(' (')[0]} against {x_label.split(' (')[0]}"
@@ -656,18 +672,20 @@ def _sweep_chart(sweep: Sweep, colors: dict[str, str]) -> Markup:
     width, height = ml + plot_w + mr, mt + plot_h + mb
     xs = sorted({p.x for s in sweep.series for p in s.points})
     ys = [p.y for s in sweep.series for p in s.points] + [level.y for level in sweep.levels]
+    ys += ([bound[0]] if bound is not None else []) + ([xs[0], xs[-1]] if diagonal else [])
     scale_x = (lambda v: math.log10(v)) if sweep.log_x else (lambda v: v)
     x_lo, x_hi = scale_x(xs[0]), scale_x(xs[-1])
-    pad = 0.05 * (x_hi - x_lo)
+    pad = 0.05 * (x_hi - x_lo) or 0.5  # one x (a serving metric at one rate only): room either side
     x_lo, x_hi = x_lo - pad, x_hi + pad
-    log_y = max(ys) > 8 * min(ys)
+    # a goodput under y = x reads from 0 on a linear axis, as does one with a zero (no goodput)
+    log_y = not diagonal and min(ys) > 0 and max(ys) > 8 * min(ys)
     if log_y:
         y_lo, y_hi = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
         steps = (1, 2, 5) if y_hi - y_lo <= 2 else (1,)
         y_ticks = [m * 10.0 ** d for d in range(y_lo, y_hi + 1) for m in steps if m * 10.0 ** d <= 10.0 ** y_hi]
     else:
         step = _nice_step(max(ys))
-        y_lo, y_hi = 0.0, step * math.ceil(max(ys) * 1.05 / step)
+        y_lo, y_hi = 0.0, step * max(math.ceil(max(ys) * 1.05 / step), 1)
         y_ticks = _ticks(0.0, y_hi)
 
     def x_of(v: float) -> float:
@@ -677,7 +695,7 @@ def _sweep_chart(sweep: Sweep, colors: dict[str, str]) -> Markup:
         frac = (math.log10(v) - y_lo) / (y_hi - y_lo) if log_y else (v - y_lo) / (y_hi - y_lo)
         return mt + plot_h * (1 - frac)
 
-    out = [_svg_open("sweep", heading, width, height, along=sweep.along, metric=sweep.metric, workload=workload,
+    out = [_svg_open(chart, heading, width, height, along=sweep.along, metric=sweep.metric, workload=workload,
                      x_scale="log" if sweep.log_x else "linear", y_scale="log" if log_y else "linear")]
     for t in y_ticks:
         y = y_of(t)
@@ -702,23 +720,45 @@ def _sweep_chart(sweep: Sweep, colors: dict[str, str]) -> Markup:
                    f' y1="{y:.1f}" y2="{y:.1f}" stroke="{colors.get(level.variant, _REFERENCE_COLOR)}">'
                    f'<title>{_esc(level.variant)} — {_esc(level.case_id)}: {level.y:,.4g} (no density: dense)'
                    f'</title></line>')
+    if bound is not None:
+        y = y_of(bound[0])
+        label_y = y + 12 if y - mt < 14 else y - 4  # under the line when it runs along the top
+        out.append(f'<line class="slo" data-y="{bound[0]!r}" x1="{ml}" x2="{ml + plot_w}" y1="{y:.1f}" y2="{y:.1f}">'
+                   f'<title>{_esc(bound[1])}</title></line><text class="slo-label" x="{ml + plot_w - 4}"'
+                   f' y="{label_y:.1f}" text-anchor="end">{_esc(bound[1])}</text>')
+    if diagonal:  # y = x, sampled (the axes' scales may differ), where it is inside the plot
+        along = [x_lo + (x_hi - x_lo) * i / 48 for i in range(49)]  # in the x axis's scale
+        at = [v for v in (10 ** t if sweep.log_x else t for t in along)
+              if v > 0 and y_lo <= (math.log10(v) if log_y else v) <= y_hi]
+        if len(at) > 1:
+            pts = " ".join(f"{x_of(v):.1f},{y_of(v):.1f}" for v in at)
+            out.append(f'<polyline class="offered" points="{pts}"><title>offered load: goodput = rate</title>'
+                       f'</polyline>')
     for s in sweep.series:
         color = colors.get(s.variant, _REFERENCE_COLOR)
         if len(s.points) > 1:
             pts = " ".join(f"{x_of(p.x):.1f},{y_of(p.y):.1f}" for p in s.points)
-            out.append(f'<polyline class="series" data-series="{_esc(s.name)}" points="{pts}" stroke="{color}"/>')
+            cls = "series dashed" if s.name in dashed else "series"
+            out.append(f'<polyline class="{cls}" data-series="{_esc(s.name)}" points="{pts}" stroke="{color}"/>')
         for p in s.points:
-            out.append(f'<circle class="point" data-series="{_esc(s.name)}" data-case-id="{_esc(p.case_id)}"'
-                       f' data-x="{p.x!r}" data-y="{p.y!r}" cx="{x_of(p.x):.1f}" cy="{y_of(p.y):.1f}" r="4"'
-                       f' fill="{color}"><title>{_esc(s.name)} — {_esc(p.case_id)}: {p.y:,.4g} ({_esc(y_label)})'
-                       f' at {_esc(_x_text(sweep.along, p.x))}</title></circle>')
+            missed = p.case_id in hollow
+            paint = f'fill="#fff" style="stroke:{color}"' if missed else f'fill="{color}"'
+            out.append(f'<circle class="{"point missed" if missed else "point"}" data-series="{_esc(s.name)}"'
+                       f' data-case-id="{_esc(p.case_id)}" data-x="{p.x!r}" data-y="{p.y!r}" cx="{x_of(p.x):.1f}"'
+                       f' cy="{y_of(p.y):.1f}" r="4" {paint}><title>{_esc(s.name)} — {_esc(p.case_id)}:'
+                       f' {p.y:,.4g} ({_esc(y_label)}) at {_esc(_x_text(sweep.along, p.x))}'
+                       f'{" — misses the SLO" if missed else ""}</title></circle>')
     out.append(f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{mt + plot_h}"/>'
                f'<line class="axis" x1="{ml}" x2="{ml + plot_w}" y1="{mt + plot_h}" y2="{mt + plot_h}"/></svg>')
-    legend = "".join(f'<span data-series="{_esc(s.name)}"><i style="background:'
-                     f'{colors.get(s.variant, _REFERENCE_COLOR)}"></i>{_esc(s.name)}</span>' for s in sweep.series)
+    legend = "".join(f'<span data-series="{_esc(s.name)}">' + (
+        f'<i class="dashed" style="border-color:{colors.get(s.variant, _REFERENCE_COLOR)}"></i>' if s.name in dashed
+        else f'<i style="background:{colors.get(s.variant, _REFERENCE_COLOR)}"></i>') + f'{_esc(s.name)}</span>'
+        for s in sweep.series)
     legend += "".join(f'<span data-variant="{_esc(v.variant)}"><i class="level" style="border-color:'
                       f'{colors.get(v.variant, _REFERENCE_COLOR)}"></i>{_esc(v.variant)} (dense)</span>'
                       for v in sweep.levels)
+    if diagonal:
+        legend += '<span class="offered-key"><i class="offered"></i>offered load (goodput = rate)</span>'
     return Markup(f'<figure class="figure sweep"><figcaption>{_esc(heading)}</figcaption>'
                   f'<p class="caption">{_esc(fixed)}</p><div class="scroll">{"".join(out)}</div>'
                   f'<div class="legend sweep-legend">{legend}</div></figure>')
@@ -730,6 +770,42 @@ def _sweep_charts(records: list[Record], colors: dict[str, str]) -> Markup:
         return _no_data("sweep", "Sweeps", "no sweep: no cases differ in exactly one of prompt_len, kv_len, batch "
                                            "or attention density")
     return Markup("".join(_sweep_chart(sweep, colors) for sweep in found))
+
+
+# the serving charts: (metric, the SLO field bounding it per request, the bound's label)
+_SERVE_CHARTS = (("ttft_ms_p99", "slo_ttft_ms", "SLO: TTFT ≤ {:,.6g} ms"),
+                 ("itl_ms_p99", "slo_itl_ms", "SLO: mean ITL ≤ {:,.6g} ms"),
+                 ("goodput_rps", None, ""))
+
+
+def _serving(records: list[Record], colors: dict[str, str]) -> dict | None:
+    """The serving section: per rate sweep of the serve workload (serving_curves), its
+    p99 TTFT and ITL against the offered rate (the SLO's bound dashed, points missing the
+    SLO hollow), its goodput against the rate under y = x, and the table of each line's
+    highest rate meeting the SLO. None when the run has no ok serve case."""
+    if not any(r.status == "ok" and is_serve_record(r) for r in records):
+        return None
+    groups = []
+    for curves in serving_curves(records):
+        hollow = frozenset().union(*(line.missed for line in curves.lines))
+        dashed = frozenset(line.name for line in curves.lines if line.batching != CONTINUOUS)
+        charts = []
+        for metric, slo, label in _SERVE_CHARTS:
+            sweep = curves.sweep(metric)
+            if not sweep.series:
+                continue
+            limit = getattr(curves, slo) if slo else None  # ServeCurves.slo_ttft_ms, .slo_itl_ms
+            charts.append(_sweep_chart(sweep, colors, chart="serve", hollow=hollow, dashed=dashed,
+                                       bound=None if limit is None else (limit, label.format(limit)),
+                                       diagonal=metric == "goodput_rps"))
+        rows = [{"name": line.name, "variant": line.variant, "max_rate": "" if line.max_rate is None
+                 else repr(line.max_rate), "color": colors.get(line.variant, _REFERENCE_COLOR),
+                 "cells": serve_table_row(line)} for line in curves.lines]
+        groups.append({"label": curves.label, "slo": serve_slo_text(curves.case), "charts": Markup("".join(charts)),
+                       "rows": rows})
+    nodata = None if groups else _no_data("serve", "Serving", "no curve: no serve cases that differ only in the "
+                                                              "offered rate (and variant) at two rates or more")
+    return {"groups": groups, "heads": SERVE_TABLE_HEADERS, "nodata": nodata}
 
 
 # -------------------------------------------------------------------- table
@@ -750,7 +826,11 @@ _TITLES = {"latency_ms_p50": "latency_ms_p50: median latency (per call; decode: 
            "op_shape": "attention / linear shape",
            "ran": "the attention / linear implementation that really ran (attention_path, linear_path); "
                   "Triton interpreted: timings left out of charts and speedups",
-           "pct_of_limit": "pct_of_limit: roofline time over measured time"}
+           "pct_of_limit": "pct_of_limit: roofline time over measured time",
+           "ttft_ms_p99": "ttft_ms_p99: 99th percentile of the requests' time to first token, ms (serve)",
+           "itl_ms_p99": "itl_ms_p99: 99th percentile of every inter-token gap, ms (serve)",
+           "goodput_rps": "goodput_rps: requests per second that met both bounds of the SLO (serve)",
+           "slo_attainment": "slo_attainment: the share of requests that met both bounds of the SLO (serve)"}
 
 
 def _op_shape(case: dict) -> str:
@@ -949,10 +1029,12 @@ def render_html(records: list[Record], *, title: str = "infermatrix run", env: d
         summary=_summary(records), env=_env_section(records, _env_of(records, env)),
         table=_table(records, speedup) if records else None,
         legend=list(colors.items()), over=over,
-        charts={"latency": _latency_charts(speed, colors), "tokens": _token_charts(speed, colors),
+        charts={"latency": _latency_charts([r for r in speed if not is_serve_record(r)], colors),
+                "tokens": _token_charts(speed, colors),
                 "speedup": _speedup_chart(speed, colors, speedup, over), "limit": _limit_chart(speed, colors),
                 "pareto": _pareto_charts(records, colors, speedup, over), "layouts": _layout_pictures(records),
                 "sweeps": _sweep_charts(records, colors), "roofline": _roofline_charts(records, colors)},
+        serving=_serving(records, colors),
         problems=_problems(records))
 
 

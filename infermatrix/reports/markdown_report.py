@@ -1,11 +1,14 @@
-"""summary.md: a compact Markdown table for PR comments and CI job summaries."""
+"""summary.md: a compact Markdown table for PR comments and CI job summaries, and per
+rate sweep of the serve workload a Serving table: each line's highest offered rate meeting
+the SLO, and its goodput and tail latencies there."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from infermatrix.reports.derived import (
-    column_value, cpu_features_text, energy_text, ran, shape_label, shown_columns, speedup_details,
+    SERVE_TABLE_HEADERS, column_value, cpu_features_text, energy_text, ran, serve_slo_text, serve_table_row,
+    serving_curves, shape_label, shown_columns, speedup_details,
 )
 from infermatrix.reports.record import Record
 
@@ -37,6 +40,12 @@ def render_markdown(records: list[Record], title: str = "infermatrix run") -> st
             cells = [c.get("model", ""), c.get("variant", ""), c.get("workload", ""), c.get("dtype", ""), shape_label(c)]
             cells += [col.text(column_value(r, col, speedup)) for col in columns] + [ran(r)]
             lines.append("| " + " | ".join(_md(x) for x in cells) + " |")
+    for curves in serving_curves(records):
+        lines += ["", f"#### Serving: {_md(curves.label)}", "",
+                  f"Rates {', '.join(f'{rate:g}' for rate in curves.rates)} requests/s. "
+                  f"SLO: {_md(serve_slo_text(curves.case))}.", "",
+                  "| " + " | ".join(SERVE_TABLE_HEADERS) + " |", "|---|" + "---:|" * (len(SERVE_TABLE_HEADERS) - 1)]
+        lines += ["| " + " | ".join(_md(cell) for cell in serve_table_row(line)) + " |" for line in curves.lines]
     problems = [r for r in records if r.status != "ok"]
     if problems:
         lines += ["", "| status | case | reason |", "|---|---|---|"]
