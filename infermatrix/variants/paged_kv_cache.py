@@ -12,11 +12,12 @@ one decode token each) flattened into one row, (1, T), so every linear layer run
 once over all of them. `plan()` says which sequence each token belongs to; the
 model then calls `attend()` in place of update + attention: the step's keys and
 values are written to their slots, and each sequence's queries attend over its own
-blocks through the attention seam (queries last, causal). On the CPU the blocks are
-gathered and the seam (SDPA, the math) runs per sequence. With the `triton` attention
-on CUDA the decode tokens of a step (one query per sequence) go to one Triton kernel
-that reads keys and values through the block tables; prefill chunks take the gather
-path. Records name the path (`attention_path`).
+blocks through the attention seam (queries last, causal): the blocks are gathered and
+the seam (SDPA, the math) runs per sequence. With the `triton` attention (CUDA, or its
+CPU interpreter) the decode tokens of a step, one query per sequence, go to one Triton
+kernel that reads keys and values through the block tables
+(kernels/paged_attention_triton.py); prefill chunks take the gather path. Records name
+the paths (`attention_path`: paged_gather, paged_triton_decode).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from infermatrix.kernels import interpreting
 from infermatrix.model import AttentionFn, Transformer
 from infermatrix.variants.base import Variant, note_path, register_variant, shared_copy
 
@@ -180,6 +182,8 @@ class PagedKV(Variant):
 
         paged = shared_copy(model)  # the base model keeps its own cache seams
         paged.cache_factory = None  # a static cache has no place in a served stream
-        kernel = isinstance(model.attention, TritonAttention) and model.tok_embeddings.weight.is_cuda
+        # on CUDA, or on the CPU through Triton's interpreter (correctness only, as everywhere)
+        kernel = isinstance(model.attention, TritonAttention) and (model.tok_embeddings.weight.is_cuda
+                                                                   or interpreting())
         paged.paged_cache_factory = partial(new_paged_cache, block=self.block, decode_kernel=kernel)
         return paged
