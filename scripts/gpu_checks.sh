@@ -59,6 +59,8 @@ fi
 # Untuned tiles (INFERMATRIX_TRITON_AUTOTUNE=0): the tests compile far fewer kernels.
 step 300 "kernel CUDA tests (untuned tiles)" env INFERMATRIX_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider \
     -m "not slow" tests/kernels
+step 240 "serving and speculative decoding CUDA tests" $PY -m pytest -q -p no:cacheprovider -m "not slow" \
+    -k cuda tests/test_serving.py tests/test_speculative.py
 step 240 "decode config sweep" $PY scripts/gpu_decode_sweep.py --out "$OUT/sweep.json" --best "$OUT/best.json"
 harness "harness: gpu matrix" 900 gpu
 finish

@@ -35,10 +35,11 @@ def gpu_checks(tmp_path, *args, fail_on="no step matches this"):
 def test_all_steps_passing_exit_0(tmp_path):
     result = gpu_checks(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "FAILED" not in result.stdout and "all 3 steps passed" in result.stdout
+    assert "FAILED" not in result.stdout and "all 4 steps passed" in result.stdout
     log = (tmp_path / "out" / "log.txt").read_text()
     # the three things a GPU machine checks: the kernels' CUDA tests, the sweep tool, the GPU matrix
     assert "fake python -m pytest -q -p no:cacheprovider -m not slow tests/kernels" in log
+    assert "fake python -m pytest -q -p no:cacheprovider -m not slow -k cuda tests/test_serving.py" in log
     assert "fake python scripts/gpu_decode_sweep.py --out" in log
     assert f"fake python -m infermatrix.cli run gpu --out {tmp_path / 'out' / 'gpu'}" in log
 
@@ -49,7 +50,7 @@ def test_a_failed_test_step_fails_the_script_by_name_and_the_rest_still_run(tmp_
     lines = result.stdout.splitlines()
     assert "FAILED: kernel CUDA tests (untuned tiles) (exit 3)" in lines
     assert any(line.startswith("=== harness: gpu matrix (limit") for line in lines)  # the rest still ran
-    assert lines[-1] == "gpu_checks: 1 of 3 steps FAILED: kernel CUDA tests (untuned tiles)"
+    assert lines[-1] == "gpu_checks: 1 of 4 steps FAILED: kernel CUDA tests (untuned tiles)"
     assert "=== kernel CUDA tests (untuned tiles) exit 3" in (tmp_path / "out" / "log.txt").read_text()
 
 

@@ -164,3 +164,25 @@ def test_triton_decode_steps_read_through_the_block_tables(tiny):
                         FakeClock(0.01))
     assert cache.decode_kernel and {r.id: r.output for r in done} == alone
     assert take_paths()["attention_path"] == "paged_gather+paged_triton_decode+triton_flash"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the paged Triton kernel compiled for a GPU")
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+def test_on_cuda_every_served_request_decodes_what_it_decodes_alone(attention):
+    """A Llama-shaped model of 8 layers (random weights) on the GPU in fp32: 24 requests
+    through 8 running slots and a pool small enough to preempt."""
+    from dataclasses import replace
+
+    cfg = replace(SHAPE_PRESETS["llama-1b"], n_layers=4, vocab_size=4096, max_seq_len=512)
+    model = random_model(cfg, torch.float32, "cuda", seed=0)
+    requests = [Request(r.id, [t % cfg.vocab_size for t in r.prompt], r.max_new_tokens)
+                for r in make_requests(24, seed=4, prompt=(8, 200), output=(4, 40))]
+    plain = apply_variants(model, parse_spec("kv_cache+sdpa"))
+    alone = {r.id: generate_greedy(plain, torch.tensor([r.prompt], device="cuda"), r.max_new_tokens)[0].tolist()
+             for r in requests}
+    paged = apply_variants(model, parse_spec(f"paged_kv_cache+{attention}"))
+    cache = paged.paged_cache_factory(paged, 40)
+    scheduler = Scheduler(paged, cache, max_running=8, token_budget=128)
+    done = serve_stream(scheduler, OpenLoop(requests, 1000.0), FakeClock(0.01))
+    assert {r.id: r.output for r in done} == alone
+    assert cache.decode_kernel == (attention == "triton") and cache.used == 0

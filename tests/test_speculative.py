@@ -168,3 +168,13 @@ def test_smollm2_speculative_decoding_is_exact_for_64_tokens(smollm2):
         decoder = decode(model, prompt, 64)
         assert torch.equal(decoder.tokens[:, prompt.shape[1]:], plain), name
         assert decoder.stats.accepted > 0, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: speculative decoding on a GPU")
+@pytest.mark.parametrize("spec", ["prompt_lookup(k=5)", "early_exit(layer=1,k=2)"])
+def test_on_cuda_speculative_decoding_is_exact(spec):
+    base = random_model(TINY, torch.float32, "cuda", seed=0)
+    prompt = repetitive_prompt(TINY.vocab_size).cuda()
+    plain = generate_greedy(apply_variants(base, parse_spec("kv_cache+sdpa")), prompt, 48)
+    decoder = decode(apply_variants(base, parse_spec(f"{spec}+kv_cache+sdpa")), prompt, 48)
+    assert torch.equal(decoder.tokens[:, prompt.shape[1]:], plain) and decoder.stats.forwards < 47

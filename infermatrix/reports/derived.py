@@ -41,19 +41,19 @@ _CASE_IDENTITY = ("model", "variant", "workload", "dtype", "device")
 
 # a serve case's load and SLO fields: the load shows in its shape label after the other
 # fields (`2req/s`, `8clients`, `static-batching`), the SLO does not (the Serving section
-# and serve_slo_text state it); a field that has a tag in SHAPE_TAGS shows as tagged instead
+# and serve_slo_text state it); case ids, which must tell every case apart, tag them all
 _SERVE_LOAD = ("rate", "concurrency", "batching")
 _SERVE_SLO = ("slo_ttft_ms", "slo_itl_ms", "slo_pct")
 
 
 def shape_label(case: Mapping, *, without: Iterable[str] = ()) -> str:
     """A case's shape for a table cell or a chart: `b1 p128 n6`, `w2 p128 n6`,
-    `b1 p512 h9 kv3 d64 causal`, `b2 p16 k64 n256`, a serve case's `p256 n64 requests64
+    `b1 p512 h9 kv3 d64 causal`, `b2 p16 k64 n256`, a serve case's `b8 p256 n64 q64 tb256
     2req/s` (its load last, its SLO left out). Every nonzero integer field shows, a
     field this module has no tag for under its own name after the known ones; causal or
     full only for the attention workload. `without`: fields to leave out."""
     skip = set(without) | (set() if case.get("workload") == "attention" else {"causal"})
-    skip |= {name for name in (*_SERVE_LOAD, *_SERVE_SLO) if name not in SHAPE_TAGS}
+    skip |= {*_SERVE_LOAD, *_SERVE_SLO}
     extra = sorted(k for k, v in case.items() if k not in SHAPE_TAGS and k not in _CASE_IDENTITY
                    and isinstance(v, int) and not isinstance(v, bool))
     parts = shape_parts(case, [name for name in [*SHAPE_TAGS, *extra] if name not in skip])
@@ -63,7 +63,7 @@ def shape_label(case: Mapping, *, without: Iterable[str] = ()) -> str:
 def _load_parts(case: Mapping, without: set[str]) -> list[str]:
     """A serve case's load, for its shape label: the offered rate of an open loop, the
     clients of a closed one, a batching other than continuous."""
-    shown = [name for name in _SERVE_LOAD if name not in SHAPE_TAGS and name not in without]
+    shown = [name for name in _SERVE_LOAD if name not in without]
     rate, clients, batching = case.get("rate"), case.get("concurrency"), case.get("batching")
     parts = []
     if "rate" in shown and finite_positive(rate) is not None:

@@ -112,7 +112,7 @@ def test_a_rate_sweep_makes_a_line_per_variant_and_batching_and_other_shapes_the
     assert second.case["prompt_len"] == 512 and [line.name for line in second.lines] == [SDPA]
     assert second.rates == (1.0, 2.0)
     assert serving_curves(records[-6:]) == []  # one rate, failed, closed loop
-    assert first.label == "smollm2-135m · float32 · cpu · p256 n64 requests64"
+    assert first.label == "smollm2-135m · float32 · cpu · p256 n64 q64"
 
 
 def test_a_case_run_twice_counts_once_and_interpreted_timings_not_at_all():
@@ -162,9 +162,9 @@ def test_names_labels_and_the_slo_in_words():
                                             "90% of requests")
     assert serve_slo_text(serve_case(slo={"slo_itl_ms": 50.0})) == "mean inter-token latency ≤ 50 ms"
     # the load is in a serve case's shape label (tables tell its rows apart), the SLO is not
-    assert shape_label(serve_case()) == "p256 n64 requests64 2req/s"
-    assert shape_label(serve_case(rate=0.5, batching="static")) == "p256 n64 requests64 0.5req/s static-batching"
-    assert shape_label(serve_case(rate=0.0, concurrency=8)) == "p256 n64 requests64 8clients"
+    assert shape_label(serve_case()) == "p256 n64 q64 2req/s"
+    assert shape_label(serve_case(rate=0.5, batching="static")) == "p256 n64 q64 0.5req/s static-batching"
+    assert shape_label(serve_case(rate=0.0, concurrency=8)) == "p256 n64 q64 8clients"
     assert shape_label(serve_case(), without=["rate", "requests"]) == "p256 n64"
     assert shape_label({"workload": "decode", "batch": 1, "prompt_len": 32, "new_tokens": 6}) == "b1 p32 n6"
 
@@ -243,8 +243,8 @@ def test_summary_md_has_a_serving_section_per_group():
     md = render_markdown(rate_sweep() + [served(SDPA, r, prompt_len=512, attainment=0.1) for r in (1.0, 2.0)])
     lines = md.splitlines()
     heads = [i for i, line in enumerate(lines) if line.startswith("#### Serving: ")]
-    assert [lines[i] for i in heads] == ["#### Serving: smollm2-135m · float32 · cpu · p256 n64 requests64",
-                                         "#### Serving: smollm2-135m · float32 · cpu · p512 n64 requests64"]
+    assert [lines[i] for i in heads] == ["#### Serving: smollm2-135m · float32 · cpu · p256 n64 q64",
+                                         "#### Serving: smollm2-135m · float32 · cpu · p512 n64 q64"]
     first = lines[heads[0]:heads[1]]
     assert ("Rates 0.5, 1, 2, 4 requests/s. SLO: TTFT ≤ 2,000 ms and mean inter-token latency ≤ 200 ms for at "
             "least 90% of requests.") in first
