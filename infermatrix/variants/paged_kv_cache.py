@@ -83,17 +83,33 @@ class PagedKVCache:
 
     def plan(self, segments: list[tuple[int, int, int]]) -> None:
         """The sequences of the next forward, in the order of its tokens, as Segments or
-        (seq, start, length) tuples; each must hold blocks for its positions (grow)."""
+        (seq, start, length) tuples; each must hold blocks for its positions (grow).
+        Every index a forward needs is built here once, on the host, and moved in one go."""
         self._segments = segments = [Segment(*s) for s in segments]
-        blocks, slots = [], []
-        self._reads = []  # per segment: (block ids, slots) of positions [0, start + length)
-        for s in segments:
-            table = torch.tensor(self.tables[s.seq], device=self.device)
-            pos = torch.arange(s.start + s.length, device=self.device)
-            self._reads.append((table[pos // self.block], pos % self.block))
-            blocks.append(self._reads[-1][0][s.start:])
-            slots.append(self._reads[-1][1][s.start:])
-        self._write = (torch.cat(blocks), torch.cat(slots))  # (T,) each
+        first = list(itertools.accumulate((s.length for s in segments), initial=0))  # each one's first token
+        tables = [torch.tensor(self.tables[s.seq]) for s in segments]
+        write = [_slots(table, torch.arange(s.start, s.start + s.length), self.block)
+                 for s, table in zip(segments, tables)]
+        self._write = [torch.cat(part).to(self.device) for part in zip(*write)]  # blocks (T,), slots (T,)
+        # one-token segments (decode steps) attend together, over their blocks padded to the longest
+        decode = [i for i, s in enumerate(segments) if s.length == 1]
+        self._decode = None
+        if decode:
+            lens = torch.tensor([segments[i].start + 1 for i in decode])  # (N,) keys each
+            width = max(len(tables[i]) for i in decode)
+            padded = torch.stack([torch.cat([tables[i], tables[i].new_zeros(width - len(tables[i]))])
+                                  for i in decode])  # (N, width): block 0 stands in past a table's end
+            pos = torch.arange(int(lens.max()))  # (L,)
+            self._decode = {
+                "rows": torch.tensor([first[i] for i in decode]), "lens": lens.to(torch.int32),
+                "tables": padded.to(torch.int32), "blocks": padded[:, pos // self.block], "slots": pos % self.block,
+                "valid": (pos[None] < lens[:, None])[:, None, None],  # (N, 1, 1, L): the attention mask
+            }
+            self._decode = {key: value.to(self.device) for key, value in self._decode.items()}
+        self._chunks = [(slice(first[i], first[i] + s.length),
+                         [part.to(self.device) for part in _slots(tables[i], torch.arange(s.start + s.length),
+                                                                 self.block)])
+                        for i, s in enumerate(segments) if s.length > 1]  # prefill chunks, one by one
 
     def mask(self, input_pos: torch.Tensor) -> None:
         return None  # attend() keeps each sequence to its own blocks, causally
@@ -102,43 +118,38 @@ class PagedKVCache:
                attention: AttentionFn) -> torch.Tensor:
         """q (1, H, T, D), k, v (1, Hkv, T, D) of the planned tokens -> (1, H, T, D)."""
         blocks, slots = self._write
-        self.k[layer][blocks, :, slots] = k[0].transpose(0, 1)  # (T, Hkv, D) into their slots
-        self.v[layer][blocks, :, slots] = v[0].transpose(0, 1)
+        keys, values = self.k[layer], self.v[layer]  # (num_blocks, Hkv, block, D) each
+        keys[blocks, :, slots] = k[0].transpose(0, 1)  # (T, Hkv, D) into their slots
+        values[blocks, :, slots] = v[0].transpose(0, 1)
         out = torch.empty_like(q)
-        segments = self._segments
-        starts = list(itertools.accumulate((s.length for s in segments), initial=0))  # each one's first token
-        by_kernel = {i for i, s in enumerate(segments) if s.length == 1} if self.decode_kernel else set()
-        if by_kernel:
-            self._attend_decode_kernel(layer, q, out, sorted(by_kernel), starts)
-        for i, s in enumerate(segments):
-            if i not in by_kernel:
-                blocks, slots = self._reads[i]
-                keys = self.k[layer][blocks, :, slots].transpose(0, 1)[None]  # (1, Hkv, L, D)
-                values = self.v[layer][blocks, :, slots].transpose(0, 1)[None]
-                rows = slice(starts[i], starts[i] + s.length)
-                out[:, :, rows] = attention(q[:, :, rows], keys, values, causal=True)  # (1, H, length, D)
+        if self._decode is not None:
+            d = self._decode
+            rows = q[0].index_select(1, d["rows"]).transpose(0, 1)  # (N, H, D): one query per sequence
+            if self.decode_kernel:
+                # imported on use: kernels are reached through the variant that needs them
+                from infermatrix.kernels.paged_attention_triton import paged_decode_attention
+
+                found = paged_decode_attention(rows, keys, values, d["tables"], d["lens"])  # (N, H, D)
+            else:
+                k_rows = keys[d["blocks"], :, d["slots"]].transpose(1, 2)  # (N, Hkv, L, D)
+                v_rows = values[d["blocks"], :, d["slots"]].transpose(1, 2)
+                found = attention(rows[:, :, None], k_rows, v_rows, causal=True, mask=d["valid"])[:, :, 0]
+            out[0].index_copy_(1, d["rows"], found.transpose(0, 1))  # into (H, T, D)
+        for rows, (chunk_blocks, chunk_slots) in self._chunks:
+            k_seq = keys[chunk_blocks, :, chunk_slots].transpose(0, 1)[None]  # (1, Hkv, L, D)
+            v_seq = values[chunk_blocks, :, chunk_slots].transpose(0, 1)[None]
+            out[:, :, rows] = attention(q[:, :, rows], k_seq, v_seq, causal=True)  # (1, H, length, D)
         if layer == 0:
-            if by_kernel:
-                note_path("attention", "paged_triton_decode")
-            if len(by_kernel) < len(segments):
+            if self._decode is not None:
+                note_path("attention", "paged_triton_decode" if self.decode_kernel else "paged_gather")
+            if self._chunks:
                 note_path("attention", "paged_gather")
         return out
 
-    def _attend_decode_kernel(self, layer: int, q: torch.Tensor, out: torch.Tensor, chosen: list[int],
-                              starts: list[int]) -> None:
-        """The one-token segments `chosen` in one kernel call, through their block tables."""
-        # imported on use: kernels are reached through the variant that needs them
-        from infermatrix.kernels.paged_attention_triton import paged_decode_attention
 
-        segments = [self._segments[i] for i in chosen]
-        rows = torch.tensor([starts[i] for i in chosen], device=self.device)  # (N,)
-        width = max(len(self.tables[s.seq]) for s in segments)
-        tables = torch.tensor([self.tables[s.seq] + [0] * (width - len(self.tables[s.seq])) for s in segments],
-                              dtype=torch.int32, device=self.device)  # (N, width)
-        lens = torch.tensor([s.start + 1 for s in segments], dtype=torch.int32, device=self.device)  # (N,)
-        queries = q[0].index_select(1, rows).transpose(0, 1)  # (N, H, D): one query per sequence
-        found = paged_decode_attention(queries, self.k[layer], self.v[layer], tables, lens)  # (N, H, D)
-        out[0].index_copy_(1, rows, found.transpose(0, 1))  # into (H, T, D)
+def _slots(table: torch.Tensor, positions: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool block, slot in it) of each of a sequence's positions, through its block table."""
+    return table[positions // block], positions % block
 
 
 def new_paged_cache(model: Transformer, num_blocks: int, block: int, decode_kernel: bool) -> PagedKVCache:
