@@ -66,7 +66,9 @@ def generate_greedy(model: Transformer, prompt: torch.Tensor, max_new_tokens: in
     """Greedy decoding (cached when the model has a KV cache). prompt (B, T) -> (B, N).
     A speculative decoder verifies one sequence at a time: its rows are decoded one by one.
     A paged cache serves the rows as one stream of requests (infermatrix.serving)."""
-    if getattr(model, "paged_cache_factory", None) is not None and pad is None:
+    if getattr(model, "paged_cache_factory", None) is not None:
+        if pad is not None:
+            raise ValueError("paged_kv_cache serves each prompt as its own request: pass them unpadded")
         from infermatrix.serving import serve_greedy  # a paged cache decodes through the stream scheduler
 
         return serve_greedy(model, prompt, max_new_tokens)

@@ -5,12 +5,16 @@ running request whose prompt is in the cache, then prefill chunks of the others
 (in admission order) up to a token budget, all flattened into one row so every
 linear layer runs once over them (the paged cache keeps each sequence's attention to
 its own blocks). A request whose fed tokens reach its last known token gets its next
-token (greedy). When the pool has no block left for a scheduled token, the newest
-running request is preempted: its blocks are freed and it waits to be recomputed
-(prompt and output so far, as one prefill) when there is room again.
+token (greedy). A request not yet started waits while the pool has no block for it;
+when a request under way needs a block the pool lacks, the running request that arrived
+last is preempted: its blocks are freed and it waits to be recomputed (prompt and
+output so far, prefilled in chunks like any prompt) when there is room again.
 
 `batching = "static"` is the baseline it replaces: a batch is admitted only when the
 previous one has finished, so requests arriving meanwhile wait.
+
+A step feeds at most `token_budget` tokens, decode tokens first (the matrix keeps the
+budget at or above the running requests, so each gets its token every step).
 
 A stream is driven by a load (`OpenLoop`: Poisson arrivals at a rate; `ClosedLoop`:
 `concurrency` clients, each sending its next request when the last one ends) on a
@@ -24,7 +28,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Iterable, Protocol
 
 import numpy as np
 import torch
@@ -126,16 +130,21 @@ class Scheduler:
             self.running.append(self.waiting.popleft())
 
     def _preempt(self, request: Request) -> None:
+        """Send `request` back to wait. One with keys and values in the cache is preempted:
+        its blocks are freed, and it is recomputed (its prompt and output so far, a prefill
+        in chunks like any) when it runs again; one not yet started only waits for room."""
         self.cache.release(request.id)
         self.running.remove(request)
-        request.computed = 0  # recomputed as one prefill of its prompt and output so far
-        request.preemptions += 1
-        self.preemptions += 1
-        self.waiting.appendleft(request)
+        if request.computed:
+            request.computed = 0
+            request.preemptions += 1
+            self.preemptions += 1
+        self.waiting = deque(sorted([request, *self.waiting], key=lambda r: (r.arrival_s, r.id)))  # first come
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """(request, tokens to feed) of the next step: decode tokens first, then prefill
-        chunks, each with blocks for them, preempting the newest request when short."""
+        chunks, each with blocks for them. A request not yet started waits when the pool is
+        short; one under way preempts the running request that arrived last."""
         budget = self.token_budget
         chosen: dict[int, tuple[Request, int]] = {}
         for request in sorted(self.running, key=lambda r: len(r.tokens) - r.computed > 1):  # decodes first
@@ -143,7 +152,10 @@ class Scheduler:
                 continue  # preempted for an older one, or no budget left
             n = min(len(request.tokens) - request.computed, budget)
             while not self.cache.grow(request.id, request.computed + n):
-                victim = self.running[-1]
+                if not request.computed:
+                    self._preempt(request)  # not started: nothing to take from the others for it
+                    break
+                victim = max(self.running, key=lambda r: (r.arrival_s, r.id))
                 self._preempt(victim)
                 if victim.id in chosen:
                     budget += chosen.pop(victim.id)[1]
@@ -188,6 +200,8 @@ class Scheduler:
 
 
 class Load(Protocol):
+    sent: int  # requests it has sent (arrivals within its duration)
+
     def due(self, now: float) -> list[Request]:
         """Requests that have arrived by `now` and were not yet handed out."""
 
@@ -208,6 +222,7 @@ class OpenLoop:
             if duration_s is None or t <= duration_s:
                 request.arrival_s = float(t)
                 self.pending.append(request)
+        self.sent = len(self.pending)  # the requests this load sends
 
     def due(self, now: float) -> list[Request]:
         out = []
@@ -229,6 +244,7 @@ class ClosedLoop:
     def __init__(self, requests: list[Request], concurrency: int, duration_s: float | None = None):
         self.left, self.duration_s = deque(requests), duration_s
         self.ready: list[Request] = []
+        self.sent = 0  # the requests sent so far
         for _ in range(min(concurrency, len(requests))):
             self._send(0.0)
 
@@ -237,6 +253,7 @@ class ClosedLoop:
             request = self.left.popleft()
             request.arrival_s = now
             self.ready.append(request)
+            self.sent += 1
 
     def due(self, now: float) -> list[Request]:
         out, self.ready = self.ready, []
@@ -249,8 +266,7 @@ class ClosedLoop:
         self._send(now)
 
 
-def serve_stream(scheduler: Scheduler, load: Load, clock: Clock,
-                 on_step: Callable[[], None] | None = None) -> list[Request]:
+def serve_stream(scheduler: Scheduler, load: Load, clock: Clock) -> list[Request]:
     """Run the load to its end: the finished requests, in the order they ended."""
     done: list[Request] = []
     while True:
@@ -265,8 +281,6 @@ def serve_stream(scheduler: Scheduler, load: Load, clock: Clock,
         for request in scheduler.step(clock):
             done.append(request)
             load.finished(request, clock.now())
-        if on_step is not None:
-            on_step()
 
 
 @torch.no_grad()

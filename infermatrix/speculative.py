@@ -73,7 +73,8 @@ class SpeculationStats:
     drafted: int = 0  # tokens proposed
     accepted: int = 0  # proposed tokens the model agreed with
     emitted: int = 0  # tokens the decode steps produced: accepted, plus one per step
-    draft_s: float = 0.0  # wall time spent drafting
+    draft_s: float = 0.0  # wall time spent drafting in the decode steps
+    start_s: float = 0.0  # ... and in the prefill step (a draft model's own prefill)
 
     @property
     def acceptance_rate(self) -> float:
@@ -115,7 +116,10 @@ class SpeculativeDecoder:
         T, device = self.tokens.shape[1], self.tokens.device
         if T == self.prompt_len:  # prefill, and the drafter's own
             logits = self.model(self.tokens, torch.arange(T, device=device), self.cache)  # (1, T, vocab)
-            self.drafter.start(self.tokens)
+            started = time.perf_counter()
+            self.drafter.start(self.tokens)  # a draft model's own prefill: drafting time too
+            self._sync()
+            self.stats.start_s = time.perf_counter() - started
             new = logits[0, -1:].argmax(dim=-1)  # (1,)
         else:
             new = self._verify(T, device)

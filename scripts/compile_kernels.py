@@ -84,7 +84,7 @@ def cases(shared_limit: int) -> list[tuple[str, object, dict, dict, dict]]:
                          HAS_BOUNDS=True, DOT_PRECISION="tf32", FUSE_COMBINE=fuse, BLOCK_G=group, BLOCK_S=merge)
             out.append((f"decode split {dtype} N{block_n} w{warps} s{stages} fused={fuse} G{group} S{merge}",
                         decode._split_kernel, ptrs, const, dict(num_warps=warps, num_stages=stages)))
-        out.append((f"decode combine {dtype}", decode._combine_kernel,
+        out.append((f"decode combine {dtype}", decode.combine_kernel,
                      {"PartOut": "*fp32", "PartLse": "*fp32", "Out": f"*{dtype}"},
                      dict(GROUP=4, BLOCK_G=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16), dict(num_warps=4)))
     paged = paged_attention_triton._paged_decode_kernel

@@ -37,7 +37,8 @@ def test_all_steps_passing_exit_0(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAILED" not in result.stdout and "all 4 steps passed" in result.stdout
     log = (tmp_path / "out" / "log.txt").read_text()
-    # the three things a GPU machine checks: the kernels' CUDA tests, the sweep tool, the GPU matrix
+    # the four things a GPU machine checks: the kernels' CUDA tests, the serving and speculative
+    # decoding CUDA tests, the sweep tool, the GPU matrix
     assert "fake python -m pytest -q -p no:cacheprovider -m not slow tests/kernels" in log
     assert "fake python -m pytest -q -p no:cacheprovider -m not slow -k cuda tests/test_serving.py" in log
     assert "fake python scripts/gpu_decode_sweep.py --out" in log

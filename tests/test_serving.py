@@ -70,7 +70,7 @@ def test_every_request_decodes_exactly_what_it_decodes_alone(tiny, batching, blo
     assert sorted(r.id for r in done) == list(range(12))
     for r in done:
         assert r.output == alone[r.id], r.id
-    if blocks == 6:
+    if blocks == 6:  # requests under way were preempted, and finished the same after recomputing
         assert scheduler.preemptions > 0 and sum(r.preemptions for r in done) == scheduler.preemptions
     assert scheduler.step_tokens > scheduler.steps  # steps held several tokens: batches mixed
     # every block came back, and the pool was never overdrawn
@@ -169,7 +169,7 @@ def test_triton_decode_steps_read_through_the_block_tables(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the paged Triton kernel compiled for a GPU")
 @pytest.mark.parametrize("attention", ["sdpa", "triton"])
 def test_on_cuda_every_served_request_decodes_what_it_decodes_alone(attention):
-    """A Llama-shaped model of 8 layers (random weights) on the GPU in fp32: 24 requests
+    """A Llama-shaped model of 4 layers (random weights) on the GPU in fp32: 24 requests
     through 8 running slots and a pool small enough to preempt."""
     from dataclasses import replace
 
@@ -185,4 +185,4 @@ def test_on_cuda_every_served_request_decodes_what_it_decodes_alone(attention):
     scheduler = Scheduler(paged, cache, max_running=8, token_budget=128)
     done = serve_stream(scheduler, OpenLoop(requests, 1000.0), FakeClock(0.01))
     assert {r.id: r.output for r in done} == alone
-    assert cache.decode_kernel == (attention == "triton") and cache.used == 0
+    assert cache.decode_kernel == (attention == "triton") and cache.used == 0 and scheduler.preemptions > 0

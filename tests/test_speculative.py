@@ -66,6 +66,28 @@ def test_every_drafter_decodes_exactly_what_plain_greedy_decoding_does(preset, c
     assert lookup.accepted > 0 and lookup.drafted > 0
 
 
+def test_a_draft_model_proposes_its_own_greedy_continuation_after_every_rollback():
+    """The draft's cache keeps the positions whose tokens it saw right (`fed`): after a
+    rejection, its next proposal is still what the draft decodes from the whole context
+    with no cache at all."""
+    base = random_model(TINY, torch.float32, "cpu", seed=0)
+    other = random_model(TINY, torch.float32, "cpu", seed=7)
+    prompt = repetitive_prompt(TINY.vocab_size)
+    decoder = new_decoder(with_draft("draft(model=tiny,k=3)+kv_cache+sdpa", base, other), prompt, 40)
+    cached, checked = decoder.drafter.propose, []
+
+    def propose(tokens, k):
+        drafts = cached(tokens, k)
+        assert torch.equal(drafts, generate_greedy(other, tokens, k)[0]), len(checked)  # recomputed, no cache
+        checked.append(k)
+        return drafts
+
+    decoder.drafter.propose = propose
+    while decoder.tokens.shape[1] < prompt.shape[1] + 40:
+        decoder.step()
+    assert len(checked) > 3 and 0 < decoder.stats.accepted < decoder.stats.drafted  # rollbacks happened
+
+
 class ScriptedDrafter:
     """Proposes the true greedy continuation, with the draft at index `wrong` of each
     proposal replaced by another token (None: all correct), so each step's rejection

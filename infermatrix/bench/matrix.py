@@ -276,9 +276,12 @@ def _check_draft(variant, case: Case, config) -> None:
     same = None
     if variant.model != case.model:
         target_tok, draft_tok = model_tokenizer(case.model), model_tokenizer(variant.model)
-        if target_tok is not None or draft_tok is not None:
-            same = target_tok is not None and draft_tok is not None and \
-                target_tok.get_vocab(with_added_tokens=True) == draft_tok.get_vocab(with_added_tokens=True)
+        if (target_tok is None) != (draft_tok is None):
+            which = "the target" if target_tok is None else "the draft"
+            raise ValueError(f"{which} has no tokenizer and the other has one, so their ids cannot be shown to mean "
+                             f"the same tokens; use a draft with the target's tokenizer")
+        if target_tok is not None:
+            same = target_tok.get_vocab(with_added_tokens=True) == draft_tok.get_vocab(with_added_tokens=True)
     positions = case.prompt_len + case.new_tokens
     variant.check_draft(config, draft, same, positions)
     if variant.dtype and variant.dtype not in DTYPES:
@@ -419,7 +422,7 @@ def _check_serve_case(case: Case, cfg, where: str) -> None:
         raise UserError(f"{where}: {case.variant} on serve: {why}serve batches continuously over a paged KV cache; "
                         "use paged_kv_cache (e.g. paged_kv_cache+sdpa)")
     prompt_max, out_max = length_range(case.prompt_len, case.lengths)[1], length_range(case.new_tokens, case.lengths)[1]
-    if prompt_max + out_max > cfg.max_seq_len:
+    if prompt_max + out_max - 1 > cfg.max_seq_len:  # the last output token is never fed
         raise UserError(f"{where}: the longest request ({prompt_max} prompt + {out_max} output tokens) exceeds "
                         f"{case.model}'s context of {cfg.max_seq_len}; lower prompt_len or new_tokens")
     need, pool = serve_pool(case, paged.block)
@@ -427,8 +430,13 @@ def _check_serve_case(case: Case, cfg, where: str) -> None:
         raise UserError(f"{where}: kv_blocks = {pool} blocks of {paged.block} positions cannot hold the longest "
                         f"request ({prompt_max} + {out_max} tokens, {need} blocks); raise kv_blocks to at least "
                         f"{need}, or leave it 0")
-    if case.token_budget < 1 or case.requests < 1:
-        raise UserError(f"{where}: serve needs token_budget and requests of at least 1")
+    if case.token_budget < case.batch:
+        raise UserError(f"{where}: token_budget ({case.token_budget}) is below batch ({case.batch}): every running "
+                        "request decodes a token each step; raise token_budget to at least batch")
+    if case.new_tokens < 1:
+        raise UserError(f"{where}: serve needs new_tokens of at least 1 (the mean answer length)")
+    if case.slo_pct > 100:
+        raise UserError(f"{where}: slo_pct ({case.slo_pct}) is a share of requests in percent; give 1 to 100")
 
 
 def _normalize(case: Case) -> Case:

@@ -273,8 +273,8 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
     kept = runs[-len(m.samples_ms):]  # drop the cold and warm-up generations
     ttft = [run.ms[0] for run in kept]
     # per output token, pooled over positions (a recompute step grows with context); a
-    # speculative step's time is shared by the tokens it emitted
-    steps = [ms / n for run in kept for ms, n in zip(run.ms[1:], run.tokens[1:])]
+    # speculative step's time is shared by the tokens it emitted, one sample each
+    steps = [ms / n for run in kept for ms, n in zip(run.ms[1:], run.tokens[1:]) for _ in range(n)]
     tpot = summarize(steps)
     median_s = m.summary.median / 1e3
     if end_to_end:
@@ -308,7 +308,8 @@ def _run_generation(case: Case, ctx: RunContext, models: ModelCache, end_to_end:
 def speculation_metrics(runs: list[GenerationSteps], end_to_end: bool) -> dict:
     """A speculative decoder's counts over the timed generations: the share of drafted
     tokens the model accepted, tokens per verifying forward, and the share of the timed
-    steps' wall time spent drafting (the prefill step's, with end_to_end)."""
+    steps' wall time spent drafting (with end_to_end the prefill step is timed, and a
+    draft model's prefill in it counts as drafting)."""
     drafted = sum(run.speculation.drafted for run in runs)
     accepted = sum(run.speculation.accepted for run in runs)
     emitted = sum(run.speculation.emitted for run in runs)
@@ -316,7 +317,8 @@ def speculation_metrics(runs: list[GenerationSteps], end_to_end: bool) -> dict:
     timed_ms = sum(sum(run.ms if end_to_end else run.ms[1:]) for run in runs)
     return {"acceptance_rate": accepted / drafted if drafted else 0.0,
             "tokens_per_forward": emitted / forwards if forwards else 0.0,
-            "draft_time_share": sum(run.speculation.draft_s for run in runs) * 1e3 / timed_ms,
+            "draft_time_share": sum(run.speculation.draft_s + (run.speculation.start_s if end_to_end else 0.0)
+                                    for run in runs) * 1e3 / timed_ms,
             "drafted_tokens": drafted / len(runs), "target_forwards": forwards / len(runs)}
 
 
@@ -590,8 +592,13 @@ def run_serve(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult
         return Scheduler(model, cache, max_running=case.batch, token_budget=case.token_budget,
                          batching=case.batching)
 
-    warm = Request(-1, token_ids(loaded, 8, ctx.eval_text_path, ctx.settings.seed).tolist(), 2)
-    serve_stream(scheduler(), ClosedLoop([warm], 1), WallClock())
+    # warm-up: `batch` requests at the longest prompt, together (the shapes and kernel
+    # configurations of a full step); Triton may still compile configurations of other
+    # sequence counts during the stream
+    longest = length_range(case.prompt_len, case.lengths)[1]
+    ids = token_ids(loaded, longest, ctx.eval_text_path, ctx.settings.seed).tolist()
+    warm = [Request(-1 - i, ids, 2) for i in range(case.batch)]
+    serve_stream(scheduler(), ClosedLoop(warm, case.batch), WallClock())
     cache.peak_used = 0
     requests = serve_requests(loaded, case, ctx)
     duration = case.duration_s or None
@@ -605,7 +612,7 @@ def run_serve(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult
         metrics, samples = stream_metrics(done, SLO(case.slo_ttft_ms, case.slo_itl_ms, case.slo_pct))
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    metrics.update(offered_rate=case.rate, requests_sent=len(requests) if case.rate else case.requests,
+    metrics.update(offered_rate=case.rate, requests_sent=load.sent,
                    peak_kv_blocks=cache.peak_used, kv_blocks=pool, kv_cache_bytes=cache.nbytes,
                    mean_step_tokens=served.step_tokens / served.steps, weight_bytes=model.weight_bytes,
                    weight_bytes_dense=loaded.model.weight_bytes)

@@ -42,6 +42,28 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
+def load_kv_tile(k_ptrs, v_ptrs, in_keys, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """A key tile's K, transposed (D, N), and V (N, D) from k_ptrs, v_ptrs; MASKED: the keys
+    where in_keys (N,) is False are not read (zeros); columns past HEAD_DIM never are."""
+    if MASKED:
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs, mask=in_keys[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=in_keys[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=in_keys[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+            v = tl.load(v_ptrs, mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return k, v
+
+
+@triton.jit
 def attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n, n_keys, row_lo, row_hi,
                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -56,21 +78,7 @@ def attend_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start_n
     offs_d = tl.arange(0, BLOCK_D)
     k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None]  # (D, N): K transposed
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]  # (N, D)
-    if MASKED:
-        in_keys = offs_n < n_keys
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs, mask=in_keys[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=in_keys[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=in_keys[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs, mask=in_keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    k, v = load_kv_tile(k_ptrs, v_ptrs, offs_n < n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 units
     if MASKED:
         seen = (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])

@@ -76,6 +76,29 @@ def combine_group(PartOut, PartLse, out_base, stride_oh, first_row, first_head, 
              out.to(out_base.dtype.element_ty), mask=head_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def store_partial(acc, l_i, m_i, PartOut, PartLse, Counters, out_base, stride_oh, seq, kv_head, heads, head_ok,
+                  split, n_splits, n_heads, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, FUSE_COMBINE: tl.constexpr):
+    """Write one chunk's normalized output and log-sum-exp (rows `heads` of sequence `seq`)
+    to the partials; with FUSE_COMBINE the last chunk of (seq, kv_head) to count itself
+    done merges the group's partials into out_base (the sequence's output rows)."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (H, D)
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # (H,), log2 units
+    row = (seq * n_heads + heads) * n_splits + split  # PartLse is (sequences, H, splits)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(PartOut + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=head_ok[:, None])
+    tl.store(PartLse + row, lse, mask=head_ok)
+    if FUSE_COMBINE:
+        tl.debug_barrier()  # all of this program's partial stores are issued before it counts itself done
+        counter = Counters + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:  # the last chunk merges
+            tl.atomic_xchg(counter, 0)  # ready for the next call
+            combine_group(PartOut, PartLse, out_base, stride_oh, seq * n_heads + kv_head * GROUP, kv_head * GROUP,
+                          n_splits, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S)
+
+
 @triton.jit(do_not_specialize=["stride_bounds", "n_keys", "split_len", "n_splits"])  # one compile for all lengths
 def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, Out, Counters, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -106,24 +129,12 @@ def _split_kernel(Q, K, V, PartOut, PartLse, Lo, Hi, Out, Counters, qk_scale,
     acc, l_i, m_i = attend_range(acc, l_i, m_i, q, K + batch * stride_kb + kv_head * stride_kh,
                                  V + batch * stride_vb + kv_head * stride_vh, stride_kn, stride_vn, n_keys,
                                  row_lo, row_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # log2 units
-    row = (batch * n_heads + heads) * n_splits + split  # PartLse is (B, H, splits)
-    offs_d = tl.arange(0, BLOCK_D)
-    tl.store(PartOut + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=head_ok[:, None])
-    tl.store(PartLse + row, lse, mask=head_ok)
-    if FUSE_COMBINE:
-        tl.debug_barrier()  # all of this program's partial stores are issued before it counts itself done
-        counter = Counters + batch * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:  # the last split merges
-            tl.atomic_xchg(counter, 0)  # ready for the next call
-            combine_group(PartOut, PartLse, Out + batch * stride_ob, stride_oh, batch * n_heads + kv_head * GROUP,
-                          kv_head * GROUP, n_splits, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S)
+    store_partial(acc, l_i, m_i, PartOut, PartLse, Counters, Out + batch * stride_ob, stride_oh, batch, kv_head,
+                  heads, head_ok, split, n_splits, n_heads, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S, FUSE_COMBINE)
 
 
 @triton.jit(do_not_specialize=["n_splits"])
-def _combine_kernel(PartOut, PartLse, Out, stride_ob, stride_oh, n_splits,
+def combine_kernel(PartOut, PartLse, Out, stride_ob, stride_oh, n_splits,
                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_S: tl.constexpr):
     batch = tl.program_id(0)
@@ -187,7 +198,7 @@ def choose_splits(batch: int, kv_heads: int, n_keys: int, device: torch.device,
 _counters: dict[tuple, torch.Tensor] = {}
 
 
-def _done_counters(n: int, device: torch.device) -> torch.Tensor:
+def done_counters(n: int, device: torch.device) -> torch.Tensor:
     """n zeroed int32 counters for the fused merge, kept per (device, stream): every call
     leaves them at zero again, so they are allocated once, not cleared on every step.
     Under CUDA-graph capture each call gets its own, zeroed by the graph itself: a cached
@@ -250,7 +261,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     part_out = torch.empty(batch, heads, num_splits, block_d, device=q.device, dtype=torch.float32)
     part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
-    counters = _done_counters(batch * kv_heads, q.device) if config.fuse_combine else out
+    counters = done_counters(batch * kv_heads, q.device) if config.fuse_combine else out
     scale = (1.0 / math.sqrt(head_dim)) if sm_scale is None else sm_scale
     _split_kernel[(batch, kv_heads, num_splits)](
         q, k, v, part_out, part_lse, lo, hi, out, counters, scale * LOG2E,
@@ -262,7 +273,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         num_warps=config.num_warps, num_stages=1 if interpreted else config.num_stages,
     )
     if not config.fuse_combine:
-        _combine_kernel[(batch, kv_heads)](
+        combine_kernel[(batch, kv_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
         )

@@ -27,8 +27,8 @@ every step and break CUDA-graph capture. A chunk past a sequence's end sees no k
 and drops out of the merge. The last chunk runs to the sequence's end, so a
 `max_seq_len` that is too small costs balance, not keys.
 
-`paged_decode_attention_reference` is the oracle in plain torch, and the paged
-cache's path where there is no GPU.
+`paged_decode_attention_reference` is the oracle in plain torch (the paged cache's own
+CPU path gathers the blocks and calls the attention seam).
 
 Pure functions on tensors; nothing here knows about models or variants.
 """
@@ -49,6 +49,7 @@ from infermatrix.kernels.attention_triton import (
     dot_precision,
     empty_state,
     interpreting,
+    load_kv_tile,
     load_query_tile,
     refuse_interpreted_bfloat16,
     store_rows,
@@ -56,10 +57,10 @@ from infermatrix.kernels.attention_triton import (
 from infermatrix.kernels.decode_attention_triton import (
     DEFAULT_CONFIG,
     DecodeConfig,
-    _combine_kernel,
-    _done_counters,
     choose_splits,
-    combine_group,
+    combine_kernel,
+    done_counters,
+    store_partial,
 )
 
 MIN_BLOCK_SIZE = 16  # the smallest block a K/V tile may span (tl.dot takes tiles of at least 16)
@@ -96,20 +97,7 @@ def _attend_tile(acc, l_i, m_i, q, k_head, v_head, table_row, stride_tb, stride_
         v_rows = v_head + blocks * stride_vb + slots * stride_vn
     k_ptrs = k_rows[None, :] + offs_d[:, None]  # (D, N): K transposed
     v_ptrs = v_rows[:, None] + offs_d[None, :]  # (N, D)
-    if MASKED:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs, mask=in_seq[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=in_seq[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=in_seq[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
-            v = tl.load(v_ptrs, mask=in_seq[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    k, v = load_kv_tile(k_ptrs, v_ptrs, in_seq, offs_d, HEAD_DIM, BLOCK_D, MASKED)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (H, N) scores, log2 units
     if MASKED:
         s = tl.where(in_seq[None, :], s, float("-inf"))  # the tile's first key is in: every row stays finite
@@ -155,20 +143,9 @@ def _paged_decode_kernel(Q, KPool, VPool, BlockTables, SeqLens, Out, PartOut, Pa
                                      stride_vb, stride_vn, start_n, hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N,
                                      BLOCK_SIZE, True, DOT_PRECISION)
     if SPLIT:
-        seen = l_i > 0.0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]  # (H, D), this chunk's normalized output
-        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))  # (H,), log2 units
-        row = (seq * n_heads + heads) * n_splits + split  # PartLse is (N, H, splits)
-        offs_d = tl.arange(0, BLOCK_D)
-        tl.store(PartOut + row[:, None] * BLOCK_D + offs_d[None, :], out, mask=head_ok[:, None])
-        tl.store(PartLse + row, lse, mask=head_ok)
-        if FUSE_COMBINE:
-            tl.debug_barrier()  # all of this program's partial stores are issued before it counts itself done
-            counter = Counters + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == n_splits - 1:  # the last chunk merges
-                tl.atomic_xchg(counter, 0)  # ready for the next call
-                combine_group(PartOut, PartLse, Out + seq * stride_on, stride_oh, seq * n_heads + kv_head * GROUP,
-                              kv_head * GROUP, n_splits, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S)
+        store_partial(acc, l_i, m_i, PartOut, PartLse, Counters, Out + seq * stride_on, stride_oh, seq, kv_head,
+                      heads, head_ok, split, n_splits, n_heads, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_S,
+                      FUSE_COMBINE)
     else:  # one chunk: the output directly, zeros for a sequence with no keys
         store_rows(Out + seq * stride_on, stride_oh, heads, head_ok, acc, l_i, HEAD_DIM, BLOCK_D)
 
@@ -299,7 +276,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         part_lse = torch.empty(n_seqs, heads, num_splits, device=q.device, dtype=torch.float32)
     else:
         part_out = part_lse = out  # unused pointer arguments
-    counters = _done_counters(n_seqs * kv_heads, q.device) if fuse else out
+    counters = done_counters(n_seqs * kv_heads, q.device) if fuse else out
     qk_scale = ((1.0 / math.sqrt(head_dim)) if scale is None else scale) * LOG2E
     _paged_decode_kernel[(n_seqs, kv_heads, num_splits)](
         q, k_pool, v_pool, block_tables, seq_lens, out, part_out, part_lse, counters, qk_scale,
@@ -311,7 +288,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         num_warps=config.num_warps, num_stages=1 if interpreted else config.num_stages,
     )
     if split and not fuse:
-        _combine_kernel[(n_seqs, kv_heads)](
+        combine_kernel[(n_seqs, kv_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
             GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=4,
         )

@@ -70,7 +70,7 @@ CSV_METRICS: tuple[str, ...] = (
     # the scheduler's preemptions and KV blocks, the stream's wall time and offered rate
     "ttft_ms_p90", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p90", "itl_ms_p99", "e2e_ms_p50", "e2e_ms_p90", "e2e_ms_p99",
     "request_throughput", "goodput_rps", "slo_attainment", "meets_slo", "preemptions", "peak_kv_blocks", "kv_blocks",
-    "requests_completed", "stream_s", "offered_rate",
+    "requests_completed", "requests_sent", "stream_s", "offered_rate", "mean_step_tokens",
 )
 NON_NUMERIC_METRICS = frozenset({"stopped_by", "bound", "energy_dropped"})
 ALIASES = {"top1_agree": "top1_agree_pct"}

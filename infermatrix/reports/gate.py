@@ -6,7 +6,8 @@ Rule grammar, one string per rule::
 
     FILTER  field=glob[,field=glob...]  over the case's fields (model, variant, workload,
             dtype, device, batch, prompt_len, new_tokens, windows, kv_len, heads, kv_heads,
-            head_dim, causal, in_features, out_features, task) or case_id; fnmatch globs,
+            head_dim, causal, in_features, out_features, task, and the serve workload's
+            requests, rate, concurrency, batching, slo_*, ...) or case_id; fnmatch globs,
             case-sensitive, every pair must match (booleans read as true/false).
             Examples: variant=int8_*   workload=decode,dtype=bfloat16   device=cuda:*
     METRIC  a results.csv metric (README, "results.csv columns"); `top1_agree` is an

@@ -12,8 +12,9 @@ one decode token each) flattened into one row, (1, T), so every linear layer run
 once over all of them. `plan()` says which sequence each token belongs to; the
 model then calls `attend()` in place of update + attention: the step's keys and
 values are written to their slots, and each sequence's queries attend over its own
-blocks through the attention seam (queries last, causal): the blocks are gathered and
-the seam (SDPA, the math) runs per sequence. With the `triton` attention (CUDA, or its
+blocks through the attention seam (queries last, causal): the blocks are gathered, a
+step's decode tokens attend in one call (padded to the longest, under a key mask) and
+each prefill chunk in its own. With the `triton` attention (CUDA, or its
 CPU interpreter) the decode tokens of a step, one query per sequence, go to one Triton
 kernel that reads keys and values through the block tables
 (kernels/paged_attention_triton.py); prefill chunks take the gather path. Records name
@@ -181,6 +182,11 @@ class PagedKV(Variant):
         if clash:
             raise ValueError(f"paged_kv_cache with {clash}: a served step's shape changes every step and the "
                              f"scheduler runs its own loop; drop {clash}")
+        layout = next((v.name for v in spec if v.name in ("block_sparse", "flex")), None)
+        if layout:
+            raise ValueError(f"paged_kv_cache with {layout}: the blocks are gathered per sequence and the decode "
+                             f"tokens attend under a key mask, which {layout} would run as dense masked attention "
+                             "under its label; use sdpa, reference or triton")
 
     def check_model(self, config) -> None:
         super().check_model(config)
