@@ -17,6 +17,7 @@ ones the full model writes).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
@@ -75,6 +76,10 @@ class SpeculationStats:
     emitted: int = 0  # tokens the decode steps produced: accepted, plus one per step
     draft_s: float = 0.0  # wall time spent drafting in the decode steps
     start_s: float = 0.0  # ... and in the prefill step (a draft model's own prefill)
+
+    def __add__(self, other: "SpeculationStats") -> "SpeculationStats":
+        """The counts of two generations together."""
+        return SpeculationStats(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
     @property
     def acceptance_rate(self) -> float:

@@ -402,9 +402,15 @@ def length_range(mean: int, lengths: str) -> tuple[int, int]:
     return (max(1, mean // 2), mean + mean // 2) if lengths == "uniform" else (mean, mean)
 
 
-def serve_pool(case: Case, block: int) -> tuple[int, int]:
-    """(blocks the longest request needs, blocks of the pool): the pool is kv_blocks, or
-    room for `batch` requests of the longest length."""
+def paged_cache(case: Case):
+    """The case's paged_kv_cache variant, or None."""
+    return next((v for v in parse_spec(case.variant) if v.name == "paged_kv_cache"), None)
+
+
+def serve_pool(case: Case) -> tuple[int, int]:
+    """(blocks the longest request needs, blocks of the pool) of a case with a paged cache:
+    the pool is kv_blocks, or room for `batch` requests of the longest length."""
+    block = paged_cache(case).block
     longest = length_range(case.prompt_len, case.lengths)[1] + length_range(case.new_tokens, case.lengths)[1] - 1
     need = -(-longest // block)
     return need, case.kv_blocks or need * case.batch
@@ -414,7 +420,7 @@ def _check_serve_case(case: Case, cfg, where: str) -> None:
     if (case.rate > 0) == (case.concurrency > 0):
         raise UserError(f"{where}: serve takes rate (an open loop, requests/s) or concurrency (a closed loop of "
                         "clients), one of them")
-    paged = next((v for v in parse_spec(case.variant) if v.name == "paged_kv_cache"), None)
+    paged = paged_cache(case)
     if paged is None:
         static = next((v.name for v in parse_spec(case.variant) if v.axis == "cache"), None)
         why = (f"{static} is a static cache, one buffer per batch row at its longest length, which a stream of "
@@ -425,7 +431,7 @@ def _check_serve_case(case: Case, cfg, where: str) -> None:
     if prompt_max + out_max - 1 > cfg.max_seq_len:  # the last output token is never fed
         raise UserError(f"{where}: the longest request ({prompt_max} prompt + {out_max} output tokens) exceeds "
                         f"{case.model}'s context of {cfg.max_seq_len}; lower prompt_len or new_tokens")
-    need, pool = serve_pool(case, paged.block)
+    need, pool = serve_pool(case)
     if pool < need:
         raise UserError(f"{where}: kv_blocks = {pool} blocks of {paged.block} positions cannot hold the longest "
                         f"request ({prompt_max} + {out_max} tokens, {need} blocks); raise kv_blocks to at least "

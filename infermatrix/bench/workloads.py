@@ -310,16 +310,12 @@ def speculation_metrics(runs: list[GenerationSteps], end_to_end: bool) -> dict:
     tokens the model accepted, tokens per verifying forward, and the share of the timed
     steps' wall time spent drafting (with end_to_end the prefill step is timed, and a
     draft model's prefill in it counts as drafting)."""
-    drafted = sum(run.speculation.drafted for run in runs)
-    accepted = sum(run.speculation.accepted for run in runs)
-    emitted = sum(run.speculation.emitted for run in runs)
-    forwards = sum(run.speculation.forwards for run in runs)
+    total = sum((run.speculation for run in runs), SpeculationStats())
     timed_ms = sum(sum(run.ms if end_to_end else run.ms[1:]) for run in runs)
-    return {"acceptance_rate": accepted / drafted if drafted else 0.0,
-            "tokens_per_forward": emitted / forwards if forwards else 0.0,
-            "draft_time_share": sum(run.speculation.draft_s + (run.speculation.start_s if end_to_end else 0.0)
-                                    for run in runs) * 1e3 / timed_ms,
-            "drafted_tokens": drafted / len(runs), "target_forwards": forwards / len(runs)}
+    drafting_s = total.draft_s + (total.start_s if end_to_end else 0.0)
+    return {"acceptance_rate": total.acceptance_rate, "tokens_per_forward": total.tokens_per_forward,
+            "draft_time_share": drafting_s * 1e3 / timed_ms,
+            "drafted_tokens": total.drafted / len(runs), "target_forwards": total.forwards / len(runs)}
 
 
 def run_decode(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult:
@@ -584,8 +580,7 @@ def run_serve(case: Case, ctx: RunContext, models: ModelCache) -> WorkloadResult
     """A request stream through the continuous-batching scheduler, on the wall clock.
     One short request is served first, untimed (lazy initialisation, first calls)."""
     model, loaded = _model(case, models)
-    block = next(v.block for v in parse_spec(case.variant) if v.name == "paged_kv_cache")
-    _, pool = serve_pool(case, block)
+    _, pool = serve_pool(case)
     cache = model.paged_cache_factory(model, pool)
 
     def scheduler() -> Scheduler:

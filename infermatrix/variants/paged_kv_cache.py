@@ -33,6 +33,7 @@ import torch
 from infermatrix.kernels import interpreting
 from infermatrix.model import AttentionFn, Transformer
 from infermatrix.variants.base import Variant, note_path, register_variant, shared_copy
+from infermatrix.variants.kv_cache import KVCache
 
 
 class Segment(NamedTuple):
@@ -89,8 +90,14 @@ class PagedKVCache:
         self._segments = segments = [Segment(*s) for s in segments]
         first = list(itertools.accumulate((s.length for s in segments), initial=0))  # each one's first token
         tables = [torch.tensor(self.tables[s.seq]) for s in segments]
-        write = [_slots(table, torch.arange(s.start, s.start + s.length), self.block)
-                 for s, table in zip(segments, tables)]
+        write, self._chunks = [], []  # the slots each token goes to; prefill chunks, attended one by one
+        for s, table, row in zip(segments, tables, first):
+            if s.length == 1:
+                write.append(_slots(table, torch.tensor([s.start]), self.block))
+            else:
+                read = _slots(table, torch.arange(s.start + s.length), self.block)  # every position it attends to
+                write.append(tuple(part[s.start:] for part in read))
+                self._chunks.append((slice(row, row + s.length), [part.to(self.device) for part in read]))
         self._write = [torch.cat(part).to(self.device) for part in zip(*write)]  # blocks (T,), slots (T,)
         # one-token segments (decode steps) attend together, over their blocks padded to the longest
         decode = [i for i, s in enumerate(segments) if s.length == 1]
@@ -101,16 +108,12 @@ class PagedKVCache:
             padded = torch.stack([torch.cat([tables[i], tables[i].new_zeros(width - len(tables[i]))])
                                   for i in decode])  # (N, width): block 0 stands in past a table's end
             pos = torch.arange(int(lens.max()))  # (L,)
-            self._decode = {
+            index = {
                 "rows": torch.tensor([first[i] for i in decode]), "lens": lens.to(torch.int32),
                 "tables": padded.to(torch.int32), "blocks": padded[:, pos // self.block], "slots": pos % self.block,
                 "valid": (pos[None] < lens[:, None])[:, None, None],  # (N, 1, 1, L): the attention mask
             }
-            self._decode = {key: value.to(self.device) for key, value in self._decode.items()}
-        self._chunks = [(slice(first[i], first[i] + s.length),
-                         [part.to(self.device) for part in _slots(tables[i], torch.arange(s.start + s.length),
-                                                                 self.block)])
-                        for i, s in enumerate(segments) if s.length > 1]  # prefill chunks, one by one
+            self._decode = {key: value.to(self.device) for key, value in index.items()}
 
     def mask(self, input_pos: torch.Tensor) -> None:
         return None  # attend() keeps each sequence to its own blocks, causally
@@ -165,7 +168,7 @@ def new_paged_cache(model: Transformer, num_blocks: int, block: int, decode_kern
 @dataclass(frozen=True)
 class PagedKV(Variant):
     axis = "cache"
-    kind_refusal = "an encoder reads its whole input in one pass; there is no decoding to cache"
+    kind_refusal = KVCache.kind_refusal
     description = ("paged KV cache: one pool of fixed-size blocks, a block table per sequence (the serve "
                    "workload's continuous batching)")
     block: int = 16  # positions per block

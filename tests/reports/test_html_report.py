@@ -280,6 +280,13 @@ def test_env_says_which_energy_counters_were_read_or_why_none():
 # ----------------------------------------------------------------- in a real browser
 
 
+def overlapping(boxes):
+    """The pairs of bounding boxes (Playwright's x, y, width, height) that overlap."""
+    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
+            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]]
+
+
 @contextmanager
 def chromium_page(path: Path, errors: list[str]):
     """The page at `path` in headless Chromium, 1400 px wide, loaded; console and page

@@ -23,7 +23,7 @@ from infermatrix.reports.record import Record
 from infermatrix.reports.table import render_table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_html_report import CHROMIUM, ENV, HOSTILE, chromium_page, parse  # noqa: E402
+from test_html_report import CHROMIUM, ENV, HOSTILE, chromium_page, overlapping, parse  # noqa: E402
 
 SDPA, MATH = "sdpa+paged_kv_cache", "math+paged_kv_cache"
 SLO = {"slo_ttft_ms": 2000.0, "slo_itl_ms": 200.0, "slo_pct": 90}
@@ -321,12 +321,6 @@ def test_record_text_in_the_serving_section_is_escaped():
                 assert HOSTILE in value, (name, value)
 
 
-def _overlapping(boxes):
-    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
-            if a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
-            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]]
-
-
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 def test_in_chromium_the_serving_charts_draw_offline_without_errors(tmp_path):
     path = write_html(rate_sweep(), tmp_path)
@@ -347,7 +341,7 @@ def test_in_chromium_the_serving_charts_draw_offline_without_errors(tmp_path):
                 assert b and b["width"] > 0 and b["height"] > 0
                 assert box["y"] <= b["y"] and b["y"] + b["height"] <= box["y"] + box["height"]
             ticks = [t.bounding_box() for t in chart.locator("text.tick").all()]
-            assert len(ticks) >= 4 and _overlapping(ticks) == []
+            assert len(ticks) >= 4 and overlapping(ticks) == []
         for metric, y, bound in (("ttft_ms_p99", "2000.0", "SLO: TTFT ≤ 2,000 ms"),
                                  ("itl_ms_p99", "200.0", "SLO: mean ITL ≤ 200 ms")):
             chart = page.locator(f'#serving svg.chart[data-chart="serve"][data-metric="{metric}"]')

@@ -16,7 +16,7 @@ from infermatrix.reports.html_report import render_html, write_html
 from infermatrix.reports.record import Record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_html_report import CHROMIUM, ENV, HOSTILE, case, chromium_page, drift, parse  # noqa: E402
+from test_html_report import CHROMIUM, ENV, HOSTILE, case, chromium_page, drift, overlapping, parse  # noqa: E402
 
 PEAKS = ENV["peaks"]["cpu"]  # 32.9 GB/s; float32 0.163, bfloat16 0.0193 TFLOP/s
 
@@ -217,12 +217,6 @@ def test_record_text_in_the_new_charts_is_escaped():
 # ----------------------------------------------------------------- in a real browser
 
 
-def _overlapping(boxes):
-    return [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:]
-            if a["x"] < b["x"] + b["width"] and b["x"] < a["x"] + a["width"]
-            and a["y"] < b["y"] + b["height"] and b["y"] < a["y"] + a["height"]]
-
-
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
 def test_in_chromium_the_sweeps_and_roofline_draw_without_errors_or_overlapping_labels(tmp_path):
     path = write_html(sweep_run(), tmp_path)
@@ -239,7 +233,7 @@ def test_in_chromium_the_sweeps_and_roofline_draw_without_errors_or_overlapping_
                 b = line.bounding_box()
                 assert b and (b["width"] > 10 or b["height"] > 10)
             ticks = [t.bounding_box() for t in chart.locator("text.tick").all()]
-            assert len(ticks) >= 4 and _overlapping(ticks) == []
+            assert len(ticks) >= 4 and overlapping(ticks) == []
         prompt = page.locator('svg.chart[data-chart="sweep"][data-along="prompt_len"]')
         assert prompt.locator("polyline.series").count() == 3  # reference, sdpa, window=64
         assert prompt.locator("circle.point").count() == 5 * 3 + 2  # and windows 128, 256 alone
@@ -253,7 +247,7 @@ def test_in_chromium_the_sweeps_and_roofline_draw_without_errors_or_overlapping_
             b = point.bounding_box()
             assert b and b["width"] > 0 and b["height"] > 0
         labels = [t.bounding_box() for t in roof.locator("text.ceiling-label, text.tick, text.axis-label").all()]
-        assert _overlapping(labels) == []
+        assert overlapping(labels) == []
         svg_box = roof.bounding_box()
         for b in labels:  # nothing drawn off the chart
             assert svg_box["x"] <= b["x"] and b["x"] + b["width"] <= svg_box["x"] + svg_box["width"] + 1
